@@ -1,0 +1,24 @@
+"""mmsenti: multimodal sentiment analysis (image+text and text+audio+vision)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model", "load_config", "MODELS", "DATASETS"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import mmsenti` stays cheap (no torch/transformers import) until something is used.
+    if name == "load_model":
+        from mmsenti.inference import load_model
+
+        return load_model
+    if name == "load_config":
+        from mmsenti.config import load_config
+
+        return load_config
+    if name in ("MODELS", "DATASETS"):
+        from mmsenti import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'mmsenti' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from mmsenti.cli import main
+
+sys.exit(main())

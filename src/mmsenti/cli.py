@@ -1,0 +1,191 @@
+"""``mmsenti`` command line: train, evaluate, predict, list, data.
+
+User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mmsenti import __version__
+
+log = logging.getLogger("mmsenti")
+
+
+def _default_run_dir(config: str | None) -> Path:
+    stem = Path(config).stem if config else "default"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmsenti.config import load_config
+    from mmsenti.train.trainer import Trainer
+
+    if args.resume:
+        if not args.out:
+            raise _UsageError("--resume needs --out RUN_DIR (the run to continue)")
+        trainer = Trainer(None, args.out, resume=True)  # type: ignore[arg-type]
+    else:
+        overrides = list(args.set or [])
+        if args.quiet:
+            overrides.append("run.quiet=true")
+        cfg = load_config(args.config, overrides)
+        out = Path(args.out or cfg.run.out or _default_run_dir(args.config))
+        if (out / "checkpoints" / "last.pt").exists():
+            raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+        trainer = Trainer(cfg, out)
+    trainer.fit()
+    print(trainer.run_dir)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from mmsenti.metrics import format_table
+    from mmsenti.models.base import load_pretrained
+    from mmsenti.train.evaluate import evaluate
+    from mmsenti.train.trainer import ListDataset, build_dataset
+    from mmsenti.utils import resolve_device
+
+    device = resolve_device(args.device)
+    model, processor, cfg = load_pretrained(args.run_dir, device)
+    if args.root:
+        cfg.data.root = args.root
+    bundle = build_dataset(cfg)
+    results = {}
+    for split in args.split:
+        loader = DataLoader(ListDataset(bundle.split(split)), batch_size=cfg.data.eval_batch_size,
+                            collate_fn=processor)
+        results[split] = evaluate(model, loader, device)
+    print(format_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mmsenti.data.base import Sample
+    from mmsenti.inference import load_model, write_jsonl
+
+    predictor = load_model(args.run_dir, args.device)
+    if args.input:
+        from mmsenti.data.formats.user import read_prediction_file
+
+        samples = read_prediction_file(args.input, predictor.modalities)
+        rows = predictor.predict_samples(samples)
+        if args.output:
+            write_jsonl(rows, args.output)
+            log.info("wrote %d predictions to %s", len(rows), args.output)
+        else:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False))
+        return 0
+    if args.text is None and args.image is None:
+        raise _UsageError("give --text and/or --image, or --input FILE")
+    if "image" in predictor.modalities and args.image is None:
+        raise _UsageError("this model reads images: give --image PATH")
+    if "text" in predictor.modalities and args.text is None:
+        raise _UsageError("this model reads text: give --text T")
+    row = predictor.predict_samples([Sample(id="cli", label=None, text=args.text, image=args.image)])[0]
+    print(json.dumps(row, ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mmsenti.registry import DATASETS, MODELS
+
+    kinds = {"models": MODELS, "datasets": DATASETS}
+    for kind in [args.kind] if args.kind else list(kinds):
+        print(f"{kind}:")
+        for entry in kinds[kind]:
+            print(f"  {entry.name:<16} {entry.description}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from mmsenti.config import load_config
+    from mmsenti.data import doctor
+
+    overrides = [f"data.name={args.name}"] + ([f"data.root={args.root}"] if args.root else []) + list(args.set or [])
+    cfg = load_config(None, overrides)
+    report = doctor.check(cfg.data) if args.action == "check" else doctor.stats(cfg.data)
+    print(doctor.format_report(report))
+    return 1 if args.action == "check" and getattr(report, "has_errors", False) else 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmsenti.registry import DATASETS
+
+    p = argparse.ArgumentParser(prog="mmsenti", description="Multimodal sentiment analysis.")
+    p.add_argument("--version", action="version", version=f"mmsenti {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a config")
+    t.add_argument("--config", help="YAML config (only its differences from the defaults)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=3e-4")
+    t.add_argument("--out", help="run directory (default runs/<config>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the killed run in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a trained model on a split")
+    e.add_argument("run_dir")
+    e.add_argument("--split", nargs="+", default=["test"], choices=["train", "dev", "test"])
+    e.add_argument("--root", help="dataset directory, if it moved since training")
+    e.add_argument("--output", help="also write the metrics as JSON here")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="predict with a trained model")
+    pr.add_argument("run_dir")
+    pr.add_argument("--text")
+    pr.add_argument("--image")
+    pr.add_argument("--input", help="a .jsonl or .csv file with text/image columns (image paths relative to it)")
+    pr.add_argument("--output", help="predictions as JSON lines (default: stdout)")
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=cmd_predict)
+
+    li = sub.add_parser("list", help="list registered models and datasets")
+    li.add_argument("kind", nargs="?", choices=["models", "datasets"])
+    li.set_defaults(func=cmd_list)
+
+    d = sub.add_parser("data", help="check or describe a dataset")
+    d.add_argument("action", choices=["check", "stats"])
+    d.add_argument("name", choices=DATASETS.names())
+    d.add_argument("--root", help="dataset directory")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="data option, e.g. --set data.format=raw")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmsenti.config import ConfigError
+    from mmsenti.data.base import DataError
+    from mmsenti.registry import RegistryError
+    from mmsenti.utils import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RegistryError, _UsageError) as e:
+        print(f"mmsenti: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmsenti: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Typed configuration: dataclass defaults, YAML files holding only their differences, ``--set a.b=v`` overrides.
+
+A YAML file may name a ``_base_`` file (relative to itself) whose settings it extends, so an ablation config is
+two lines. The ``data`` and ``model`` sections are polymorphic: their ``name`` picks the registered dataset or
+model, whose own config dataclass (a subclass of :class:`DataConfig` / :class:`ModelConfig`) then types the
+rest of the section. Every error is a :class:`ConfigError` whose one-line message names the key or file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: unknown key, wrong type, missing file. The message is one line naming the culprit."""
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass
+class TextEncoderConfig:
+    # 'tiny-bert': a small BERT trained from scratch with a word-piece vocabulary learned on the training texts.
+    # Later: a backbone preset or a Hugging Face id / local directory (pretrained weights).
+    name: str = "tiny-bert"
+    width: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    vocab_size: int = 2000  # upper bound for the learned word-piece vocabulary
+    max_length: int = 40  # tokens, including [CLS]/[SEP]
+    pretrained: str | None = None  # local directory or hub id of weights; None = random init
+    trainable_layers: int = -1  # top layers to fine-tune; -1 = all, 0 = frozen
+
+
+@dataclass
+class ImageEncoderConfig:
+    name: str = "small-cnn"
+    width: int = 16  # channels of the first stage; doubled at each later stage
+    num_stages: int = 4
+    image_size: int = 64
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    pretrained: str | None = None
+    freeze: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Fields every model has. Each registered model subclasses this with its own settings."""
+
+    name: str = "late-fusion"
+    # Which inputs the model reads. A modality the data lacks must be switched off here, never faked.
+    modalities: list[str] = field(default_factory=lambda: ["text", "image"])
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    dropout: float = 0.1
+    label_smoothing: float = 0.0  # classification loss only
+
+
+@dataclass
+class DataConfig:
+    """Fields every dataset has. Each registered dataset may subclass this with its own settings."""
+
+    name: str = "scenes"
+    root: str | None = None  # dataset directory (not needed by generated datasets)
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    missing_images: Literal["error", "drop", "blank"] = "error"
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    lr: float = 1e-3  # new (randomly initialised) layers
+    backbone_lr: float | None = None  # pretrained backbone parameters; None = same as lr
+    weight_decay: float = 0.01  # never applied to biases, norms, embeddings-like tokens
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1  # fraction of all optimiser steps spent warming up linearly
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    grad_accum: int = 1  # micro-batches per optimiser step
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out: str | None = None  # run directory; default runs/<config-stem>-<timestamp>
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    select_metric: str = "auto"  # dev metric for model selection; auto = f1_weighted (classification) / mae
+    patience: int = 0  # epochs without dev improvement before stopping; 0 = never stop early
+    checkpoint_every: int = 0  # also write `last` every N optimiser steps (0 = at epoch ends only)
+    log_every: int = 20
+    quiet: bool = False
+    threads: int = 0  # torch CPU threads; 0 = torch default
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------- dict <-> dataclass
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats, lists to tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # a bug in a config class, not user input
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (partial) mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(fields)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: _base_ cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("_base_", None)
+    if base is not None:
+        data = merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+    return data
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``over`` wins, nested mappings merge key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``a.b=value`` → ``{"a": {"b": value}}``, the value read as YAML (so 3 is an int, [1, 2] a list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: bad key")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """Typed Config from a merged mapping; the data/model sections get their registered dataclass."""
+    from mmsenti.registry import DATASETS, MODELS, RegistryError
+
+    data = dict(data)
+    unknown = set(data) - {"data", "model", "optim", "run"}
+    if unknown:
+        raise ConfigError(f"unknown config key '{sorted(unknown)[0]}' (known: data, model, optim, run)")
+    sections: dict[str, Any] = {}
+    for key, registry, base_cls in (("data", DATASETS, DataConfig), ("model", MODELS, ModelConfig)):
+        section = data.get(key) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {section!r}")
+        name = section.get("name", base_cls.name)
+        try:
+            entry = registry.get(name)
+        except RegistryError as e:
+            raise ConfigError(f"{key}.name: {e}") from None
+        sections[key] = from_dict(entry.config_cls or base_cls, section, key)
+    sections["optim"] = from_dict(OptimConfig, data.get("optim") or {}, "optim")
+    sections["run"] = from_dict(RunConfig, data.get("run") or {}, "run")
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file (with its ``_base_`` chain) ← ``--set`` overrides, validated and typed."""
+    data = _read_yaml(Path(path)) if path else {}
+    for item in overrides:
+        data = merge(data, parse_override(item))
+    return build_config(data)
+
+
+def config_from_json(path: str | Path) -> Config:
+    """Read back a resolved config written by :func:`save_config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return build_config(json.loads(path.read_text()))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

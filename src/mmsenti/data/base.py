@@ -1,0 +1,58 @@
+"""What every dataset yields: samples, splits, label names and the modalities it has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+Task = Literal["classification", "regression"]
+SPLITS = ("train", "dev", "test")
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file, line or field (the CLI prints it, exit code 2)."""
+
+
+@dataclass
+class Sample:
+    """One post or clip.
+
+    Attributes:
+        id: unique within the dataset.
+        label: class index (classification) or score (regression); None when unlabelled (prediction).
+        text: the post's text or the clip's transcript.
+        image: a path to an image file, or an in-memory ``PIL.Image`` (generated datasets).
+        features: per-modality feature sequences of shape (T, D) (e.g. MMSA audio/vision), keyed by modality.
+        extra: dataset-specific side information (e.g. HFM image attribute words).
+    """
+
+    id: str
+    label: int | float | None
+    text: str | None = None
+    image: Any = None
+    features: dict[str, np.ndarray] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetBundle:
+    """A dataset's official splits with what a model needs to know about them."""
+
+    name: str
+    splits: dict[str, list[Sample]]
+    task: Task
+    label_names: list[str] | None  # None for regression
+    modalities: tuple[str, ...]  # what the data actually holds: "text", "image", "audio", "vision"
+    sources: list[Path] = field(default_factory=list)  # files read, for cache keys and reports
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) if self.label_names else 1
+
+    def split(self, name: str) -> list[Sample]:
+        if name not in self.splits:
+            raise DataError(f"dataset '{self.name}' has no split '{name}' (has: {', '.join(self.splits)})")
+        return self.splits[name]

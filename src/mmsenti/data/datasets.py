@@ -1,0 +1,3 @@
+"""Imports every module that registers datasets (the registry loads this lazily)."""
+
+from mmsenti.data import scenes  # noqa: F401

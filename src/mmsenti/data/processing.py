@@ -1,0 +1,148 @@
+"""Turn samples into model inputs: tokenizer + image transform + collate, saved with every trained model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmsenti.data.base import DataError, Sample
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int):
+    """Learn a lower-cased word-piece vocabulary on ``texts``; returns a ``PreTrainedTokenizerFast``.
+
+    The result behaves like a BERT tokenizer ([CLS] text [SEP], [PAD] = 0) and saves/loads with
+    ``save_pretrained`` / ``AutoTokenizer.from_pretrained``, so models trained from scratch and models with a
+    pretrained backbone share one code path.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=max_length,
+    )
+
+
+@dataclass
+class ImageTransform:
+    """Resize (+ optional centre crop) and normalise, as the backbone's pretrained config asks.
+
+    ``resize="squash"`` resizes straight to ``size``×``size``; ``resize="shorter"`` resizes the shorter side to
+    ``size / crop_pct`` and centre-crops ``size`` (timm's eval transform).
+    """
+
+    size: int = 64
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    resize: str = "squash"
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB")
+        interp = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[self.interpolation]
+        if self.resize == "squash":
+            img = img.resize((self.size, self.size), interp)
+        else:
+            scale = self.size / self.crop_pct / min(img.size)
+            w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
+            img = img.resize((w, h), interp)
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+
+def open_image(image: Any, sample_id: str = "?") -> Image.Image:
+    """A sample's image as RGB PIL: in-memory images pass through, paths are read (errors name the file)."""
+    if isinstance(image, Image.Image):
+        return image
+    if image is None:
+        raise DataError(f"sample {sample_id}: no image, but the model reads images (set model.modalities)")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"sample {sample_id}: image file not found: {image}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"sample {sample_id}: cannot read image {image}: {e}") from None
+
+
+class Processor:
+    """Collate samples into a batch dict: ``input_ids``/``attention_mask``, ``pixel_values``, ``labels``, ``ids``."""
+
+    def __init__(self, modalities: Sequence[str], tokenizer=None, max_length: int = 40,
+                 image_transform: ImageTransform | None = None, task: str = "classification"):
+        self.modalities = list(modalities)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.image_transform = image_transform
+        self.task = task
+        if "text" in self.modalities and tokenizer is None:
+            raise ValueError("a text model needs a tokenizer")
+        if "image" in self.modalities and image_transform is None:
+            raise ValueError("an image model needs an image transform")
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"ids": [s.id for s in samples]}
+        if "text" in self.modalities:
+            texts = [s.text if s.text is not None else "" for s in samples]
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            batch["input_ids"] = enc["input_ids"]
+            batch["attention_mask"] = enc["attention_mask"]
+        if "image" in self.modalities:
+            batch["pixel_values"] = torch.stack([self.image_transform(open_image(s.image, s.id)) for s in samples])
+        labels = [s.label for s in samples]
+        if all(lab is not None for lab in labels):
+            dtype = torch.long if self.task == "classification" else torch.float32
+            batch["labels"] = torch.tensor(labels, dtype=dtype)
+        return batch
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"modalities": self.modalities, "max_length": self.max_length, "task": self.task,
+                "image_transform": asdict(self.image_transform) if self.image_transform else None}
+        (directory / "preprocessing.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Processor:
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        path = directory / "preprocessing.json"
+        if not path.is_file():
+            raise DataError(f"not a saved mmsenti model: {path} is missing")
+        meta = json.loads(path.read_text())
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer")) if (directory / "tokenizer").is_dir() else None
+        transform = ImageTransform(**meta["image_transform"]) if meta.get("image_transform") else None
+        return cls(meta["modalities"], tokenizer, meta["max_length"], transform, meta.get("task", "classification"))

@@ -1,0 +1,97 @@
+"""Small shared utilities: seeding, RNG state, devices, precision, git revision, logging set-up."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("mmsenti")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision only on CUDA: on CPU (AVX2) bf16/fp16 matmuls are far slower than fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def git_revision() -> str | None:
+    """The source tree's git revision (with -dirty when modified), or None outside a checkout."""
+    root = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def setup_logging(level: int = logging.INFO, logfile: Path | None = None) -> None:
+    """Log to stderr (and a run's log file). Idempotent: calling again swaps the file handler."""
+    root = logging.getLogger("mmsenti")
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for h in [h for h in root.handlers if getattr(h, "_mmsenti", None) == "file"]:
+        root.removeHandler(h)
+        h.close()
+    if not any(getattr(h, "_mmsenti", None) == "stream" for h in root.handlers):
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        sh._mmsenti = "stream"  # type: ignore[attr-defined]
+        root.addHandler(sh)
+    if logfile is not None:
+        fh = logging.FileHandler(logfile)
+        fh.setFormatter(fmt)
+        fh._mmsenti = "file"  # type: ignore[attr-defined]
+        root.addHandler(fh)
+
+
+def show_progress(quiet: bool) -> bool:
+    """tqdm bars only for an interactive terminal."""
+    return not quiet and sys.stderr.isatty() and os.environ.get("CI") is None
