@@ -4,11 +4,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from mmsenti.compat import ensure_torchvision_importable as _ensure_torchvision_importable
+
+# transformers, timm and open_clip import torchvision whenever it is installed; on a CPU-only torch with a
+# mismatched torchvision build that import fails unless the compatibility shim runs first, so run it here, once.
+_ensure_torchvision_importable()
+
 __all__ = ["__version__", "load_model", "load_config", "MODELS", "DATASETS"]
 
 
 def __getattr__(name: str):
-    # Lazy: `import mmsenti` stays cheap (no torch/transformers import) until something is used.
+    # Lazy: `import mmsenti` does not import transformers or the models until something is used.
     if name == "load_model":
         from mmsenti.inference import load_model
 

@@ -23,20 +23,32 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def train_wordpiece_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int):
     """Learn a lower-cased word-piece vocabulary on ``texts``; returns a ``PreTrainedTokenizerFast``.
 
-    The result behaves like a BERT tokenizer ([CLS] text [SEP], [PAD] = 0) and saves/loads with
-    ``save_pretrained`` / ``AutoTokenizer.from_pretrained``, so models trained from scratch and models with a
-    pretrained backbone share one code path.
+    The vocabulary is the special tokens, every character seen (as ``c`` and ``##c``, so no word is ever
+    unknown) and the most frequent whole words up to ``vocab_size``, ties broken alphabetically. Unlike the
+    `tokenizers` WordPiece trainer, whose merge ties fall differently from run to run, the same texts always
+    give the same ids: runs are reproducible and resume exactly. The result behaves like a BERT tokenizer
+    ([CLS] text [SEP], [PAD] = 0) and saves/loads with ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
+    budget = max(0, vocab_size - len(vocab))
+    taken = set(vocab)
+    vocab += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if w not in taken][:budget]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )

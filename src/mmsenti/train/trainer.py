@@ -295,8 +295,9 @@ class Trainer:
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"dev_{k}": v for k, v in dev.items() if isinstance(v, (int, float))})
         st.history.append(row)
-        log.info("epoch %d: train loss %.4f | dev %s%s", st.epoch + 1, train_terms.get("loss", float("nan")),
-                 " ".join(f"{k} {v:.4f}" for k, v in dev.items() if isinstance(v, float)),
+        terms = " ".join(f"{k} {v:.4f}" for k, v in train_terms.items() if k != "loss")
+        log.info("epoch %d: train loss %.4f (%s) | dev %s%s", st.epoch + 1, train_terms.get("loss", float("nan")),
+                 terms, " ".join(f"{k} {v:.4f}" for k, v in dev.items() if isinstance(v, float)),
                  " (best)" if improved else "")
         if self.tb:
             for k, v in row.items():

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny scenes configuration that trains in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Small enough for seconds per run, large enough that late fusion learns something in a few epochs.
+TINY = [
+    "data.num_train=96", "data.num_dev=32", "data.num_test=32", "data.batch_size=16", "data.eval_batch_size=32",
+    "model.text_encoder.width=32", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
+    "model.text_encoder.vocab_size=300", "model.image_encoder.width=8", "model.image_encoder.image_size=32",
+    "model.hidden=32", "optim.epochs=2", "run.quiet=true", "run.log_every=1000",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
