@@ -12,8 +12,13 @@ from mmsenti.models.base import TaskInfo, build_model, load_pretrained, save_pre
 from mmsenti.models.encoders import build_processor
 from mmsenti.registry import MODELS
 
-SMALL = ["model.text_encoder.width=32", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
-         "model.image_encoder.width=8", "model.image_encoder.image_size=32"]
+SMALL = ["model.text_encoder.width=32", "model.text_encoder.num_heads=2", "model.image_encoder.width=8",
+         "model.image_encoder.image_size=32"]
+# Model-specific shrinking (keeps each model's structure: layer counts stay at their defaults where they matter).
+SMALL_BY_MODEL = {
+    "infig": ["model.width=32", "model.image_layers=3", "model.image_heads=2", "model.fusion_heads=2",
+              "model.clip_dim=16", "model.queue_size=16"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,7 @@ def scenes():
 
 
 def _build(name, scenes):
-    cfg = load_config(None, [f"model.name={name}"] + SMALL)
+    cfg = load_config(None, [f"model.name={name}"] + SMALL + SMALL_BY_MODEL.get(name, []))
     info = TaskInfo(scenes.task, scenes.label_names)
     processor = build_processor(cfg.model, [s.text for s in scenes.splits["train"]], info.task)
     torch.manual_seed(0)

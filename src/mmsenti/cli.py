@@ -71,12 +71,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mmsenti.data.base import Sample
-    from mmsenti.inference import load_model, write_jsonl
+    from mmsenti.inference import load_model, read_prediction_file, write_jsonl
 
     predictor = load_model(args.run_dir, args.device)
     if args.input:
-        from mmsenti.data.formats.user import read_prediction_file
-
         samples = read_prediction_file(args.input, predictor.modalities)
         rows = predictor.predict_samples(samples)
         if args.output:

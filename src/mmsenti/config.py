@@ -192,6 +192,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         path = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             raise ConfigError(f"unknown config key '{path}' (known: {', '.join(fields)})")
+        f = fields[key]
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and f.default_factory is not dataclasses.MISSING:
+            # A partial nested section overrides the *parent's* default for it (e.g. InfigConfig's 3-layer text
+            # encoder), not the nested class's bare defaults.
+            value = merge(dataclasses.asdict(f.default_factory()), value)
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 

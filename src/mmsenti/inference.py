@@ -64,6 +64,29 @@ class Predictor:
                 "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs, strict=True)}}
 
 
+def read_prediction_file(path: str | Path, modalities: Sequence[str]) -> list[Sample]:
+    """Posts to predict from a ``.jsonl`` or ``.csv``/``.tsv`` file: ``text``, ``image`` (a path relative to the
+    file), optional ``id`` (default: the line number). A field the model reads but a row lacks is an error naming
+    the file and line."""
+    from mmsenti.data.base import DataError
+    from mmsenti.data.formats.user import read_records
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    samples = []
+    for line, row in read_records(path):
+        for field in ("text", "image"):
+            if field in modalities and row.get(field) in (None, ""):
+                raise DataError(f"{path}:{line}: missing '{field}' (this model reads {' and '.join(modalities)})")
+        image = row.get("image")
+        samples.append(Sample(id=str(row.get("id") or line), label=None, text=row.get("text"),
+                              image=(path.parent / image) if image and "image" in modalities else None))
+    if not samples:
+        raise DataError(f"{path}: no rows to predict")
+    return samples
+
+
 def load_model(path: str | Path, device: str = "auto") -> Predictor:
     """Load a trained model (a model directory or a training run directory) for prediction."""
     return Predictor.from_pretrained(path, device)

@@ -109,12 +109,17 @@ class Processor:
     """Collate samples into a batch dict: ``input_ids``/``attention_mask``, ``pixel_values``, ``labels``, ``ids``."""
 
     def __init__(self, modalities: Sequence[str], tokenizer=None, max_length: int = 40,
-                 image_transform: ImageTransform | None = None, task: str = "classification"):
+                 image_transform: ImageTransform | None = None, task: str = "classification",
+                 clip_tokenizer=None, clip_transform: ImageTransform | None = None, clip_max_length: int = 77):
         self.modalities = list(modalities)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.image_transform = image_transform
         self.task = task
+        # A CLIP prior reads its own tokenization and image preprocessing (INFIG's GAM).
+        self.clip_tokenizer = clip_tokenizer
+        self.clip_transform = clip_transform
+        self.clip_max_length = clip_max_length
         if "text" in self.modalities and tokenizer is None:
             raise ValueError("a text model needs a tokenizer")
         if "image" in self.modalities and image_transform is None:
@@ -129,7 +134,15 @@ class Processor:
             batch["input_ids"] = enc["input_ids"]
             batch["attention_mask"] = enc["attention_mask"]
         if "image" in self.modalities:
-            batch["pixel_values"] = torch.stack([self.image_transform(open_image(s.image, s.id)) for s in samples])
+            images = [open_image(s.image, s.id) for s in samples]
+            batch["pixel_values"] = torch.stack([self.image_transform(im) for im in images])
+            if self.clip_transform is not None:
+                batch["clip_pixel_values"] = torch.stack([self.clip_transform(im) for im in images])
+        if self.clip_tokenizer is not None:
+            enc = self.clip_tokenizer([s.text or "" for s in samples], padding=True, truncation=True,
+                                      max_length=self.clip_max_length, return_tensors="pt")
+            batch["clip_input_ids"] = enc["input_ids"]
+            batch["clip_attention_mask"] = enc["attention_mask"]
         labels = [s.label for s in samples]
         if all(lab is not None for lab in labels):
             dtype = torch.long if self.task == "classification" else torch.float32
@@ -141,10 +154,14 @@ class Processor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"modalities": self.modalities, "max_length": self.max_length, "task": self.task,
-                "image_transform": asdict(self.image_transform) if self.image_transform else None}
+                "image_transform": asdict(self.image_transform) if self.image_transform else None,
+                "clip_transform": asdict(self.clip_transform) if self.clip_transform else None,
+                "clip_max_length": self.clip_max_length}
         (directory / "preprocessing.json").write_text(json.dumps(meta, indent=2) + "\n")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        if self.clip_tokenizer is not None:
+            self.clip_tokenizer.save_pretrained(str(directory / "clip_tokenizer"))
 
     @classmethod
     def load(cls, directory: str | Path) -> Processor:
@@ -155,6 +172,12 @@ class Processor:
         if not path.is_file():
             raise DataError(f"not a saved mmsenti model: {path} is missing")
         meta = json.loads(path.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer")) if (directory / "tokenizer").is_dir() else None
-        transform = ImageTransform(**meta["image_transform"]) if meta.get("image_transform") else None
-        return cls(meta["modalities"], tokenizer, meta["max_length"], transform, meta.get("task", "classification"))
+        def tok(name: str):
+            return AutoTokenizer.from_pretrained(str(directory / name)) if (directory / name).is_dir() else None
+
+        def transform(key: str) -> ImageTransform | None:
+            return ImageTransform(**meta[key]) if meta.get(key) else None
+
+        return cls(meta["modalities"], tok("tokenizer"), meta["max_length"], transform("image_transform"),
+                   meta.get("task", "classification"), tok("clip_tokenizer"), transform("clip_transform"),
+                   meta.get("clip_max_length", 77))

@@ -14,6 +14,9 @@ from torch import nn
 
 from mmsenti.config import ImageEncoderConfig, TextEncoderConfig
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass
 class EncoderOutput:
@@ -141,4 +144,66 @@ def build_processor(cfg, train_texts, task: str):
     if "image" in cfg.modalities:
         ic = cfg.image_encoder
         transform = ImageTransform(size=ic.image_size, mean=list(ic.mean), std=list(ic.std))
-    return Processor(cfg.modalities, tokenizer, cfg.text_encoder.max_length, transform, task)
+    clip_tokenizer = clip_transform = None
+    if getattr(cfg, "clip_active", False):
+        if cfg.clip.name == "tiny-random":  # a random stand-in reads the main tokenizer's ids
+            clip_tokenizer = tokenizer
+            clip_transform = ImageTransform(size=cfg.clip.image_size, mean=list(CLIP_MEAN), std=list(CLIP_STD),
+                                            resize="shorter", interpolation="bicubic")
+        else:
+            from mmsenti.backbones import clip_preprocessing
+
+            clip_tokenizer, clip_transform = clip_preprocessing(cfg.clip.name, cfg.clip.pretrained)
+    return Processor(cfg.modalities, tokenizer, cfg.text_encoder.max_length, transform, task,
+                     clip_tokenizer, clip_transform)
+
+
+class ImageTransformerEncoder(ImageEncoder):
+    """CNN feature map → linear projection to ``width`` → [CLS] + position embeddings → transformer layers.
+
+    INFIG's image encoder. ``hidden_states[0]`` is the projected input (like an HF embedding output) and
+    ``hidden_states[i]`` the output of transformer layer i, each (B, 1 + H·W, width) with [CLS] first.
+    """
+
+    def __init__(self, backbone: ImageEncoder, width: int, num_layers: int, num_heads: int, image_size: int,
+                 dropout: float = 0.1):
+        super().__init__()
+        from mmsenti.models.layers import TransformerBlock
+
+        self.backbone = backbone
+        num_tokens = self._num_regions(backbone, image_size)
+        self.proj = nn.Linear(backbone.width, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_tokens, width))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(width, num_heads, dropout=dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(width)
+        self.width = width
+        self.num_layers = num_layers
+
+    @staticmethod
+    def _num_regions(backbone: ImageEncoder, image_size: int) -> int:
+        was_training = backbone.training
+        backbone.eval()  # a dummy pass must not move batch-norm statistics
+        with torch.no_grad():
+            fmap = backbone(torch.zeros(1, 3, image_size, image_size)).feature_map
+        backbone.train(was_training)
+        return fmap.shape[-2] * fmap.shape[-1]
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        fmap = self.backbone(pixel_values).feature_map
+        x = self.proj(fmap.flatten(2).transpose(1, 2))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if x.shape[1] != self.pos_embed.shape[1]:
+            raise ValueError(f"image gives {x.shape[1] - 1} regions, the encoder was built for "
+                             f"{self.pos_embed.shape[1] - 1}: images must be resized to the configured image_size")
+        x = x + self.pos_embed
+        states = [x]
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x)
+            states.append(self.norm(x) if i == len(self.blocks) - 1 else x)
+        return EncoderOutput(hidden_states=tuple(states), feature_map=fmap)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}

@@ -1,0 +1,23 @@
+"""INFIG: CLIP-assisted global and hierarchical fine-grained image-text alignment for sentiment analysis."""
+
+from mmsenti.models.infig.alignment import (
+    FeatureQueue,
+    FineGrainedAlignmentLoss,
+    Gather,
+    GlobalAlignmentLoss,
+    LearnableTemperature,
+    fine_grained_similarity,
+    make_momentum_copy,
+    momentum_update,
+)
+
+__all__ = [
+    "FeatureQueue",
+    "FineGrainedAlignmentLoss",
+    "Gather",
+    "GlobalAlignmentLoss",
+    "LearnableTemperature",
+    "fine_grained_similarity",
+    "make_momentum_copy",
+    "momentum_update",
+]

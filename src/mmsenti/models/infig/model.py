@@ -1,0 +1,258 @@
+"""INFIG: image-text sentiment with CLIP-assisted global alignment (GAM), hierarchical fine-grained alignment
+(HFAM) and transformer fusion.
+
+Shapes (B batch, d = ``width``):
+
+* image: CNN map → d → [CLS] + regions → ``image_layers`` transformer layers (every layer kept);
+* text: an HF encoder (every layer kept), projected to d when its width differs;
+* GAM (training only): i_g = [i_cls ; W_i·clip_img], t_g = [t_cls ; W_t·clip_txt] at layer ``gam_layer`` from the
+  end, contrasted against momentum features of the batch and two queues (ALBEF ITC), eqs. (1)-(2);
+* HFAM (training only): token-wise top-j similarities over the last ``hfam_layers`` layers, InfoNCE over the
+  batch, eqs. (3)-(6); [CLS] and padding excluded;
+* fusion: transformer over [image tokens ; text tokens] (text padding masked) → attention pooling (8-9) →
+  GELU projection (10) → classifier (11). Loss (12): L_sc + λg·L_g + λf·L_f.
+
+A switched-off module (``use_clip``, ``use_gam``, ``use_hfam``) is not built: no parameters, no compute, no
+momentum copy. CLIP is only read by GAM, so ``use_gam: false`` also drops CLIP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmsenti.config import ConfigError, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from mmsenti.models.base import MultimodalModel, TaskInfo
+from mmsenti.models.encoders import ImageTransformerEncoder, build_image_encoder, build_text_encoder
+from mmsenti.models.infig.alignment import (FineGrainedAlignmentLoss, GlobalAlignmentLoss, LearnableTemperature,
+                                            make_momentum_copy, momentum_update)
+from mmsenti.models.layers import AttentionPool, TransformerBlock
+from mmsenti.registry import MODELS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipConfig:
+    # 'tiny-random': a small randomly initialised HF CLIPModel (architecture stand-in for tests and the offline
+    # scenes demo: its features carry no prior). Otherwise a CLIP preset / HF id / local dir with weights.
+    name: str = "tiny-random"
+    pretrained: str | None = None
+    # Sizes of the tiny-random CLIP only:
+    width: int = 32
+    num_layers: int = 1
+    num_heads: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    projection_dim: int = 32
+
+
+@dataclass
+class InfigConfig(ModelConfig):
+    name: str = "infig"
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(num_layers=3))
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    width: int = 128  # d: width of aligned tokens (both encoders) and of fusion
+    image_layers: int = 6  # N_i transformer layers over CNN regions (paper: 6)
+    image_heads: int = 4
+    fusion_layers: int = 3  # paper: 3 (4 for HFM)
+    fusion_heads: int = 4
+    use_clip: bool = True
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    clip_dim: int = 128  # CLIP embeddings are projected to this width before concatenation with [CLS]
+    use_gam: bool = True
+    gam_layer: int = 1  # layer (from the end, 1 = last) whose [CLS] tokens GAM aligns (paper Fig. 3: 1..4)
+    queue_size: int = 4096
+    momentum: float = 0.995
+    temperature: float = 0.07  # initial τ of both contrastive losses (learnable, clamped)
+    use_hfam: bool = True
+    hfam_layers: int = 3  # M: last layers of both encoders aligned token-wise
+    top_j: int = 2  # j: paper 2 for MVSA, 3 for HFM and TumEmo
+    hfam_chunk_size: int | None = None  # texts per chunk in the token-similarity tensor (bounds memory)
+    lambda_g: float = 0.3
+    lambda_f: float = 0.2
+
+    @property
+    def clip_active(self) -> bool:
+        """CLIP is only read by GAM; the processor prepares CLIP inputs only when this is true."""
+        return self.use_clip and self.use_gam
+
+
+def stable_sample_index(ids: list[str]) -> torch.Tensor:
+    """Non-negative int64 per sample id (stable across processes), so GAM's queue knows a sample's own keys."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") >> 1
+                         for i in ids], dtype=torch.long)
+
+
+def build_clip(cfg: ClipConfig, tokenizer, load_weights: bool = True) -> nn.Module:
+    """HF ``CLIPModel``; frozen by the caller. 'tiny-random' reads the main tokenizer's ids."""
+    from transformers import CLIPConfig, CLIPModel
+
+    if cfg.name == "tiny-random":
+        hf = CLIPConfig(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=cfg.width, intermediate_size=4 * cfg.width,
+                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                             max_position_embeddings=max(64, tokenizer.model_max_length or 64),
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                             eos_token_id=tokenizer.sep_token_id),
+            vision_config=dict(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.width,
+                               intermediate_size=4 * cfg.width, num_hidden_layers=cfg.num_layers,
+                               num_attention_heads=cfg.num_heads),
+            projection_dim=cfg.projection_dim,
+        )
+        return CLIPModel(hf)
+    from mmsenti.backbones import load_clip
+
+    model, _, _ = load_clip(cfg.name, cfg.pretrained, load_weights=load_weights)
+    return model
+
+
+class Infig(MultimodalModel):
+    backbone_prefixes = ("text_encoder.backbone.", "image_encoder.backbone.")
+
+    def __init__(self, cfg: InfigConfig, info: TaskInfo, processor, load_weights: bool = True):
+        super().__init__(cfg, info)
+        self._validate(cfg)
+        d = cfg.width
+        self.text_encoder = build_text_encoder(cfg.text_encoder, processor.tokenizer, load_weights)
+        self.text_proj = nn.Linear(self.text_encoder.width, d) if self.text_encoder.width != d else nn.Identity()
+        cnn = build_image_encoder(cfg.image_encoder, load_weights)
+        self.image_encoder = ImageTransformerEncoder(cnn, d, cfg.image_layers, cfg.image_heads,
+                                                     cfg.image_encoder.image_size, cfg.dropout)
+        for name, n in (("text_encoder", self.text_encoder.num_layers), ("image_layers", cfg.image_layers)):
+            need = max(cfg.hfam_layers if cfg.use_hfam else 1, cfg.gam_layer if cfg.use_gam else 1)
+            if n < need:
+                raise ConfigError(f"model: {name} has {n} layers, but hfam_layers/gam_layer need {need}")
+
+        self.use_gam, self.use_hfam = cfg.use_gam, cfg.use_hfam
+        self.use_clip = cfg.clip_active
+        if cfg.use_clip and not cfg.use_gam:
+            log.info("use_clip without use_gam: CLIP only feeds GAM, so it is not built")
+        if self.use_gam:
+            g_dim = d
+            if self.use_clip:
+                self.clip = build_clip(cfg.clip, processor.tokenizer, load_weights).requires_grad_(False).eval()
+                proj_dim = self.clip.config.projection_dim
+                self.clip_image_proj = nn.Linear(proj_dim, cfg.clip_dim)
+                self.clip_text_proj = nn.Linear(proj_dim, cfg.clip_dim)
+                g_dim += cfg.clip_dim
+            # Momentum copies of everything that produces a global feature (the frozen CLIP needs none).
+            self._momentum_names = ["text_encoder", "text_proj", "image_encoder"] + (
+                ["clip_image_proj", "clip_text_proj"] if self.use_clip else [])
+            for name in self._momentum_names:
+                setattr(self, f"{name}_m", make_momentum_copy(getattr(self, name)))
+            self.gam_loss = GlobalAlignmentLoss(g_dim, cfg.queue_size, cfg.temperature)
+        if self.use_hfam:
+            self.hfam_loss = FineGrainedAlignmentLoss(cfg.top_j, cfg.hfam_chunk_size)
+            self.hfam_temperature = LearnableTemperature(cfg.temperature)
+
+        self.type_embed = nn.Parameter(torch.zeros(2, d))  # image / text token types in the fusion sequence
+        self.fusion = nn.ModuleList(TransformerBlock(d, cfg.fusion_heads, dropout=cfg.dropout)
+                                    for _ in range(cfg.fusion_layers))
+        self.fusion_norm = nn.LayerNorm(d)
+        self.pool = AttentionPool(d)
+        self.proj = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout))
+        self.classifier = nn.Linear(d, info.num_outputs)
+
+    @staticmethod
+    def _validate(cfg: InfigConfig) -> None:
+        if sorted(cfg.modalities) != ["image", "text"]:
+            raise ConfigError(f"model.modalities: infig reads text and image, got {cfg.modalities} "
+                              "(for one modality use text-only / image-only)")
+        for key in ("gam_layer", "hfam_layers", "top_j", "queue_size", "fusion_layers", "image_layers"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"model.{key}: must be >= 1, got {getattr(cfg, key)}")
+        if not 0.0 <= cfg.momentum < 1.0:
+            raise ConfigError(f"model.momentum: must be in [0, 1), got {cfg.momentum}")
+
+    # ------------------------------------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> Infig:
+        super().train(mode)
+        if self.use_clip:
+            self.clip.eval()  # frozen prior: no dropout, fixed statistics
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        return {"type_embed", "image_encoder.cls_token", "image_encoder.pos_embed"}
+
+    # -------------------------------------------------------------------------------------------- encoders
+    def _encode(self, batch: dict, suffix: str = "") -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Image and (projected) text hidden states, every layer; suffix '_m' uses the momentum encoders."""
+        text_enc, text_proj, image_enc = (getattr(self, n + suffix) for n in ("text_encoder", "text_proj", "image_encoder"))
+        mask = batch["attention_mask"]
+        txt = text_enc(batch["input_ids"], mask)
+        # Only layers some module reads are projected (fusion: last; GAM: gam_layer; HFAM: last M).
+        need = max(self.config.hfam_layers if self.use_hfam else 1, self.config.gam_layer if self.use_gam else 1)
+        txt_states = [None] * (len(txt.hidden_states) - need) + [text_proj(h) for h in txt.hidden_states[-need:]]
+        img_states = list(image_enc(batch["pixel_values"]).hidden_states)
+        return img_states, txt_states, mask
+
+    def _global_features(self, img_states, txt_states, clip_feats, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.config.gam_layer
+        i_g, t_g = img_states[-k][:, 0], txt_states[-k][:, 0]
+        if self.use_clip:
+            i_clip, t_clip = clip_feats
+            i_g = torch.cat([i_g, getattr(self, "clip_image_proj" + suffix)(i_clip)], dim=-1)
+            t_g = torch.cat([t_g, getattr(self, "clip_text_proj" + suffix)(t_clip)], dim=-1)
+        return i_g, t_g
+
+    @torch.no_grad()
+    def _clip_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.clip.get_image_features(pixel_values=batch["clip_pixel_values"])
+        txt = self.clip.get_text_features(input_ids=batch["clip_input_ids"],
+                                          attention_mask=batch["clip_attention_mask"])
+        # transformers >= 5 returns model outputs whose pooler_output holds the projected embedding.
+        return (getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt))
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, batch: dict, return_attention: bool = False) -> dict:
+        img_states, txt_states, mask = self._encode(batch)
+        img_tok, txt_tok = img_states[-1], txt_states[-1]
+        x = torch.cat([img_tok + self.type_embed[0], txt_tok + self.type_embed[1]], dim=1)
+        pad = torch.cat([torch.zeros(img_tok.shape[:2], dtype=torch.bool, device=x.device), mask == 0], dim=1)
+        attn = None
+        for i, block in enumerate(self.fusion):
+            x, w = block(x, key_padding_mask=pad, need_weights=return_attention and i == len(self.fusion) - 1)
+            attn = w if w is not None else attn
+        pooled, pool_weights = self.pool(self.fusion_norm(x), pad)
+        out = {"logits": self.classifier(self.proj(pooled)), "pooled": pooled}
+        if return_attention:
+            out.update(attention=attn, pool_weights=pool_weights, num_image_tokens=img_tok.shape[1])
+
+        if self.training and self.use_gam:
+            clip_feats = self._clip_features(batch) if self.use_clip else None
+            out["global"] = self._global_features(img_states, txt_states, clip_feats)
+            with torch.no_grad():
+                for name in self._momentum_names:
+                    momentum_update(getattr(self, name), getattr(self, name + "_m"), self.config.momentum)
+                img_m, txt_m, _ = self._encode(batch, "_m")
+                out["global_m"] = self._global_features(img_m, txt_m, clip_feats, "_m")
+            out["sample_index"] = stable_sample_index(batch["ids"]).to(x.device)
+        if self.training and self.use_hfam:
+            m = self.config.hfam_layers
+            # [CLS] (position 0) excluded on both sides; text padding excluded by the mask.
+            out["fine"] = ([h[:, 1:] for h in img_states[-m:]], [h[:, 1:] for h in txt_states[-m:]], mask[:, 1:])
+        return out
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """L_sc always; λg·L_g and λf·L_f in training (their inputs exist only in training mode)."""
+        terms = dict(self.criterion(outputs, batch))
+        if "global" in outputs:
+            (i_g, t_g), (i_m, t_m) = outputs["global"], outputs["global_m"]
+            g = self.gam_loss(i_g, t_g, i_m, t_m, ids=outputs["sample_index"])
+            terms["loss_g"] = self.config.lambda_g * g["loss_g"]
+            terms["tau_g"] = g["tau"]
+        if "fine" in outputs:
+            f = self.hfam_loss(*outputs["fine"], self.hfam_temperature())
+            terms["loss_f"] = self.config.lambda_f * f["loss_f"]
+        return terms
+
+
+@MODELS.register("infig", config=InfigConfig,
+                 description="INFIG: CLIP-assisted global + hierarchical fine-grained alignment, transformer fusion")
+def infig(cfg: InfigConfig, info: TaskInfo, processor, load_weights: bool = True) -> Infig:
+    return Infig(cfg, info, processor, load_weights)
