@@ -279,13 +279,13 @@ class Trainer:
 
     def _log_step(self, terms: dict, loss: torch.Tensor) -> None:
         st = self.state
-        parts = " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
+        parts = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in terms.items())
         log.info("epoch %d batch %d/%d step %d: loss %.4f (%s) lr %.2e", st.epoch + 1, st.batch,
                  self.batches_per_epoch, st.step, float(loss), parts, self.scheduler.get_last_lr()[0])
         if self.tb:
             self.tb.add_scalar("train/loss", float(loss), st.step)
             for k, v in terms.items():
-                self.tb.add_scalar(f"train/{k}", float(v), st.step)
+                self.tb.add_scalar(f"train/{k}", float(v.detach()), st.step)
 
     def _end_epoch(self, train_terms: dict, dev: dict) -> None:
         st = self.state

@@ -1,0 +1,277 @@
+"""Helpers every loader shares: the root directory, split names, file readers with line-numbered errors,
+deterministic split carving and the final checks on a bundle (duplicate ids).
+
+The checks that end a load with a :class:`DataError` (duplicate ids, missing images under ``missing_images:
+error``) can be deferred with :func:`lenient`, so that ``mmsenti data check`` sees the whole dataset and reports
+every problem instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import csv
+import json
+import logging
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmsenti.config import DataConfig
+from mmsenti.data.base import SPLITS, DataError, DatasetBundle, Sample, Task
+
+log = logging.getLogger(__name__)
+
+# Names the releases use for the three splits; everything is keyed "train"/"dev"/"test" after loading.
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "dev": "dev", "valid": "dev", "val": "dev", "validation": "dev",
+    "test": "test", "testing": "test",
+}
+
+_LENIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("mmsenti_data_lenient", default=False)
+
+
+@contextlib.contextmanager
+def lenient() -> Iterator[None]:
+    """Within this block loaders keep duplicate ids and missing images (as paths) instead of raising.
+
+    Used by the data doctor, which then reports every problem itself. Malformed files still raise.
+    """
+    token = _LENIENT.set(True)
+    try:
+        yield
+    finally:
+        _LENIENT.reset(token)
+
+
+def is_lenient() -> bool:
+    return _LENIENT.get()
+
+
+def require_root(cfg: DataConfig) -> Path:
+    """The dataset directory (or file, for user data) named by ``data.root``; a clear error when unset or absent."""
+    if not cfg.root:
+        raise DataError(f"dataset '{cfg.name}': data.root is not set (give the dataset directory: --root DIR "
+                        f"or --set data.root=DIR)")
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset '{cfg.name}': data.root does not exist: {root}")
+    return root
+
+
+def canonical_split(name: str, where: str) -> str:
+    """``valid``/``val``/... → ``dev``; anything unknown is an error naming ``where`` (file and line)."""
+    key = str(name).strip().lower()
+    if key not in SPLIT_ALIASES:
+        raise DataError(f"{where}: unknown split {name!r} (use one of: train, dev/valid/val, test)")
+    return SPLIT_ALIASES[key]
+
+
+def find_file(root: Path, names: Sequence[str]) -> Path | None:
+    """The first of ``names`` (relative to ``root``) that exists."""
+    for n in names:
+        p = root / n
+        if p.exists():
+            return p
+    return None
+
+
+def read_text_file(path: Path) -> str:
+    """A small text file as str. Old Twitter dumps mix encodings: UTF-8 first, then Windows-1252, then Latin-1."""
+    raw = path.read_bytes()
+    for enc in ("utf-8-sig", "cp1252"):
+        try:
+            return raw.decode(enc)
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("latin-1")  # never fails: every byte is a code point
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def read_json_list(path: Path) -> list[dict[str, Any]]:
+    """A JSON file holding a list of objects (the CLMLF format); errors name the file, line and column."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    return data
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines file."""
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_csv(path: Path, delimiter: str = ",", required: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` for each data row of a CSV file with a header.
+
+    A row with more or fewer fields than the header is an error naming the file and the row's first line
+    (a quoted field may span lines).
+    """
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            header = reader.fieldnames
+        except csv.Error as e:
+            raise DataError(f"{path}:1: bad CSV header ({e})") from None
+        if not header:
+            raise DataError(f"{path}: empty CSV file (no header)")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
+        start = reader.line_num + 1
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise DataError(f"{path}:{start}: bad CSV row ({e})") from None
+            extra = row.pop(None, None) or []  # type: ignore[call-overload]
+            short = sum(v is None for v in row.values())
+            if extra or short:
+                got = len(header) + len(extra) - short
+                raise DataError(f"{path}:{start}: expected {len(header)} fields, got {got}")
+            yield start, row
+            start = reader.line_num + 1
+
+
+def attach_translations(splits: dict[str, list[Sample]], root: Path, name: str) -> Path:
+    """``translation.json`` (CLMLF: ``[{"id", "text_translation"}]``, back-translated text used for augmentation)
+    into ``extra["translation"]``; posts without one get None (counted in the log)."""
+    path = root / "translation.json"
+    if not path.is_file():
+        raise DataError(f"data.use_translation: no translation.json in {root}")
+    table = {}
+    for i, row in enumerate(read_json_list(path)):
+        if "id" not in row or "text_translation" not in row:
+            raise DataError(f"{path}: item {i}: expected id and text_translation")
+        table[str(row["id"])] = str(row["text_translation"])
+    lacking = 0
+    for samples in splits.values():
+        for s in samples:
+            s.extra["translation"] = table.get(s.id)
+            lacking += s.extra["translation"] is None
+    if lacking:
+        log.warning("%s: %d post(s) have no back-translation in %s", name, lacking, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ splits
+def carve_split(samples: Sequence[Sample], fraction: float, seed: int, stratify: bool = True) -> tuple[list, list]:
+    """Split off ``fraction`` of ``samples`` deterministically: ``(rest, carved)``, both in the input order.
+
+    ``round(fraction * n)`` samples are carved. Stratified by label, each class gives its share rounded down and
+    the remaining places go to the classes with the largest remainders (ties in label order), so even a small
+    dev split keeps the class balance. Which samples a class gives depends only on ``seed`` and the ids.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"split fraction must be in (0, 1), got {fraction}")
+    groups: dict[Any, list[str]] = defaultdict(list)
+    for s in samples:
+        groups[s.label if stratify else None].append(s.id)
+    labels = sorted(groups, key=repr)
+    quota = {k: fraction * len(groups[k]) for k in labels}
+    take = {k: int(quota[k]) for k in labels}
+    spare = round(fraction * len(samples)) - sum(take.values())
+    for k in sorted(labels, key=lambda k: -(quota[k] - take[k]))[: max(0, spare)]:  # stable: label order on ties
+        take[k] += 1
+    chosen: set[str] = set()
+    for k in labels:
+        ids = sorted(groups[k])
+        random.Random(f"{seed}/{k!r}").shuffle(ids)
+        chosen.update(ids[: take[k]])
+    return [s for s in samples if s.id not in chosen], [s for s in samples if s.id in chosen]
+
+
+def random_splits(samples: Sequence[Sample], seed: int, fractions: tuple[float, float] = (0.1, 0.1),
+                  stratify: bool = True) -> dict[str, list[Sample]]:
+    """Deterministic stratified train/dev/test (default 8:1:1) for releases that ship no split lists."""
+    rest, test = carve_split(samples, fractions[1], seed, stratify)
+    train, dev = carve_split(rest, fractions[0] / (1.0 - fractions[1]), seed + 1, stratify)
+    return {"train": train, "dev": dev, "test": test}
+
+
+def split_by_id_lists(samples: Iterable[Sample], lists: dict[str, list[str]], where: str) -> dict[str, list[Sample]]:
+    """Assign samples to splits by id lists (in the lists' order); ids the lists name but the data lacks are logged."""
+    by_id = {s.id: s for s in samples}
+    out: dict[str, list[Sample]] = {}
+    for split, ids in lists.items():
+        found = [by_id[i] for i in ids if i in by_id]
+        if len(found) < len(ids):
+            lost = [i for i in ids if i not in by_id]
+            log.warning("%s: %d id(s) of the %s list are not in the data (first: %s)", where, len(lost), split,
+                        ", ".join(lost[:5]))
+        out[split] = found
+    unused = len(by_id) - len({i for ids in lists.values() for i in ids} & by_id.keys())
+    if unused:
+        log.info("%s: %d post(s) are in no split list and are left out", where, unused)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def label_index(value: Any, label_names: Sequence[str], where: str) -> int:
+    """A label given as a name (case-insensitive) or as an index into ``label_names``."""
+    if isinstance(value, str):
+        lowered = [n.lower() for n in label_names]
+        key = value.strip().lower()
+        if key in lowered:
+            return lowered.index(key)
+        if key.isdigit():
+            value = int(key)
+    if isinstance(value, float) and value.is_integer():  # JSON writers sometimes emit 1.0 for 1
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < len(label_names):
+            raise DataError(f"{where}: label index {value} out of range for {len(label_names)} classes")
+        return value
+    raise DataError(f"{where}: unknown label {value!r} (known: {', '.join(label_names)})")
+
+
+# ------------------------------------------------------------------------------------------------ bundle
+def duplicate_ids(samples: Iterable[Sample]) -> list[str]:
+    counts = Counter(s.id for s in samples)
+    return sorted(i for i, n in counts.items() if n > 1)
+
+
+def finish(name: str, splits: dict[str, list[Sample]], task: Task, label_names: list[str] | None,
+           modalities: tuple[str, ...], sources: Sequence[Path] = (),
+           text_fn: Callable[[str], str] | None = None) -> DatasetBundle:
+    """Order the splits, apply the text normaliser, refuse duplicate ids and log the split sizes.
+
+    Splits a release does not have are left out (``bundle.split(name)`` then names what exists), never filled
+    with an empty list that would train or score on nothing.
+    """
+    ordered = {k: splits[k] for k in SPLITS if k in splits and splits[k]}
+    if not ordered:
+        raise DataError(f"dataset '{name}': no samples found")
+    if text_fn is not None:
+        for samples in ordered.values():
+            for s in samples:
+                if s.text:
+                    s.text = text_fn(s.text)
+    if not is_lenient():
+        dups = duplicate_ids(s for samples in ordered.values() for s in samples)
+        if dups:
+            raise DataError(f"dataset '{name}': {len(dups)} duplicate id(s) (first: {', '.join(dups[:5])}); "
+                            f"ids must be unique across all splits (run `mmsenti data check {name}`)")
+    log.info("%s: %s", name, ", ".join(f"{k} {len(v)}" for k, v in ordered.items()))
+    return DatasetBundle(name=name, splits=ordered, task=task, label_names=label_names, modalities=modalities,
+                         sources=[Path(p) for p in sources])

@@ -1,0 +1,184 @@
+"""HFM, Twitter multimodal sarcasm detection (Cai et al. 2019): 2 classes, not-sarcastic (0) and sarcastic (1).
+
+Two layouts are read:
+
+* ``clmlf``: ``train.json``/``valid.json``/``test.json`` (lists of ``{"id", "text", "emotion_label"}``).
+* ``raw``: the original release, ``train.txt``/``valid2.txt``/``test2.txt`` (in the root or ``raw/``), one
+  Python list literal per line: ``['id', 'text', label]`` for train, ``['id', 'text', hashtag_label,
+  human_label]`` for valid2/test2. The last element is the label. The standard training set leaves out posts
+  whose whitespace tokens include a word that gives sarcasm away (:data:`FILTER_WORDS`); that leaves exactly the
+  19,816 posts of ``train.json``. Valid and test are used unfiltered.
+
+Images are ``<id>.jpg`` in ``dataset_image/`` (the release's name) or ``images/``. ``image_attributes.txt``
+(five words per image, predicted from the image by Cai et al.) goes into ``extra["attributes"]`` with
+``use_attributes: true``.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mmsenti.config import DataConfig
+from mmsenti.data.base import DataError, DatasetBundle, Sample
+from mmsenti.data.formats.common import (
+    attach_translations,
+    canonical_split,
+    find_file,
+    finish,
+    read_json_list,
+    require_root,
+)
+from mmsenti.data.formats.images import attach_images
+from mmsenti.data.formats.text import normalize_tweet
+from mmsenti.registry import DATASETS
+
+log = logging.getLogger(__name__)
+
+LABELS = ["not-sarcastic", "sarcastic"]
+FILTER_WORDS = frozenset(
+    {"sarcasm", "sarcastic", "reposting", "<url>", "joke", "jokes", "humour", "humor", "irony", "ironic", "exgag"}
+)
+IMAGE_DIRS = ("dataset_image", "images", "image")
+_JSON = {"train": ("train.json",), "dev": ("valid.json", "dev.json", "val.json"), "test": ("test.json",)}
+_RAW = {"train": ("train.txt",), "dev": ("valid2.txt", "valid.txt"), "test": ("test2.txt", "test.txt")}
+
+
+@dataclass
+class HFMConfig(DataConfig):
+    name: str = "hfm"
+    format: Literal["auto", "clmlf", "raw"] = "auto"  # auto: clmlf when train.json exists, else raw
+    normalize_text: bool = False  # HFM text is already normalised (<user>, <url>, # tag); true names dingbats
+    image_dir: str | None = None  # relative to root; None = dataset_image/, images/ or image/ when present
+    filter_train: bool = True  # raw layout: the standard filter of giveaway words (see FILTER_WORDS)
+    use_attributes: bool = False  # image attribute words into extra["attributes"]
+    attributes_file: str | None = None  # default: image_attributes.txt in the root or raw/
+    use_translation: bool = False  # translation.json (CLMLF's back-translations) into extra["translation"]
+
+
+def parse_literal_line(line: str, path: Path, lineno: int) -> list[Any]:
+    """One line of the raw release: a Python list literal (read safely, never executed)."""
+    try:
+        value = ast.literal_eval(line.strip())
+    except (ValueError, SyntaxError) as e:
+        raise DataError(f"{path}:{lineno}: not a Python list literal ({e.__class__.__name__})") from None
+    if not isinstance(value, list) or len(value) < 2:
+        raise DataError(f"{path}:{lineno}: expected a list ['id', ...], got {type(value).__name__}")
+    return value
+
+
+def is_giveaway(text: str) -> bool:
+    """True when the post's whitespace tokens include a word of :data:`FILTER_WORDS`."""
+    return not FILTER_WORDS.isdisjoint(text.split())
+
+
+def read_raw_split(path: Path, filter_words: bool) -> tuple[list[Sample], int]:
+    """``(samples, number filtered out)`` from one raw file; the last element of each line is the label."""
+    samples, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = parse_literal_line(line, path, lineno)
+            if len(row) < 3 or not isinstance(row[1], str) or row[-1] not in (0, 1):
+                raise DataError(f"{path}:{lineno}: expected ['id', 'text', ..., 0 or 1]")
+            if filter_words and is_giveaway(row[1]):
+                dropped += 1
+                continue
+            samples.append(Sample(id=str(row[0]), label=int(row[-1]), text=row[1]))
+    return samples, dropped
+
+
+def read_attributes(path: Path) -> dict[str, list[str]]:
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                row = parse_literal_line(line, path, lineno)
+                out[str(row[0])] = [str(w) for w in row[1:]]
+    return out
+
+
+def _load_json(root: Path) -> tuple[dict[str, list[Sample]], list[Path]]:
+    splits, sources = {}, []
+    for split, names in _JSON.items():
+        path = find_file(root, names)
+        if path is None:
+            continue
+        sources.append(path)
+        samples = []
+        for i, row in enumerate(read_json_list(path)):
+            try:
+                samples.append(Sample(id=str(row["id"]), label=int(row["emotion_label"]), text=str(row["text"])))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{path}: item {i}: expected id, text and an integer emotion_label ({e})") from None
+            if samples[-1].label not in (0, 1):
+                raise DataError(f"{path}: item {i}: emotion_label must be 0 or 1, got {samples[-1].label}")
+        splits[canonical_split(split, str(path))] = samples
+    return splits, sources
+
+
+def _raw_dir(root: Path) -> Path | None:
+    for d in (root, root / "raw"):
+        if (d / "train.txt").is_file() or (d / "test2.txt").is_file():
+            return d
+    return None
+
+
+def _load_raw(root: Path, filter_train: bool, name: str) -> tuple[dict[str, list[Sample]], list[Path]]:
+    raw = _raw_dir(root)
+    if raw is None:
+        raise DataError(f"{root}: no HFM data found (expected train.json/valid.json/test.json, or the original "
+                        f"release train.txt/valid2.txt/test2.txt in the root or raw/)")
+    splits, sources = {}, []
+    for split, names in _RAW.items():
+        path = find_file(raw, names)
+        if path is None:
+            continue
+        samples, dropped = read_raw_split(path, filter_words=filter_train and split == "train")
+        if dropped:
+            log.info("%s: the standard filter left out %d of %d training posts", name, dropped,
+                     dropped + len(samples))
+        splits[split] = samples
+        sources.append(path)
+    return splits, sources
+
+
+@DATASETS.register("hfm", config=HFMConfig,
+                   description="HFM Twitter sarcasm (image+text, 2 classes): CLMLF json or original release")
+def build_hfm(cfg: HFMConfig) -> DatasetBundle:
+    root = require_root(cfg)
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "clmlf" if find_file(root, _JSON["train"] + _JSON["test"]) else "raw"
+    splits, sources = _load_json(root) if fmt == "clmlf" else _load_raw(root, cfg.filter_train, cfg.name)
+    if not splits:
+        raise DataError(f"{root}: no HFM json files (train.json, valid.json, test.json)")
+    if cfg.use_translation:
+        sources.append(attach_translations(splits, root, cfg.name))
+    if cfg.use_attributes:
+        raw = _raw_dir(root)
+        if cfg.attributes_file:
+            attr_path: Path | None = root / cfg.attributes_file
+            if not attr_path.is_file():
+                raise DataError(f"data.attributes_file: file not found: {attr_path}")
+        else:
+            attr_path = find_file(root, ["image_attributes.txt", "raw/image_attributes.txt"])
+        if attr_path is None:
+            raise DataError(f"data.use_attributes: no image_attributes.txt in {root} or {raw or root / 'raw'}")
+        attributes = read_attributes(attr_path)
+        sources.append(attr_path)
+        lacking = 0
+        for samples in splits.values():
+            for s in samples:
+                words = attributes.get(s.id)
+                lacking += words is None
+                s.extra["attributes"] = words or []
+        if lacking:
+            log.warning("%s: %d post(s) have no image attribute words (given an empty list)", cfg.name, lacking)
+    modalities = attach_images(splits, root, cfg.image_dir, IMAGE_DIRS, cfg.missing_images, cfg.name)
+    return finish(cfg.name, splits, "classification", list(LABELS), modalities, sources,
+                  normalize_tweet if cfg.normalize_text else None)

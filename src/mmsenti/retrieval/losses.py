@@ -1,0 +1,124 @@
+"""The cross-modal supervised contrastive loss that shapes the retrieval embeddings.
+
+Every (sample, modality) retrieval embedding of the batch is an anchor. Its positives are all *other*
+(sample', modality') embeddings with the same sentiment: the same sample's other modalities (which aligns the
+modalities, so that a text can retrieve by audio or vision), other samples' same modality, and other samples'
+other modalities. The objective is the supervised contrastive loss of Khosla et al. (2020), "L_out" form::
+
+    L = mean over anchors a with |P(a)| > 0 of
+        -1/|P(a)| * sum_{p in P(a)} log( exp(z_a . z_p / t) / sum_{n in A, n != a} exp(z_a . z_n / t) )
+
+with z the L2-normalised embeddings, A all anchors of the batch (of all ranks, with a ``gather`` hook) and t
+the temperature. Unlike the authors' hinge terms it needs no hand-set margins.
+
+Sentiment classes: the class index for classification; for regression the *sign* of the score, with 0 counted
+as non-negative by default (the "has-0" Acc-2 convention of MOSI/MOSEI: negative < 0 <= non-negative), or as
+its own class (``zero="separate"``: a neutral clip is a positive only for other neutral clips). Sign classes
+are coarse: they pull every positive clip towards every other, which can wash out finer structure that
+retrieval could use; ``regression_classes="rounded"`` uses the 7 Acc-7 classes (score clipped to [-3, 3] and
+rounded) instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: ``gather(x) -> (x of all ranks concatenated along dim 0, offset of this rank's rows in it)``.
+GatherFn = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def sentiment_classes(labels: torch.Tensor, task: str, zero: str = "non-negative",
+                      regression_classes: str = "sign") -> torch.Tensor:
+    """Integer classes whose equality defines positives: the labels (classification) or the score's sign."""
+    if task == "classification":
+        return labels.long()
+    if task != "regression":
+        raise ValueError(f"unknown task '{task}' (known: classification, regression)")
+    if regression_classes == "rounded":
+        return torch.round(labels.clamp(-3.0, 3.0)).long()  # half to even, like the Acc-7 metric
+    if regression_classes != "sign":
+        raise ValueError(f"unknown regression_classes '{regression_classes}' (known: sign, rounded)")
+    if zero == "non-negative":
+        return (labels >= 0).long()
+    if zero == "separate":
+        return torch.sign(labels).long()
+    raise ValueError(f"unknown zero policy '{zero}' (known: non-negative, separate)")
+
+
+class CrossModalSupConLoss(nn.Module):
+    """Supervised contrastive loss over the retrieval embeddings of all modalities jointly.
+
+    Args:
+        task: ``"classification"`` (positives share the class) or ``"regression"`` (positives share the sign).
+        temperature: softmax temperature t.
+        zero: regression sign classes only: ``"non-negative"`` (0 groups with positive scores) or ``"separate"``.
+        regression_classes: ``"sign"`` or ``"rounded"`` (the 7 integer scores of Acc-7).
+        weight: multiplies the term (the trainer sums the ``loss*`` keys as they are).
+        gather: multi-GPU hook (:data:`GatherFn`): contrast this rank's anchors with the embeddings of all
+            ranks. Use a differentiable all-gather (``torch.distributed.nn.all_gather``) for gradients to flow
+            to other ranks' embeddings; with a plain one each rank's loss still trains its own anchors.
+        normalize: L2-normalise the embeddings first (turn off if the model already does).
+    """
+
+    def __init__(self, task: str = "classification", temperature: float = 0.07,
+                 zero: Literal["non-negative", "separate"] = "non-negative", weight: float = 1.0,
+                 gather: GatherFn | None = None, normalize: bool = True,
+                 regression_classes: Literal["sign", "rounded"] = "sign"):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        sentiment_classes(torch.zeros(1), task, zero, regression_classes)  # validate the options now
+        self.task, self.temperature, self.zero, self.weight = task, float(temperature), zero, float(weight)
+        self.regression_classes = regression_classes
+        self.gather, self.normalize = gather, normalize
+
+    def forward(self, embeddings: Mapping[str, torch.Tensor] | torch.Tensor, labels: torch.Tensor,
+                present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Compute the loss.
+
+        Args:
+            embeddings: ``{modality: (B, D)}`` or a ``(B, M, D)`` tensor of pooled retrieval embeddings.
+            labels: ``(B,)`` class indices or scores.
+            present: optional ``(B, M)`` bool, False where a sample lacks a modality (neither anchor nor key).
+
+        Returns:
+            ``{"loss_ret": weighted loss}`` (0, still attached to the graph, when no anchor has a positive).
+        """
+        z = torch.stack(list(embeddings.values()), 1) if isinstance(embeddings, Mapping) else embeddings
+        if z.ndim != 3 or z.shape[0] != labels.shape[0]:
+            raise ValueError(f"embeddings must be (B, M, D) with B = len(labels); got {tuple(z.shape)}")
+        b, m, d = z.shape
+        z = z.reshape(b * m, d).float()  # fp32 softmax over the batch even under autocast
+        if self.normalize:
+            z = F.normalize(z, dim=1)
+        cls = sentiment_classes(labels, self.task, self.zero, self.regression_classes).repeat_interleave(m)
+        valid = (present.reshape(b * m).bool() if present is not None
+                 else torch.ones(b * m, dtype=torch.bool, device=z.device))
+
+        keys, key_cls, key_valid, offset = z, cls, valid, 0
+        if self.gather is not None:
+            keys, offset = self.gather(z)
+            key_cls, _ = self.gather(cls)
+            key_valid, _ = self.gather(valid)
+        n = z.shape[0]
+        self_mask = torch.zeros(n, keys.shape[0], dtype=torch.bool, device=z.device)
+        self_mask[torch.arange(n, device=z.device), offset + torch.arange(n, device=z.device)] = True
+
+        others = key_valid[None, :] & ~self_mask
+        pos = others & (cls[:, None] == key_cls[None, :])
+        n_pos = pos.sum(1)
+        anchors = valid & (n_pos > 0)
+        if not bool(anchors.any()):
+            return {"loss_ret": z.sum() * 0.0}
+        # Only anchors with a positive: each has a finite log-sum-exp, so no NaN reaches the gradients.
+        z, others, pos, n_pos = z[anchors], others[anchors], pos[anchors], n_pos[anchors]
+        logits = ((z @ keys.T) / self.temperature).masked_fill(~others, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        # masked_fill, not a product: log_prob is -inf on the excluded keys and -inf * 0 would be NaN.
+        per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(1) / n_pos
+        return {"loss_ret": self.weight * per_anchor.mean()}
