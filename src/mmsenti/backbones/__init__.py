@@ -6,7 +6,14 @@ Importing this package is light (no torch model libraries); the loaders import t
 
 from __future__ import annotations
 
-from mmsenti.backbones.build import load_clip, load_image_backbone, load_text_backbone, resolve_backbone_weights
+from mmsenti.backbones.build import (
+    clip_preprocessing,
+    load_clip,
+    load_image_backbone,
+    load_text_backbone,
+    load_tokenizer,
+    resolve_backbone_weights,
+)
 from mmsenti.backbones.presets import (
     BACKBONES,
     ClipPreset,
@@ -40,9 +47,9 @@ from mmsenti.backbones.weights import (
 
 __all__ = [
     "BACKBONES", "ClipPreset", "ENV_WEIGHTS_DIR", "ImagePreprocessing", "ImagePreset", "MissingWeightsError",
-    "OFFLINE_PACKAGES", "OfflinePackage", "ResolvedWeights", "TextPreset", "WeightsError", "clip_preset",
-    "efficientnet_lite0_to_timm", "file_sha256", "get_preset", "hub_online", "image_preset", "load_clip",
-    "load_image_backbone", "load_state_dict_strict", "load_text_backbone", "read_state_dict",
-    "resolve_backbone_weights", "resolve_weights", "text_preset", "to_timm_layout", "torchvision_mobilenetv2_to_timm",
-    "weights_fingerprint",
+    "OFFLINE_PACKAGES", "OfflinePackage", "ResolvedWeights", "TextPreset", "WeightsError", "clip_preprocessing",
+    "clip_preset", "efficientnet_lite0_to_timm", "file_sha256", "get_preset", "hub_online", "image_preset",
+    "load_clip", "load_image_backbone", "load_state_dict_strict", "load_text_backbone", "load_tokenizer",
+    "read_state_dict", "resolve_backbone_weights", "resolve_weights", "text_preset", "to_timm_layout",
+    "torchvision_mobilenetv2_to_timm", "weights_fingerprint",
 ]

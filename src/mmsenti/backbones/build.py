@@ -34,6 +34,7 @@ from mmsenti.backbones.presets import (
 )
 from mmsenti.backbones.remap import load_state_dict_strict, to_timm_layout
 from mmsenti.backbones.weights import (
+    ENV_WEIGHTS_DIR,
     MissingWeightsError,
     ResolvedWeights,
     WeightsError,
@@ -101,12 +102,18 @@ def resolve_backbone_weights(
                            config_key=key, download=download)
 
 
-def _local_weights(preset: BackbonePreset) -> ResolvedWeights | None:
-    """The preset's weights if they are on this machine already (never downloads), else None."""
+def _local_weights(preset: BackbonePreset, pretrained: Pretrained = True) -> ResolvedWeights | None:
+    """The weights ``pretrained`` stands for if they are on this machine already (never downloads), else None."""
+    if pretrained is False or pretrained is None:
+        pretrained = True
     try:
-        return resolve_backbone_weights(preset, True, download=False)
+        return resolve_backbone_weights(preset, pretrained, download=False)
     except MissingWeightsError:
         return None
+
+
+def _is_random(pretrained: Pretrained, load_weights: bool) -> bool:
+    return not load_weights or pretrained is False or pretrained is None
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -126,19 +133,21 @@ def _no_pooler_kwargs(model_cls: type) -> dict[str, Any]:
 
 
 def _text_config(preset: TextPreset, config: Any, local: ResolvedWeights | None):
+    """The architecture: ``config`` itself if it is a ``PretrainedConfig``; else the local weights'
+    config.json, or failing that the preset's built-in architecture, with the dict ``config``'s overrides."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config, PretrainedConfig):
         return config
-    if preset.arch is not None:
+    if local is not None and (local.path / "config.json").is_file():
+        hf_config = AutoConfig.from_pretrained(local.path, local_files_only=True)
+    elif preset.arch is not None:
         arch = dict(preset.arch)
         hf_config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    elif local is not None and local.path.is_dir():
-        hf_config = AutoConfig.from_pretrained(local.path, local_files_only=True)
     else:
         raise MissingWeightsError(
             f"the architecture of text backbone '{preset.name}' is unknown offline: give a config, or its model "
-            f"directory (config.json) via model.text_encoder.pretrained or $MMSENTI_WEIGHTS_DIR"
+            f"directory (config.json) via model.text_encoder.pretrained or ${ENV_WEIGHTS_DIR}"
         )
     for k, v in (config or {}).items():
         setattr(hf_config, k, v)
@@ -150,10 +159,14 @@ def load_text_backbone(
     pretrained: Pretrained = True,
     *,
     config: Any = None,
+    load_weights: bool = True,
     config_key: str | None = None,
     download: bool = True,
 ):
     """A Hugging Face encoder (no task head, no pooler) and its tokenizer.
+
+    Random initialisation takes the architecture from ``config``, else from the weights' config.json when it is
+    on this machine, else from the preset.
 
     Args:
         name: a text preset (``deberta-v3-base``, ``bert-base-uncased``, ``minilm-l6``), a Hugging Face id or a
@@ -162,14 +175,16 @@ def load_text_backbone(
         config: a ``PretrainedConfig`` to build instead of the preset's architecture, or a dict of attribute
             overrides (e.g. ``{"hidden_size": 32, "num_hidden_layers": 2}`` for a tiny random stand-in, or
             ``{"hidden_dropout_prob": 0.0}`` with pretrained weights).
+        load_weights: False builds the architecture only (random init, no download), for callers about to load
+            a saved checkpoint.
         config_key: the config field named in errors.
         download: allow a hub download when online.
 
     Returns:
         ``(model, tokenizer)``: a ``transformers.PreTrainedModel`` whose ``forward(...,
         output_hidden_states=True)`` gives every layer's states, and its tokenizer with ``model_max_length`` set
-        to the preset's ``max_length``. With random initialisation the tokenizer comes from the preset's local
-        files when there are any, else it is None (its vocabulary may then exceed a shrunken ``vocab_size``).
+        to the preset's ``max_length``. With random initialisation the tokenizer comes from local files when
+        there are any, else it is None (its vocabulary may then exceed a shrunken ``vocab_size``).
 
     Raises:
         MissingWeightsError: weights asked for but not available.
@@ -179,25 +194,37 @@ def load_text_backbone(
     from transformers import AutoModel
 
     preset = text_preset(name)
-    weights = resolve_backbone_weights(preset, pretrained, config_key=config_key, download=download)
-    if weights is None:
-        local = _local_weights(preset)
+    if _is_random(pretrained, load_weights):
+        local = _local_weights(preset, pretrained)
         hf_config = _text_config(preset, config, local)
         model = AutoModel.from_config(hf_config, **_no_pooler_kwargs(_base_model_class(hf_config)))
         tokenizer = _load_tokenizer(local.path, preset) if local is not None and local.path.is_dir() else None
         return model.float().eval(), tokenizer
 
+    weights = resolve_backbone_weights(preset, pretrained, config_key=config_key, download=download)
+    assert weights is not None
     if not weights.path.is_dir():
         raise WeightsError(f"text weights must be a model directory (config.json, weights, tokenizer files), "
                            f"got the file {weights.path}")
-    hf_config = _text_config(preset, config, weights) if config is not None else None
-    if hf_config is None:
-        from transformers import AutoConfig
-
-        hf_config = AutoConfig.from_pretrained(weights.path, local_files_only=True)
+    hf_config = _text_config(preset, config, weights)
     model = _hf_from_pretrained(AutoModel, weights.path, f"{preset.name} weights from {weights.path}",
                                 config=hf_config, **_no_pooler_kwargs(_base_model_class(hf_config)))
     return model.eval(), _load_tokenizer(weights.path, preset)
+
+
+def load_tokenizer(name: str, pretrained: Pretrained = True, *, config_key: str | None = None,
+                   download: bool = True):
+    """Just the tokenizer of a text backbone (its files only; no model is built).
+
+    Raises:
+        MissingWeightsError: the backbone's files are not available.
+    """
+    ensure_torchvision_importable()
+    preset = text_preset(name)
+    weights = resolve_backbone_weights(preset, True if pretrained in (False, None) else pretrained,
+                                       config_key=config_key, download=download)
+    assert weights is not None
+    return _load_tokenizer(weights.path, preset)
 
 
 def _load_tokenizer(path, preset: TextPreset | ClipPreset):
@@ -264,6 +291,7 @@ def load_image_backbone(
     pretrained: Pretrained = True,
     *,
     keep_classifier: bool = False,
+    load_weights: bool = True,
     config_key: str | None = None,
     download: bool = True,
     **timm_kwargs: Any,
@@ -279,6 +307,7 @@ def load_image_backbone(
             torchvision's MobileNetV2) are remapped onto timm's keys.
         keep_classifier: keep the ImageNet classifier (``model(x)`` → 1000 logits); by default it is removed
             after loading, so ``model(x)`` gives pooled features.
+        load_weights: False builds the architecture only (random init, no download).
         config_key: the config field named in errors.
         download: allow a hub download when online.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
@@ -289,7 +318,9 @@ def load_image_backbone(
     """
     timm = import_timm()
     preset = image_preset(name)
-    weights = resolve_backbone_weights(preset, pretrained, config_key=config_key, download=download)
+    weights = None
+    if not _is_random(pretrained, load_weights):
+        weights = resolve_backbone_weights(preset, pretrained, config_key=config_key, download=download)
     model = timm.create_model(preset.timm_name, pretrained=False, **timm_kwargs)
     if weights is not None:
         state_dict = to_timm_layout(read_state_dict(weights.path), model)
@@ -321,6 +352,7 @@ def load_clip(
     pretrained: Pretrained = True,
     *,
     config: Any = None,
+    load_weights: bool = True,
     config_key: str | None = None,
     download: bool = True,
 ):
@@ -330,9 +362,10 @@ def load_clip(
         name: a CLIP preset (``clip-vit-b-32`` → transformers ``CLIPModel``; ``openclip-vit-b-32``) or
             ``open_clip:ARCH/TAG``.
         pretrained: see the module docstring.
-        config: hf: a ``CLIPConfig`` or a (nested) dict of overrides of the preset's architecture
+        config: hf: a ``CLIPConfig`` or a (nested) dict of overrides of the architecture
             (``{"text_config": {"hidden_size": 32}, ...}``); open_clip: model-constructor overrides
             (``embed_dim``, ``vision_cfg``, ``text_cfg``).
+        load_weights: False builds the architecture only (random init, no download).
         config_key: the config field named in errors.
         download: allow a hub download when online.
 
@@ -347,7 +380,10 @@ def load_clip(
         WeightsError: weights that do not fit the architecture.
     """
     preset = clip_preset(name)
-    weights = resolve_backbone_weights(preset, pretrained, config_key=config_key, download=download)
+    random_init = _is_random(pretrained, load_weights)
+    weights = None
+    if not random_init:
+        weights = resolve_backbone_weights(preset, pretrained, config_key=config_key, download=download)
     transform = preset.preprocessing.transform()
     if preset.impl == "open_clip":
         return (*_load_open_clip(preset, weights, config), transform)
@@ -356,11 +392,14 @@ def load_clip(
     from transformers import CLIPConfig, CLIPModel
 
     if weights is None:
+        local = _local_weights(preset, pretrained)
         if isinstance(config, CLIPConfig):
             hf_config = config
+        elif local is not None and (local.path / "config.json").is_file():
+            hf_config = CLIPConfig.from_pretrained(local.path, local_files_only=True)
+            hf_config = CLIPConfig(**_merge(hf_config.to_dict(), config or {}))
         else:
             hf_config = CLIPConfig(**_merge(preset.arch or {}, config or {}))
-        local = _local_weights(preset)
         tokenizer = _load_tokenizer(local.path, preset) if local is not None and local.path.is_dir() else None
         return CLIPModel(hf_config).float().eval(), tokenizer, transform
     if not weights.path.is_dir():
@@ -371,6 +410,37 @@ def load_clip(
         kwargs["config"] = config
     model = _hf_from_pretrained(CLIPModel, weights.path, f"{preset.name} weights from {weights.path}", **kwargs)
     return model.eval(), _load_tokenizer(weights.path, preset), transform
+
+
+def clip_preprocessing(name: str = "clip-vit-b-32", pretrained: Pretrained = True, *, config_key: str | None = None,
+                       download: bool = True):
+    """A CLIP backbone's ``(tokenizer, transform)`` without building the model.
+
+    With ``pretrained`` False/None the hf tokenizer is looked for locally only and may be None.
+
+    Raises:
+        MissingWeightsError: weights (hence the hf tokenizer files) asked for but not available.
+    """
+    preset = clip_preset(name)
+    transform = preset.preprocessing.transform()
+    if preset.impl == "open_clip":
+        return _open_clip_tokenizer(preset), transform
+    ensure_torchvision_importable()
+    if pretrained is False or pretrained is None:
+        local = _local_weights(preset)
+    else:
+        local = resolve_backbone_weights(preset, pretrained, config_key=config_key, download=download)
+    tokenizer = _load_tokenizer(local.path, preset) if local is not None and local.path.is_dir() else None
+    return tokenizer, transform
+
+
+def _open_clip_tokenizer(preset: ClipPreset):
+    open_clip = import_open_clip()
+    try:
+        return open_clip.get_tokenizer(preset.model_id, context_length=preset.max_length)
+    except Exception as e:  # noqa: BLE001 - e.g. an HF tokenizer that would need a download while offline
+        log.warning("no tokenizer for open_clip %s (%s)", preset.model_id, e)
+        return None
 
 
 def _load_open_clip(preset: ClipPreset, weights: ResolvedWeights | None, config: Any):
@@ -387,9 +457,4 @@ def _load_open_clip(preset: ClipPreset, weights: ResolvedWeights | None, config:
         except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/KeyError/...; one message for all
             raise WeightsError(f"{preset.name} weights from {path} do not fit the model ({type(e).__name__}: "
                                f"{str(e).strip().splitlines()[0][:300]})") from None
-    try:
-        tokenizer = open_clip.get_tokenizer(preset.model_id)
-    except Exception as e:  # noqa: BLE001 - e.g. an HF tokenizer that would need a download while offline
-        log.warning("no tokenizer for open_clip %s (%s)", preset.model_id, e)
-        tokenizer = None
-    return model.float().eval(), tokenizer
+    return model.float().eval(), _open_clip_tokenizer(preset)
