@@ -74,3 +74,14 @@ def test_unimodal_models_reject_other_modalities():
     cfg = load_config(None, ["model.name=text-only", "model.modalities=[text, image]"])
     with pytest.raises(ConfigError, match="reads only"):
         build_model(cfg.model, TaskInfo("classification", ["a", "b"]), None)
+
+
+def test_readme_documents_every_registered_model_and_dataset():
+    """The README's tables are generated with `mmsenti list --markdown`; a new registry entry must appear there."""
+    from pathlib import Path
+
+    from mmsenti.registry import DATASETS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [n for n in MODELS.names() + DATASETS.names() if f"`{n}`" not in readme]
+    assert not missing, f"add to README (mmsenti list --markdown): {missing}"

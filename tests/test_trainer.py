@@ -130,4 +130,4 @@ def test_gradient_accumulation_matches_a_big_batch():
     model.zero_grad()
     for sl in (slice(0, 8), slice(8, 16)):
         (torch.nn.functional.cross_entropy(model(x[sl]), y[sl]) / 2).backward()
-    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(big, model.parameters()))
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(big, model.parameters(), strict=True))

@@ -100,6 +100,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     kinds = {"models": MODELS, "datasets": DATASETS}
     for kind in [args.kind] if args.kind else list(kinds):
+        if args.markdown:  # the docs tables are generated from the registries with this
+            print(f"| {kind[:-1]} | description |\n|---|---|")
+            print("\n".join(f"| `{e.name}` | {e.description} |" for e in kinds[kind]) + "\n")
+            continue
         print(f"{kind}:")
         for entry in kinds[kind]:
             print(f"  {entry.name:<16} {entry.description}")
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     li = sub.add_parser("list", help="list registered models and datasets")
     li.add_argument("kind", nargs="?", choices=["models", "datasets"])
+    li.add_argument("--markdown", action="store_true", help="as Markdown tables (for the docs)")
     li.set_defaults(func=cmd_list)
 
     d = sub.add_parser("data", help="check or describe a dataset")

@@ -31,8 +31,17 @@ from mmsenti.models.base import MultimodalModel, TaskInfo, build_model, save_pre
 from mmsenti.train.checkpoint import atomic_save, load_checkpoint
 from mmsenti.train.evaluate import evaluate, move
 from mmsenti.train.optim import build_optimizer, build_scheduler
-from mmsenti.utils import (autocast, autocast_dtype, git_revision, resolve_device, rng_state, seed_everything,
-                           set_rng_state, setup_logging, show_progress)
+from mmsenti.utils import (
+    autocast,
+    autocast_dtype,
+    git_revision,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_logging,
+    show_progress,
+)
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,13 @@ from torch import nn
 from mmsenti.config import ConfigError, ImageEncoderConfig, ModelConfig, TextEncoderConfig
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import ImageTransformerEncoder, build_image_encoder, build_text_encoder
-from mmsenti.models.infig.alignment import (FineGrainedAlignmentLoss, GlobalAlignmentLoss, LearnableTemperature,
-                                            make_momentum_copy, momentum_update)
+from mmsenti.models.infig.alignment import (
+    FineGrainedAlignmentLoss,
+    GlobalAlignmentLoss,
+    LearnableTemperature,
+    make_momentum_copy,
+    momentum_update,
+)
 from mmsenti.models.layers import AttentionPool, TransformerBlock
 from mmsenti.registry import MODELS
 
