@@ -59,6 +59,28 @@ def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float(np.mean(hits)) / k
 
 
+def bench_index(name: str, build: Callable[[], VectorIndex], tunings: list[tuple[str, Callable[[VectorIndex], None]]],
+                bank: torch.Tensor, queries: torch.Tensor, recall_queries: torch.Tensor,
+                exact_rows: torch.Tensor | None, args: argparse.Namespace, sync: Callable[[], None]) -> torch.Tensor:
+    """Build one index, print a table row per search setting; returns the recall reference (its rows if none)."""
+    t0 = time.perf_counter()
+    index = build()
+    index.add(bank)
+    sync()
+    build_s = time.perf_counter() - t0
+    for label, tune in tunings:
+        tune(index)
+        ms = 1000 * time_queries(lambda q: index.search(q, args.k), queries, args.batch, args.batches, sync)
+        rows = torch.cat([index.search(recall_queries[i:i + 256], args.k)[1].cpu()
+                          for i in range(0, len(recall_queries), 256)])
+        if exact_rows is None:
+            exact_rows = rows
+        rec = recall_at_k(rows, exact_rows)
+        build = f"{build_s:.2f}" if label == tunings[0][0] else "(same)"
+        print(f"| {len(bank):,} | {name}{label} | {build} | {ms:.2f} | {rec:.3f} |", flush=True)
+    return exact_rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -68,6 +90,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=10, help="timed batches per index")
     p.add_argument("--recall-queries", type=int, default=1000)
     p.add_argument("--data", choices=["random", "clustered"], default="random")
+    p.add_argument("--indexes", nargs="+", choices=["flat", "torch", "ivf", "hnsw"],
+                   default=["flat", "torch", "ivf", "hnsw"],
+                   help="indexes to time; the first exact one is the recall reference")
     p.add_argument("--nlist-factor", type=float, default=1.0, help="IVF lists = factor * sqrt(N)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
     p.add_argument("--hnsw-m", type=int, default=32)
@@ -85,52 +110,41 @@ def main() -> None:
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
+    want = set(args.indexes)
+    if not has_faiss:
+        want = {"torch"}
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    n_time = args.batch * args.batches
     print(f"d={args.dim} k={args.k} batch={args.batch} data={args.data} torch threads={torch.get_num_threads()} "
           f"faiss={'yes' if has_faiss else 'no'} torch device={device}")
     print(f"| bank | index | build s | query ms / batch of {args.batch} | recall@{args.k} |")
     print("|---|---|---|---|---|")
 
+    none: list[tuple[str, Callable[[VectorIndex], None]]] = [("", lambda ix: None)]
     for n in args.sizes:
         bank = make_vectors(n, args.dim, args.data, seed=0)
-        queries = make_vectors(max(n_time + args.batch, args.recall_queries), args.dim, args.data, seed=1)
-        rq = queries[:args.recall_queries]
-        exact_rows: torch.Tensor | None = None
-
-        def row(name: str, build: Callable[[], VectorIndex], tunings: list[tuple[str, Callable[[VectorIndex],
-                                                                                                None]]]) -> None:
-            nonlocal exact_rows
-            t0 = time.perf_counter()
-            index = build()
-            index.add(bank)
-            sync()
-            build_s = time.perf_counter() - t0
-            for label, tune in tunings:
-                tune(index)
-                ms = 1000 * time_queries(lambda q: index.search(q, args.k), queries, args.batch, args.batches, sync)
-                rows = torch.cat([index.search(rq[i:i + 256], args.k)[1].cpu() for i in range(0, len(rq), 256)])
-                if exact_rows is None:
-                    exact_rows = rows
-                rec = recall_at_k(rows, exact_rows)
-                print(f"| {n:,} | {name}{label} | {build_s:.2f} | {ms:.2f} | {rec:.3f} |", flush=True)
-                build_s = float("nan")  # built once; later tunings only change search parameters
-
-        none: list[tuple[str, Callable[[VectorIndex], None]]] = [("", lambda ix: None)]
-        if has_faiss:
-            row("FAISS flat (exact)", lambda: build_index("flat", args.dim), none)
-        row(f"torch brute force ({device.type})", lambda: build_index("torch", args.dim, device=device), none)
-        if has_faiss:
+        queries = make_vectors(max(args.batch * (args.batches + 1), args.recall_queries), args.dim, args.data, 1)
+        common = (bank, queries, queries[:args.recall_queries])
+        ref = None  # exact top-k from the first exact index timed
+        if "flat" in want:
+            ref = bench_index("FAISS flat (exact)", lambda: build_index("flat", args.dim), none, *common, ref,
+                              args, sync)
+        if "torch" in want:
+            ref = bench_index(f"torch brute force ({device.type})",
+                              lambda: build_index("torch", args.dim, device=device), none, *common, ref, args, sync)
+        if "ivf" in want:
             nlist = max(1, min(int(args.nlist_factor * math.sqrt(n)), n // 39))
-            row(f"FAISS IVF-Flat nlist={nlist}", lambda: build_index("ivf", args.dim, nlist=nlist),
-                [(f", nprobe={p}", lambda ix, p=p: setattr(ix, "nprobe", p)) for p in args.nprobe])
+            ref = bench_index(f"FAISS IVF-Flat nlist={nlist}", lambda nl=nlist: build_index("ivf", args.dim, nlist=nl),
+                              [(f", nprobe={p}", lambda ix, p=p: setattr(ix, "nprobe", p)) for p in args.nprobe],
+                              *common, ref, args, sync)
+        if "hnsw" in want:
             if n <= args.hnsw_max_size:
-                row(f"FAISS HNSW M={args.hnsw_m}", lambda: build_index("hnsw", args.dim, M=args.hnsw_m),
-                    [(f", efSearch={e}", lambda ix, e=e: setattr(ix, "ef_search", e)) for e in args.hnsw_ef])
+                ref = bench_index(f"FAISS HNSW M={args.hnsw_m}", lambda: build_index("hnsw", args.dim, M=args.hnsw_m),
+                                  [(f", efSearch={e}", lambda ix, e=e: setattr(ix, "ef_search", e))
+                                   for e in args.hnsw_ef], *common, ref, args, sync)
             else:
                 print(f"| {n:,} | FAISS HNSW | skipped (> --hnsw-max-size) | | |", flush=True)
-        del bank, queries
+        del bank, queries, common
         gc.collect()
 
 

@@ -18,6 +18,7 @@ from mmsenti.retrieval import (
     MemoryBank,
     RetrievalError,
     TorchIndex,
+    VectorIndex,
     build_index,
     faiss_available,
     load_index,
@@ -62,6 +63,7 @@ def test_exact_indexes_match_brute_force(kind, metric):
     assert len(index) == 3000
     scores, rows = index.search(queries, 10)
     ref_s, ref_i = _brute_force(bank, queries, 10, metric)
+    assert isinstance(index, VectorIndex)
     assert rows.dtype == torch.long and rows.shape == (70, 10)
     assert torch.equal(rows, ref_i)
     torch.testing.assert_close(scores, ref_s, atol=1e-4, rtol=1e-4)

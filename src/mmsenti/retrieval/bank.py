@@ -15,7 +15,8 @@ Life cycle::
 
 Refresh it from the current encoder once per epoch (or from a momentum encoder). It is saved with the model
 (:meth:`MemoryBank.state_dict` is a flat dict of tensors, so it can sit in the model's safetensors file), which
-makes inference independent of the batch a sample comes in and deterministic.
+makes inference independent of the batch a sample comes in and deterministic. Torch and FAISS-flat banks load
+without FAISS (as exact torch indexes, same neighbours); IVF and HNSW banks need FAISS to load.
 
 The authors' in-batch retrieval is the special case of a bank refreshed from the current batch and queried with
 ``exclude_rows=torch.arange(B)``.

@@ -141,20 +141,20 @@ def _topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     """``topk`` over the columns of ``scores`` (B, n) where ties at the cut-off go to the lower column.
 
     ``torch.topk`` makes no promise about which of several equal scores it keeps; a full stable sort would, but
-    costs far more than topk on a large bank. So: topk, then only if some row has more scores equal to its
-    k-th value than slots left for them, rebuild that row's selection with the lowest-numbered tied columns.
+    costs far more than topk on a large bank. So: topk of ``k + 1``; only when some row's k-th and (k+1)-th
+    scores are equal (a tie straddles the cut-off) is that selection rebuilt with the lowest-numbered tied columns.
     """
-    vals, cols = torch.topk(scores, k, dim=1)
-    kth = vals[:, -1:]
-    n_ge = (scores >= kth).sum(1)
-    if bool((n_ge > k).any()):
+    n = scores.shape[1]
+    vals, cols = torch.topk(scores, min(k + 1, n), dim=1)
+    if n > k and bool((vals[:, k] == vals[:, k - 1]).any()):
+        kth = vals[:, k - 1:k]
         greater = scores > kth
         tied = scores == kth
         slots = k - greater.sum(1, keepdim=True)
         chosen = greater | (tied & (tied.cumsum(1) <= slots))
         cols = chosen.nonzero()[:, 1].view(scores.shape[0], k)  # exactly k per row, in ascending column order
         vals = scores.gather(1, cols)
-    return _rank(vals, cols, k)
+    return _rank(vals[:, :k], cols[:, :k], k)
 
 
 # --------------------------------------------------------------------------------------------------- torch
