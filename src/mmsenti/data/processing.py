@@ -105,13 +105,40 @@ def open_image(image: Any, sample_id: str = "?") -> Image.Image:
         raise DataError(f"sample {sample_id}: cannot read image {image}: {e}") from None
 
 
+def collate_sequences(samples: Sequence[Sample], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad each sample's ``features[modality]`` (T_i, D) to (B, T_max, D) with a (B, T_max) 0/1 mask."""
+    seqs = []
+    for s in samples:
+        x = (s.features or {}).get(modality)
+        if x is None:
+            raise DataError(f"sample {s.id}: no '{modality}' features, but the model reads them "
+                            "(switch the modality off in model.modalities)")
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2:
+            raise DataError(f"sample {s.id}: '{modality}' features must be (T, D), got shape {x.shape}")
+        seqs.append(x)
+    dims = {x.shape[1] for x in seqs}
+    if len(dims) > 1:
+        raise DataError(f"'{modality}' features have different widths in one batch: {sorted(dims)}")
+    t_max = max(1, max(len(x) for x in seqs))
+    out = torch.zeros(len(seqs), t_max, dims.pop())
+    mask = torch.zeros(len(seqs), t_max, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, : len(x)] = torch.from_numpy(x)
+        mask[i, : len(x)] = 1
+    return out, mask
+
+
 class Processor:
     """Collate samples into a batch dict: ``input_ids``/``attention_mask``, ``pixel_values``, ``labels``, ``ids``."""
 
     def __init__(self, modalities: Sequence[str], tokenizer=None, max_length: int = 40,
                  image_transform: ImageTransform | None = None, task: str = "classification",
-                 clip_tokenizer=None, clip_transform: ImageTransform | None = None, clip_max_length: int = 77):
+                 clip_tokenizer=None, clip_transform: ImageTransform | None = None, clip_max_length: int = 77,
+                 feature_modalities: Sequence[str] = ()):
         self.modalities = list(modalities)
+        # Modalities read from ``Sample.features`` as (T, D) sequences (MMSA audio/vision, or text features).
+        self.feature_modalities = list(feature_modalities)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.image_transform = image_transform
@@ -138,6 +165,8 @@ class Processor:
             batch["pixel_values"] = torch.stack([self.image_transform(im) for im in images])
             if self.clip_transform is not None:
                 batch["clip_pixel_values"] = torch.stack([self.clip_transform(im) for im in images])
+        for m in self.feature_modalities:
+            batch[f"{m}_features"], batch[f"{m}_mask"] = collate_sequences(samples, m)
         if self.clip_tokenizer is not None:
             enc = self.clip_tokenizer([s.text or "" for s in samples], padding=True, truncation=True,
                                       max_length=self.clip_max_length, return_tensors="pt")
@@ -156,7 +185,7 @@ class Processor:
         meta = {"modalities": self.modalities, "max_length": self.max_length, "task": self.task,
                 "image_transform": asdict(self.image_transform) if self.image_transform else None,
                 "clip_transform": asdict(self.clip_transform) if self.clip_transform else None,
-                "clip_max_length": self.clip_max_length}
+                "clip_max_length": self.clip_max_length, "feature_modalities": self.feature_modalities}
         (directory / "preprocessing.json").write_text(json.dumps(meta, indent=2) + "\n")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory / "tokenizer"))
@@ -180,4 +209,4 @@ class Processor:
 
         return cls(meta["modalities"], tok("tokenizer"), meta["max_length"], transform("image_transform"),
                    meta.get("task", "classification"), tok("clip_tokenizer"), transform("clip_transform"),
-                   meta.get("clip_max_length", 77))
+                   meta.get("clip_max_length", 77), meta.get("feature_modalities", ()))

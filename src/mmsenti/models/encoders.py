@@ -60,12 +60,20 @@ class TextEncoder(nn.Module):
                             return_dict=True)
         return EncoderOutput(hidden_states=tuple(out.hidden_states), attention_mask=attention_mask)
 
+    def encode_batch(self, batch: dict) -> EncoderOutput:
+        """Encode a collated batch (reads the frozen-feature cache's entries when the batch has them)."""
+        return self(batch["input_ids"], batch["attention_mask"])
+
 
 class ImageEncoder(nn.Module):
     """Base for image encoders: ``forward(pixel_values) -> EncoderOutput`` with one token sequence per stage."""
 
     width: int  # channels of the last stage's tokens
     num_layers: int
+
+    def encode_batch(self, batch: dict) -> EncoderOutput:
+        """Encode a collated batch (reads the frozen-feature cache's entries when the batch has them)."""
+        return self(batch["pixel_values"])
 
 
 class SmallCNN(ImageEncoder):

@@ -221,7 +221,10 @@ class Trainer:
         cfg, st = self.cfg, self.state
         t0 = time.time()
         while st.epoch < cfg.optim.epochs:
+            if st.batch == 0:  # mid-epoch resume: the state the hook built is in the checkpoint already
+                self._hook("on_train_epoch_start")
             train_terms = self._train_epoch()
+            self._hook("on_train_epoch_end")
             dev = evaluate(self.model, self.loader("dev"), self.device, self.amp_dtype)
             self._end_epoch(train_terms, dev)
             if cfg.run.patience and st.bad_epochs >= cfg.run.patience:
@@ -230,6 +233,17 @@ class Trainer:
         log.info("training took %.1fs; best dev %s %.4f at epoch %d", time.time() - t0, self.metric,
                  st.best if st.best is not None else float("nan"), st.best_epoch + 1)
         return self._finish()
+
+    def _hook(self, name: str) -> None:
+        """Let a model refresh epoch-level state (e.g. a retrieval memory bank) from the training data.
+
+        ``model.on_train_epoch_start(trainer)`` runs before each epoch, ``on_train_epoch_end(trainer)`` after it,
+        before dev evaluation (so selection and the saved model see the state matching the weights). State the
+        hooks build must live in the model's state_dict, so checkpoints and saved models carry it.
+        """
+        fn = getattr(self.model, name, None)
+        if fn is not None:
+            fn(self)
 
     def _train_epoch(self) -> dict[str, float]:
         cfg, st = self.cfg, self.state
