@@ -148,7 +148,7 @@ def test_gam_layer_selects_the_cls_of_that_layer(data):
 
 @pytest.mark.parametrize("override, message", [
     ("model.hfam_layers=9", "need 9"), ("model.gam_layer=0", "gam_layer: must be >= 1"),
-    ("model.momentum=1.0", "momentum"), ("model.modalities=[text]", "infig reads text and image"),
+    ("model.momentum=1.0", "momentum"), ("model.modalities=[audio]", "infig reads text and/or image"),
 ])
 def test_bad_settings_are_config_errors(data, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -27,27 +27,35 @@ class ConfigError(ValueError):
 @dataclass
 class TextEncoderConfig:
     # 'tiny-bert': a small BERT trained from scratch with a word-piece vocabulary learned on the training texts.
-    # Later: a backbone preset or a Hugging Face id / local directory (pretrained weights).
+    # Otherwise a backbone preset (deberta-v3-base, bert-base-uncased, minilm-l6), a Hugging Face id or a local
+    # model directory (see `mmsenti list`).
     name: str = "tiny-bert"
+    # Weights of a pretrained backbone: true = the preset's (local path → offline package → $MMSENTI_WEIGHTS_DIR
+    # → hub), a path or hub id = those, false/null = random initialisation. Ignored by tiny-bert.
+    pretrained: bool | str | None = True
+    arch: dict[str, Any] = field(default_factory=dict)  # overrides of the HF architecture config (e.g. dropout)
+    max_length: int | None = None  # tokens incl. special tokens; None = the preset's (tiny-bert: 40)
+    trainable_layers: int = -1  # top transformer layers fine-tuned; -1 = all (+ embeddings), 0 = frozen
+    # tiny-bert sizes:
     width: int = 128
     num_layers: int = 2
     num_heads: int = 4
     vocab_size: int = 2000  # upper bound for the learned word-piece vocabulary
-    max_length: int = 40  # tokens, including [CLS]/[SEP]
-    pretrained: str | None = None  # local directory or hub id of weights; None = random init
-    trainable_layers: int = -1  # top layers to fine-tune; -1 = all, 0 = frozen
 
 
 @dataclass
 class ImageEncoderConfig:
+    # 'small-cnn': a small CNN trained from scratch. Otherwise an image preset (resnet50, efficientnet_lite0,
+    # mobilenetv2_100) or any timm model name; its last feature map is the region grid.
     name: str = "small-cnn"
+    pretrained: bool | str | None = True  # as for the text encoder; ignored by small-cnn
+    freeze: bool = False  # keep the CNN fixed (eval mode); its feature maps can then be cached on disk
+    image_size: int | None = None  # None = the preset's (small-cnn: 64)
+    mean: list[float] | None = None  # None = the preset's normalisation (small-cnn: 0.5)
+    std: list[float] | None = None
+    # small-cnn sizes:
     width: int = 16  # channels of the first stage; doubled at each later stage
     num_stages: int = 4
-    image_size: int = 64
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    pretrained: str | None = None
-    freeze: bool = False
 
 
 @dataclass
@@ -101,6 +109,11 @@ class RunConfig:
     log_every: int = 20
     quiet: bool = False
     threads: int = 0  # torch CPU threads; 0 = torch default
+    # Frozen-feature cache: outputs of frozen backbone parts are computed once per split and memory-mapped from
+    # disk (dir: $MMSENTI_CACHE_DIR, else ~/.cache/mmsenti/features).
+    feature_cache: bool = True
+    cache_dir: str | None = None
+    cache_dtype: Literal["float32", "float16"] = "float32"
 
 
 @dataclass

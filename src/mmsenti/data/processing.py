@@ -152,7 +152,8 @@ class Processor:
         if "image" in self.modalities and image_transform is None:
             raise ValueError("an image model needs an image transform")
 
-    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Sample], load_images: bool = True) -> dict[str, Any]:
+        """The batch dict; ``load_images=False`` skips reading images (their features come from a cache)."""
         batch: dict[str, Any] = {"ids": [s.id for s in samples]}
         if "text" in self.modalities:
             texts = [s.text if s.text is not None else "" for s in samples]
@@ -160,7 +161,7 @@ class Processor:
                                  return_tensors="pt")
             batch["input_ids"] = enc["input_ids"]
             batch["attention_mask"] = enc["attention_mask"]
-        if "image" in self.modalities:
+        if "image" in self.modalities and load_images:
             images = [open_image(s.image, s.id) for s in samples]
             batch["pixel_values"] = torch.stack([self.image_transform(im) for im in images])
             if self.clip_transform is not None:

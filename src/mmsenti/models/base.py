@@ -59,6 +59,50 @@ class MultimodalModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()
 
+    # ------------------------------------------------------------------------------ frozen-feature cache
+    # A model reads cached features through its encoders' ``encode_batch``; these methods tell the cache what to
+    # store. The defaults cover ``self.text_encoder`` / ``self.image_encoder``; models with other frozen parts
+    # (INFIG's CLIP) extend them.
+    def _cacheable_encoders(self) -> tuple[Any, Any]:
+        from mmsenti.models.encoders import ImageEncoder, TextEncoder
+
+        te, ie = getattr(self, "text_encoder", None), getattr(self, "image_encoder", None)
+        return (te if isinstance(te, TextEncoder) and te.cacheable else None,
+                ie if isinstance(ie, ImageEncoder) and ie.cacheable else None)
+
+    def cache_spec(self) -> dict[str, str]:
+        """Batch keys the cache can supply: ``"tokens"`` (one row per real text token) or ``"fixed"`` (per sample)."""
+        from mmsenti.models.encoders import IMAGE_MAP_KEY, text_state_key
+
+        te, ie = self._cacheable_encoders()
+        spec = {text_state_key(i): "tokens" for i in te.cached_state_indices()} if te is not None else {}
+        if ie is not None:
+            spec[IMAGE_MAP_KEY] = "fixed"
+        return spec
+
+    def cache_replaces(self) -> set[str]:
+        """Raw batch inputs that are not needed when the cache supplies the features (images are then not read)."""
+        return {"pixel_values"} if self._cacheable_encoders()[1] is not None else set()
+
+    def cache_modules(self) -> dict[str, nn.Module]:
+        """The frozen modules whose weights determine the cached features (hashed into the cache key)."""
+        te, ie = self._cacheable_encoders()
+        out = {}
+        if te is not None:
+            out["text"] = te.backbone
+        if ie is not None:
+            out["image"] = ie.backbone if hasattr(ie, "backbone") else ie
+        return out
+
+    @torch.no_grad()
+    def compute_cached(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The cacheable features of a batch (eval mode), keyed as in :meth:`cache_spec`."""
+        te, ie = self._cacheable_encoders()
+        out = te.compute_cached(batch["input_ids"], batch["attention_mask"]) if te is not None else {}
+        if ie is not None:
+            out.update(ie.compute_cached(batch["pixel_values"]))
+        return out
+
 
 def build_model(cfg: ModelConfig, info: TaskInfo, processor, load_weights: bool = True) -> MultimodalModel:
     """Instantiate the registered model ``cfg.name``.

@@ -34,6 +34,8 @@ class ImageOnlyConfig(LateFusionConfig):
 class LateFusion(MultimodalModel):
     """Mean-pooled text tokens ‖ pooled image regions → MLP. With one modality it is that modality's baseline."""
 
+    backbone_prefixes = ("text_encoder.backbone.", "image_encoder.")
+
     def __init__(self, cfg: LateFusionConfig, info: TaskInfo, processor, load_weights: bool = True):
         super().__init__(cfg, info)
         unknown = set(cfg.modalities) - {"text", "image"}
@@ -43,6 +45,7 @@ class LateFusion(MultimodalModel):
         self.text_encoder = self.image_encoder = None
         if "text" in cfg.modalities:
             self.text_encoder = build_text_encoder(cfg.text_encoder, processor.tokenizer, load_weights)
+            self.text_encoder.needed_states = {-1}
             width += self.text_encoder.width
         if "image" in cfg.modalities:
             self.image_encoder = build_image_encoder(cfg.image_encoder, load_weights)
@@ -55,9 +58,9 @@ class LateFusion(MultimodalModel):
     def forward(self, batch: dict) -> dict:
         feats = []
         if self.text_encoder is not None:
-            feats.append(self.text_encoder(batch["input_ids"], batch["attention_mask"]).mean_pool())
+            feats.append(self.text_encoder.encode_batch(batch).mean_pool())
         if self.image_encoder is not None:
-            feats.append(self.image_encoder(batch["pixel_values"]).mean_pool())
+            feats.append(self.image_encoder.encode_batch(batch).mean_pool())
         return {"logits": self.head(torch.cat(feats, dim=-1))}
 
 

@@ -46,33 +46,165 @@ class EncoderOutput:
         return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-class TextEncoder(nn.Module):
-    """A Hugging Face encoder (BERT, DeBERTa-v2/v3, MiniLM, ...) exposed through :class:`EncoderOutput`."""
+# HF architectures whose layers :meth:`TextEncoder._run_layers` can run one by one (the cached path).
+_BERT_LIKE = {"bert", "roberta", "xlm-roberta", "electra", "camembert"}
+_DEBERTA = {"deberta-v2"}
 
-    def __init__(self, hf_model: nn.Module):
+
+def text_state_key(index: int) -> str:
+    """Batch key of a cached text hidden state (index as in ``EncoderOutput.hidden_states``)."""
+    return f"cached_text_state_{index}"
+
+
+IMAGE_MAP_KEY = "cached_image_map"  # batch key of a cached CNN feature map
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder (BERT, DeBERTa-v2/v3, MiniLM, ...) exposed through :class:`EncoderOutput`.
+
+    With ``trainable_layers`` = t ≥ 0 the embeddings and the lower L − t layers are frozen (kept in eval mode, so
+    their outputs are deterministic); their hidden states can then come from the frozen-feature cache and only
+    the top t layers run. ``needed_states`` (set by the model) says which hidden states it reads, so the cache
+    stores only those of the frozen part plus the input of the first trainable layer.
+    """
+
+    def __init__(self, hf_model: nn.Module, trainable_layers: int = -1):
         super().__init__()
         self.backbone = hf_model
         self.width: int = hf_model.config.hidden_size
         self.num_layers: int = hf_model.config.num_hidden_layers
+        self.needed_states: set[int] | None = None  # None = all
+        L = self.num_layers
+        # Index of the last frozen hidden state (0 = embeddings), or None when everything trains.
+        self.frozen_depth: int | None = None if trainable_layers < 0 or trainable_layers >= L else L - trainable_layers
+        if self.frozen_depth is not None:
+            layers = self._layers()
+            if layers is None and trainable_layers > 0:
+                raise ValueError(f"model.text_encoder.trainable_layers={trainable_layers}: partial fine-tuning needs "
+                                 f"an encoder with `encoder.layer` ({hf_model.config.model_type} has none); use 0 or -1")
+            keep = set() if layers is None else {id(p) for layer in layers[self.frozen_depth:] for p in layer.parameters()}
+            for p in hf_model.parameters():
+                if id(p) not in keep:
+                    p.requires_grad_(False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
+    def _layers(self) -> nn.ModuleList | None:
+        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
+        return layers if isinstance(layers, nn.ModuleList) else None
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        if mode and self.frozen_depth is not None:  # frozen parts never use dropout
+            layers = self._layers()
+            if layers is None:
+                self.backbone.eval()
+            else:
+                self.backbone.eval()
+                for layer in layers[self.frozen_depth:]:
+                    layer.train()
+        return self
+
+    # ------------------------------------------------------------------------------------------- caching
+    @property
+    def cacheable(self) -> bool:
+        """Whether the frozen part's states can be cached (and the top layers run from them)."""
+        if self.frozen_depth is None:
+            return False
+        if self.frozen_depth == self.num_layers:
+            return True
+        mt = self.backbone.config.model_type
+        return mt in _BERT_LIKE or (mt in _DEBERTA and getattr(self.backbone.encoder, "conv", None) is None)
+
+    def cached_state_indices(self) -> list[int]:
+        """Hidden states the cache holds: the first trainable layer's input and the frozen states the model reads."""
+        if not self.cacheable:
+            return []
+        frozen = range(self.frozen_depth + 1)
+        needed = set(frozen) if self.needed_states is None else {i % (self.num_layers + 1) for i in self.needed_states}
+        return sorted({self.frozen_depth} | (needed & set(frozen)))
+
+    @torch.no_grad()
+    def compute_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                             return_dict=True)
-        return EncoderOutput(hidden_states=tuple(out.hidden_states), attention_mask=attention_mask)
+        return {text_state_key(i): out.hidden_states[i] for i in self.cached_state_indices()}
+
+    def _run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """Run layers ``start..L-1`` on ``hidden`` (the state before layer ``start``); returns their outputs."""
+        layers = self._layers()
+        bb = self.backbone
+        states = []
+        if bb.config.model_type in _DEBERTA:
+            enc = bb.encoder
+            mask = enc.get_attention_mask(attention_mask)
+            rel_pos = enc.get_rel_pos(hidden)
+            rel_emb = enc.get_rel_embedding()
+            for layer in layers[start:]:
+                hidden = layer(hidden, mask, relative_pos=rel_pos, rel_embeddings=rel_emb)[0]
+                states.append(hidden)
+            return states
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=bb.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in layers[start:]:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+            states.append(hidden)
+        return states
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cached: dict[int, torch.Tensor] | None = None) -> EncoderOutput:
+        """Every layer's states; with ``cached`` (frozen states by index) only the trainable layers run."""
+        if cached is None:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                return_dict=True)
+            return EncoderOutput(hidden_states=tuple(out.hidden_states), attention_mask=attention_mask)
+        f = self.frozen_depth
+        states = [cached.get(i) for i in range(f + 1)]
+        if f < self.num_layers:
+            states += self._run_layers(cached[f], attention_mask, f)
+        return EncoderOutput(hidden_states=tuple(states), attention_mask=attention_mask)
 
     def encode_batch(self, batch: dict) -> EncoderOutput:
-        """Encode a collated batch (reads the frozen-feature cache's entries when the batch has them)."""
-        return self(batch["input_ids"], batch["attention_mask"])
+        """Encode a collated batch, from the frozen-feature cache's states when the batch has them."""
+        cached = {i: batch[text_state_key(i)] for i in self.cached_state_indices() if text_state_key(i) in batch}
+        return self(batch["input_ids"], batch["attention_mask"], cached or None)
 
 
 class ImageEncoder(nn.Module):
-    """Base for image encoders: ``forward(pixel_values) -> EncoderOutput`` with one token sequence per stage."""
+    """Base for image encoders: ``forward(pixel_values) -> EncoderOutput`` with one token sequence per stage.
+
+    A frozen encoder (``freeze``) stays in eval mode; its last feature map can then come from the cache.
+    """
 
     width: int  # channels of the last stage's tokens
     num_layers: int
+    frozen: bool = False
+
+    def freeze(self) -> ImageEncoder:
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        return super().train(mode and not self.frozen)
+
+    @property
+    def cacheable(self) -> bool:
+        return self.frozen
+
+    @torch.no_grad()
+    def compute_cached(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {IMAGE_MAP_KEY: self(pixel_values).feature_map}
+
+    def from_feature_map(self, fmap: torch.Tensor) -> EncoderOutput:
+        """The output for a cached last feature map (only the last stage's tokens exist then)."""
+        return EncoderOutput(hidden_states=(fmap.flatten(2).transpose(1, 2),), feature_map=fmap)
 
     def encode_batch(self, batch: dict) -> EncoderOutput:
-        """Encode a collated batch (reads the frozen-feature cache's entries when the batch has them)."""
+        """Encode a collated batch, from the cached feature map when the batch has one."""
+        if self.cacheable and IMAGE_MAP_KEY in batch:
+            return self.from_feature_map(batch[IMAGE_MAP_KEY])
         return self(batch["pixel_values"])
 
 
@@ -107,30 +239,109 @@ class SmallCNN(ImageEncoder):
         return EncoderOutput(hidden_states=tuple(tokens), feature_map=x)
 
 
+class TimmImageEncoder(ImageEncoder):
+    """A timm CNN (``forward_features`` → last (B, C, H, W) map) as an encoder with one token sequence."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.backbone = model
+        self.width = int(model.num_features)
+        self.num_layers = 1
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        return self.from_feature_map(self.backbone.forward_features(pixel_values))
+
+
+# ------------------------------------------------------------------------------------------------- building
+def is_tiny_text(cfg: TextEncoderConfig) -> bool:
+    return cfg.name == "tiny-bert"
+
+
+def text_max_length(cfg: TextEncoderConfig) -> int:
+    if cfg.max_length is not None:
+        return cfg.max_length
+    if is_tiny_text(cfg):
+        return 40
+    from mmsenti.backbones import text_preset
+
+    return text_preset(cfg.name).max_length
+
+
 def build_text_encoder(cfg: TextEncoderConfig, tokenizer, load_weights: bool = True) -> TextEncoder:
     """Build the configured text encoder.
 
     Args:
         cfg: the encoder's config.
         tokenizer: the tokenizer it will read (its vocabulary sizes the embedding of from-scratch models).
-        load_weights: False when the caller is about to load a saved checkpoint (skip pretrained downloads).
+        load_weights: False when the caller is about to load a saved checkpoint (no pretrained weights are read).
     """
-    if cfg.name == "tiny-bert":
+    if is_tiny_text(cfg):
         from transformers import BertConfig, BertModel
 
         hf_cfg = BertConfig(
             vocab_size=len(tokenizer), hidden_size=cfg.width, num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads, intermediate_size=4 * cfg.width,
-            max_position_embeddings=max(64, cfg.max_length), pad_token_id=tokenizer.pad_token_id,
+            max_position_embeddings=max(64, text_max_length(cfg)), pad_token_id=tokenizer.pad_token_id,
         )
-        return TextEncoder(BertModel(hf_cfg, add_pooling_layer=False))
-    raise ValueError(f"unknown text encoder '{cfg.name}'")
+        return TextEncoder(BertModel(hf_cfg, add_pooling_layer=False), cfg.trainable_layers)
+    from mmsenti.backbones import load_text_backbone
+
+    arch = dict(cfg.arch)
+    if not cfg.pretrained:  # random init reads the processor's tokenizer, which may be a learned word-piece one
+        arch.setdefault("vocab_size", len(tokenizer))
+        arch.setdefault("pad_token_id", tokenizer.pad_token_id)
+    model, _ = load_text_backbone(cfg.name, cfg.pretrained, config=arch or None, load_weights=load_weights,
+                                  config_key="model.text_encoder.pretrained")
+    return TextEncoder(model, cfg.trainable_layers)
 
 
 def build_image_encoder(cfg: ImageEncoderConfig, load_weights: bool = True) -> ImageEncoder:
     if cfg.name == "small-cnn":
-        return SmallCNN(width=cfg.width, num_stages=cfg.num_stages)
-    raise ValueError(f"unknown image encoder '{cfg.name}'")
+        enc: ImageEncoder = SmallCNN(width=cfg.width, num_stages=cfg.num_stages)
+    else:
+        from mmsenti.backbones import load_image_backbone
+
+        enc = TimmImageEncoder(load_image_backbone(cfg.name, cfg.pretrained, load_weights=load_weights,
+                                                   config_key="model.image_encoder.pretrained"))
+    return enc.freeze() if cfg.freeze else enc
+
+
+def image_transform(cfg: ImageEncoderConfig):
+    """The image preprocessing of ``cfg``: the preset's, with the config's explicit size/mean/std on top."""
+    from dataclasses import replace
+
+    from mmsenti.data.processing import ImageTransform
+
+    if cfg.name == "small-cnn":
+        t = ImageTransform(size=64)
+    else:
+        from mmsenti.backbones import image_preset
+
+        t = image_preset(cfg.name).preprocessing.transform()
+    over = {k: v for k, v in (("size", cfg.image_size), ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
+    return replace(t, **{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in over.items()})
+
+
+def build_tokenizer(cfg: TextEncoderConfig, train_texts):
+    """The tokenizer of a text encoder; from-scratch (and randomly initialised presets without tokenizer files)
+    learn a word-piece vocabulary on ``train_texts``."""
+    from mmsenti.data.processing import train_wordpiece_tokenizer
+
+    max_length = text_max_length(cfg)
+    if not is_tiny_text(cfg):
+        from mmsenti.backbones import load_tokenizer
+        from mmsenti.backbones.weights import MissingWeightsError
+
+        try:
+            tok = load_tokenizer(cfg.name, cfg.pretrained or True, config_key="model.text_encoder.pretrained")
+        except MissingWeightsError:
+            if cfg.pretrained:
+                raise
+            tok = None  # random init and no files: learn a vocabulary like tiny-bert
+        if tok is not None:
+            tok.model_max_length = max_length
+            return tok
+    return train_wordpiece_tokenizer(train_texts, cfg.vocab_size, max_length)
 
 
 def build_processor(cfg, train_texts, task: str):
@@ -139,19 +350,10 @@ def build_processor(cfg, train_texts, task: str):
     From-scratch text encoders learn their word-piece vocabulary on ``train_texts`` here; the result is saved
     with the model so prediction tokenizes exactly as training did.
     """
-    from mmsenti.data.processing import ImageTransform, Processor, train_wordpiece_tokenizer
+    from mmsenti.data.processing import ImageTransform, Processor
 
-    tokenizer = None
-    if "text" in cfg.modalities:
-        tc = cfg.text_encoder
-        if tc.name == "tiny-bert":
-            tokenizer = train_wordpiece_tokenizer(train_texts, tc.vocab_size, tc.max_length)
-        else:
-            raise ValueError(f"unknown text encoder '{tc.name}'")
-    transform = None
-    if "image" in cfg.modalities:
-        ic = cfg.image_encoder
-        transform = ImageTransform(size=ic.image_size, mean=list(ic.mean), std=list(ic.std))
+    tokenizer = build_tokenizer(cfg.text_encoder, train_texts) if "text" in cfg.modalities else None
+    transform = image_transform(cfg.image_encoder) if "image" in cfg.modalities else None
     clip_tokenizer = clip_transform = None
     if getattr(cfg, "clip_active", False):
         if cfg.clip.name == "tiny-random":  # a random stand-in reads the main tokenizer's ids
@@ -162,8 +364,8 @@ def build_processor(cfg, train_texts, task: str):
             from mmsenti.backbones import clip_preprocessing
 
             clip_tokenizer, clip_transform = clip_preprocessing(cfg.clip.name, cfg.clip.pretrained)
-    return Processor(cfg.modalities, tokenizer, cfg.text_encoder.max_length, transform, task,
-                     clip_tokenizer, clip_transform)
+    return Processor(cfg.modalities, tokenizer, text_max_length(cfg.text_encoder), transform, task,
+                     clip_tokenizer, clip_transform, feature_modalities=getattr(cfg, "feature_modalities", ()))
 
 
 class ImageTransformerEncoder(ImageEncoder):
@@ -199,8 +401,21 @@ class ImageTransformerEncoder(ImageEncoder):
         backbone.train(was_training)
         return fmap.shape[-2] * fmap.shape[-1]
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        fmap = self.backbone(pixel_values).feature_map
+    @property
+    def cacheable(self) -> bool:
+        return self.backbone.cacheable
+
+    @torch.no_grad()
+    def compute_cached(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.backbone.compute_cached(pixel_values)
+
+    def encode_batch(self, batch: dict) -> EncoderOutput:
+        if self.cacheable and IMAGE_MAP_KEY in batch:
+            return self(feature_map=batch[IMAGE_MAP_KEY])
+        return self(batch["pixel_values"])
+
+    def forward(self, pixel_values: torch.Tensor | None = None, feature_map: torch.Tensor | None = None) -> EncoderOutput:
+        fmap = self.backbone(pixel_values).feature_map if feature_map is None else feature_map
         x = self.proj(fmap.flatten(2).transpose(1, 2))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if x.shape[1] != self.pos_embed.shape[1]:

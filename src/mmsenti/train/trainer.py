@@ -166,6 +166,8 @@ class Trainer:
         log.info("model %s: %.2fM trainable parameters; data %s: %s", cfg.model.name, n_params / 1e6,
                  self.bundle.name, ", ".join(f"{k} {len(v)}" for k, v in self.bundle.splits.items()))
 
+        self.feature_cache: dict[str, object] = {}  # split → FeatureStore, built on first use
+        self.use_cache = bool(cfg.run.feature_cache and self.model.cache_spec())
         self.batches_per_epoch = math.ceil(len(train) / cfg.data.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.optim.grad_accum)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -187,12 +189,27 @@ class Trainer:
     def loader(self, split: str, epoch: int | None = None, start: int = 0) -> DataLoader:
         """Training batches for ``epoch`` (shuffled by seed+epoch) or, with epoch None, ordered eval batches."""
         samples = ListDataset(self.bundle.split(split))
-        common = {"collate_fn": self.processor, "num_workers": self.cfg.data.num_workers,
+        common = {"collate_fn": self.collate_fn(split), "num_workers": self.cfg.data.num_workers,
                   "generator": torch.Generator(), "pin_memory": self.device.type == "cuda"}
         if epoch is None:
             return DataLoader(samples, batch_size=self.cfg.data.eval_batch_size, shuffle=False, **common)
         sampler = EpochBatchSampler(len(samples), self.cfg.data.batch_size, self.cfg.run.seed, epoch, start)
         return DataLoader(samples, batch_sampler=sampler, **common)
+
+    def collate_fn(self, split: str):
+        """The processor, or (model with frozen parts, cache on) a collator reading the split's cached features."""
+        if not self.use_cache:
+            return self.processor
+        from mmsenti.cache import CachedCollator, default_cache_dir, open_or_build
+
+        if split not in self.feature_cache:
+            self.feature_cache[split] = open_or_build(
+                default_cache_dir(self.cfg.run.cache_dir), self.model, self.processor, self.bundle.split(split),
+                sources=self.bundle.sources, dtype=self.cfg.run.cache_dtype, device=self.device,
+                batch_size=self.cfg.data.eval_batch_size, progress=show_progress(self.cfg.run.quiet),
+                meta={"dataset": self.bundle.name, "split": split, "model": self.cfg.model.name},
+            )
+        return CachedCollator(self.processor, self.feature_cache[split], self.model.cache_replaces())
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _save(self, name: str) -> None:

@@ -46,7 +46,7 @@ class ClipConfig:
     # 'tiny-random': a small randomly initialised HF CLIPModel (architecture stand-in for tests and the offline
     # scenes demo: its features carry no prior). Otherwise a CLIP preset / HF id / local dir with weights.
     name: str = "tiny-random"
-    pretrained: str | None = None
+    pretrained: bool | str | None = True  # true = the preset's weights; a path / hub id; false = random
     # Sizes of the tiny-random CLIP only:
     width: int = 32
     num_layers: int = 1
@@ -123,18 +123,29 @@ class Infig(MultimodalModel):
         super().__init__(cfg, info)
         self._validate(cfg)
         d = cfg.width
-        self.text_encoder = build_text_encoder(cfg.text_encoder, processor.tokenizer, load_weights)
-        self.text_proj = nn.Linear(self.text_encoder.width, d) if self.text_encoder.width != d else nn.Identity()
-        cnn = build_image_encoder(cfg.image_encoder, load_weights)
-        self.image_encoder = ImageTransformerEncoder(cnn, d, cfg.image_layers, cfg.image_heads,
-                                                     cfg.image_encoder.image_size, cfg.dropout)
-        for name, n in (("text_encoder", self.text_encoder.num_layers), ("image_layers", cfg.image_layers)):
-            need = max(cfg.hfam_layers if cfg.use_hfam else 1, cfg.gam_layer if cfg.use_gam else 1)
-            if n < need:
-                raise ConfigError(f"model: {name} has {n} layers, but hfam_layers/gam_layer need {need}")
+        self.has_text, self.has_image = "text" in cfg.modalities, "image" in cfg.modalities
+        both = self.has_text and self.has_image
+        # The alignment modules relate the two modalities: with one modality INFIG is its encoder + fusion.
+        self.use_gam, self.use_hfam = cfg.use_gam and both, cfg.use_hfam and both
+        if not both and (cfg.use_gam or cfg.use_hfam):
+            log.info("infig with modalities %s: GAM and HFAM need both modalities and are not built", cfg.modalities)
+        self.use_clip = cfg.clip_active and both
+        self.text_encoder = self.text_proj = self.image_encoder = None
+        need = max(cfg.hfam_layers if self.use_hfam else 1, cfg.gam_layer if self.use_gam else 1)
+        if self.has_text:
+            self.text_encoder = build_text_encoder(cfg.text_encoder, processor.tokenizer, load_weights)
+            n = self.text_encoder.num_layers
+            # Only the states some module reads (lets the frozen-feature cache store just those).
+            self.text_encoder.needed_states = set(range(n + 1 - need, n + 1))
+            self.text_proj = nn.Linear(self.text_encoder.width, d) if self.text_encoder.width != d else nn.Identity()
+        if self.has_image:
+            cnn = build_image_encoder(cfg.image_encoder, load_weights)
+            self.image_encoder = ImageTransformerEncoder(cnn, d, cfg.image_layers, cfg.image_heads,
+                                                         processor.image_transform.size, cfg.dropout)
+        for name, enc in (("text_encoder", self.text_encoder), ("image_layers", self.image_encoder)):
+            if enc is not None and enc.num_layers < need:
+                raise ConfigError(f"model: {name} has {enc.num_layers} layers, but hfam_layers/gam_layer need {need}")
 
-        self.use_gam, self.use_hfam = cfg.use_gam, cfg.use_hfam
-        self.use_clip = cfg.clip_active
         if cfg.use_clip and not cfg.use_gam:
             log.info("use_clip without use_gam: CLIP only feeds GAM, so it is not built")
         if self.use_gam:
@@ -165,9 +176,8 @@ class Infig(MultimodalModel):
 
     @staticmethod
     def _validate(cfg: InfigConfig) -> None:
-        if sorted(cfg.modalities) != ["image", "text"]:
-            raise ConfigError(f"model.modalities: infig reads text and image, got {cfg.modalities} "
-                              "(for one modality use text-only / image-only)")
+        if not cfg.modalities or set(cfg.modalities) - {"image", "text"} or len(set(cfg.modalities)) != len(cfg.modalities):
+            raise ConfigError(f"model.modalities: infig reads text and/or image, got {cfg.modalities}")
         for key in ("gam_layer", "hfam_layers", "top_j", "queue_size", "fusion_layers", "image_layers"):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"model.{key}: must be >= 1, got {getattr(cfg, key)}")
@@ -185,15 +195,17 @@ class Infig(MultimodalModel):
         return {"type_embed", "image_encoder.cls_token", "image_encoder.pos_embed"}
 
     # -------------------------------------------------------------------------------------------- encoders
-    def _encode(self, batch: dict, suffix: str = "") -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    def _encode(self, batch: dict, suffix: str = "") -> tuple[list | None, list | None, torch.Tensor | None]:
         """Image and (projected) text hidden states, every layer; suffix '_m' uses the momentum encoders."""
-        text_enc, text_proj, image_enc = (getattr(self, n + suffix) for n in ("text_encoder", "text_proj", "image_encoder"))
-        mask = batch["attention_mask"]
-        txt = text_enc(batch["input_ids"], mask)
-        # Only layers some module reads are projected (fusion: last; GAM: gam_layer; HFAM: last M).
-        need = max(self.config.hfam_layers if self.use_hfam else 1, self.config.gam_layer if self.use_gam else 1)
-        txt_states = [None] * (len(txt.hidden_states) - need) + [text_proj(h) for h in txt.hidden_states[-need:]]
-        img_states = list(image_enc(batch["pixel_values"]).hidden_states)
+        img_states = txt_states = mask = None
+        if self.has_text:
+            text_enc, text_proj = getattr(self, "text_encoder" + suffix), getattr(self, "text_proj" + suffix)
+            txt = text_enc.encode_batch(batch)
+            mask = txt.attention_mask
+            need = len(text_enc.needed_states)  # only states some module reads are projected
+            txt_states = [None] * (len(txt.hidden_states) - need) + [text_proj(h) for h in txt.hidden_states[-need:]]
+        if self.has_image:
+            img_states = list(getattr(self, "image_encoder" + suffix).encode_batch(batch).hidden_states)
         return img_states, txt_states, mask
 
     def _global_features(self, img_states, txt_states, clip_feats, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +217,33 @@ class Infig(MultimodalModel):
             t_g = torch.cat([t_g, getattr(self, "clip_text_proj" + suffix)(t_clip)], dim=-1)
         return i_g, t_g
 
+    # CLIP is frozen: its embeddings can come from the frozen-feature cache.
+    _CLIP_KEYS = ("cached_clip_image", "cached_clip_text")
+
+    def cache_spec(self) -> dict[str, str]:
+        spec = super().cache_spec()
+        if self.use_clip:
+            spec.update(dict.fromkeys(self._CLIP_KEYS, "fixed"))
+        return spec
+
+    def cache_replaces(self) -> set[str]:
+        extra = {"clip_pixel_values", "clip_input_ids", "clip_attention_mask"} if self.use_clip else set()
+        return super().cache_replaces() | extra
+
+    def cache_modules(self) -> dict[str, nn.Module]:
+        return {**super().cache_modules(), **({"clip": self.clip} if self.use_clip else {})}
+
+    @torch.no_grad()
+    def compute_cached(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = super().compute_cached(batch)
+        if self.use_clip:
+            out.update(zip(self._CLIP_KEYS, self._clip_features(batch), strict=True))
+        return out
+
     @torch.no_grad()
     def _clip_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if all(k in batch for k in self._CLIP_KEYS):
+            return batch[self._CLIP_KEYS[0]], batch[self._CLIP_KEYS[1]]
         img = self.clip.get_image_features(pixel_values=batch["clip_pixel_values"])
         txt = self.clip.get_text_features(input_ids=batch["clip_input_ids"],
                                           attention_mask=batch["clip_attention_mask"])
@@ -216,9 +253,15 @@ class Infig(MultimodalModel):
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, return_attention: bool = False) -> dict:
         img_states, txt_states, mask = self._encode(batch)
-        img_tok, txt_tok = img_states[-1], txt_states[-1]
-        x = torch.cat([img_tok + self.type_embed[0], txt_tok + self.type_embed[1]], dim=1)
-        pad = torch.cat([torch.zeros(img_tok.shape[:2], dtype=torch.bool, device=x.device), mask == 0], dim=1)
+        parts, pads = [], []
+        if img_states is not None:
+            img_tok = img_states[-1]
+            parts.append(img_tok + self.type_embed[0])
+            pads.append(torch.zeros(img_tok.shape[:2], dtype=torch.bool, device=img_tok.device))
+        if txt_states is not None:
+            parts.append(txt_states[-1] + self.type_embed[1])
+            pads.append(mask == 0)
+        x, pad = torch.cat(parts, dim=1), torch.cat(pads, dim=1)
         attn = None
         for i, block in enumerate(self.fusion):
             x, w = block(x, key_padding_mask=pad, need_weights=return_attention and i == len(self.fusion) - 1)
@@ -226,7 +269,8 @@ class Infig(MultimodalModel):
         pooled, pool_weights = self.pool(self.fusion_norm(x), pad)
         out = {"logits": self.classifier(self.proj(pooled)), "pooled": pooled}
         if return_attention:
-            out.update(attention=attn, pool_weights=pool_weights, num_image_tokens=img_tok.shape[1])
+            out.update(attention=attn, pool_weights=pool_weights,
+                       num_image_tokens=img_states[-1].shape[1] if img_states is not None else 0)
 
         if self.training and self.use_gam:
             clip_feats = self._clip_features(batch) if self.use_clip else None
