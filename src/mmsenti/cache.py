@@ -65,7 +65,7 @@ def default_cache_dir(configured: str | os.PathLike | None = None) -> Path:
 def _update_tensor(h, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -94,7 +94,13 @@ def _tokenizer_fingerprint(tok) -> str | None:
     if tok is None:
         return None
     backend = getattr(tok, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        for key in ("truncation", "padding"):  # set by each call; max_length is hashed on its own
+            state.pop(key, None)
+        text = json.dumps(state, sort_keys=True)
+    else:
+        text = json.dumps(sorted(tok.get_vocab().items()))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -222,7 +228,7 @@ class FeatureStore:
                 if self.lengths[r] != n:
                     raise CacheError(f"feature cache {self.directory.name}: sample {ids[j]} has {self.lengths[r]} "
                                      f"cached tokens but tokenizes to {n}; run `mmsenti cache clear`")
-                t[j, real[j]] = torch.from_numpy(np.asarray(arr[self.offsets[r]:self.offsets[r] + n], dtype=np.float32))
+                t[j, real[j]] = torch.from_numpy(np.array(arr[self.offsets[r]:self.offsets[r] + n], dtype=np.float32))
             out[k] = t
         return out
 

@@ -1,4 +1,4 @@
-"""``mmsenti`` command line: train, evaluate, predict, list, data.
+"""``mmsenti`` command line: train, evaluate, predict, list, data, cache.
 
 User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
 """
@@ -121,6 +121,48 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 1 if args.action == "check" and getattr(report, "has_errors", False) else 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from mmsenti.cache import clear_entries, default_cache_dir, list_entries
+
+    if args.action == "build":
+        import torch
+
+        from mmsenti.config import load_config
+        from mmsenti.models.base import TaskInfo, build_model
+        from mmsenti.models.encoders import build_processor
+        from mmsenti.train.trainer import build_dataset, open_split_cache
+        from mmsenti.utils import resolve_device, seed_everything
+
+        if not args.config:
+            raise _UsageError("cache build needs --config (the training config whose frozen features to cache)")
+        cfg = load_config(args.config, list(args.set or []) + ([f"run.cache_dir={args.dir}"] if args.dir else []))
+        seed_everything(cfg.run.seed)  # randomly initialised frozen parts must match the training run's
+        bundle = build_dataset(cfg)
+        processor = build_processor(cfg.model, [s.text or "" for s in bundle.split("train")], bundle.task)
+        device = resolve_device(cfg.run.device)
+        model = build_model(cfg.model, TaskInfo(bundle.task, bundle.label_names), processor).to(device)
+        if not model.cache_spec():
+            raise _UsageError(f"{args.config}: nothing to cache (no frozen image backbone and "
+                              "model.text_encoder.trainable_layers = -1)")
+        with torch.no_grad():
+            for split in args.split or list(bundle.splits):
+                store = open_split_cache(cfg, model, processor, bundle, split, device)
+                print(f"{split}: {len(store)} samples → {store.directory}")
+        return 0
+    root = default_cache_dir(args.dir)
+    if args.action == "info":
+        rows = list_entries(root)
+        print(f"{root}: {len(rows)} entries, {sum(r['size_mb'] for r in rows):.1f} MB")
+        for r in rows:
+            print(f"  {r['key'][:16]}  {r.get('dataset') or '?':<14} {r.get('split') or '?':<6} "
+                  f"{r.get('num_samples') or 0:>7} samples {r['size_mb']:9.1f} MB  {r['status']}  [{r.get('features', '')}]")
+        return 0
+    if not args.keys and not args.all:
+        raise _UsageError("cache clear needs entry keys (see `mmsenti cache info`) or --all")
+    print(f"removed {clear_entries(root, [] if args.all else args.keys)} entries from {root}")
+    return 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -169,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--root", help="dataset directory")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="data option, e.g. --set data.format=raw")
     d.set_defaults(func=cmd_data)
+
+    c = sub.add_parser("cache", help="build, inspect or clear the frozen-feature cache")
+    c.add_argument("action", choices=["build", "info", "clear"])
+    c.add_argument("keys", nargs="*", help="clear: entry keys (or prefixes) to remove")
+    c.add_argument("--config", help="build: the training config")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="build: config override")
+    c.add_argument("--split", action="append", help="build: only these splits (default all)")
+    c.add_argument("--dir", help="cache directory (default run.cache_dir, $MMSENTI_CACHE_DIR, ~/.cache/mmsenti/features)")
+    c.add_argument("--all", action="store_true", help="clear: remove every entry")
+    c.set_defaults(func=cmd_cache)
     return p
 
 

@@ -363,7 +363,10 @@ def build_processor(cfg, train_texts, task: str):
         else:
             from mmsenti.backbones import clip_preprocessing
 
-            clip_tokenizer, clip_transform = clip_preprocessing(cfg.clip.name, cfg.clip.pretrained)
+            clip_tokenizer, clip_transform = clip_preprocessing(cfg.clip.name, cfg.clip.pretrained,
+                                                                config_key="model.clip.pretrained")
+            if not cfg.clip.pretrained:
+                clip_tokenizer = tokenizer  # a random stand-in has no tokenizer of its own (see infig.build_clip)
     return Processor(cfg.modalities, tokenizer, text_max_length(cfg.text_encoder), transform, task,
                      clip_tokenizer, clip_transform, feature_modalities=getattr(cfg, "feature_modalities", ()))
 

@@ -96,6 +96,18 @@ def build_dataset(cfg: Config) -> DatasetBundle:
     return bundle
 
 
+def open_split_cache(cfg: Config, model: MultimodalModel, processor, bundle: DatasetBundle, split: str,
+                     device: torch.device | str = "cpu"):
+    """The frozen-feature cache entry of one split (built when missing or broken); see :mod:`mmsenti.cache`."""
+    from mmsenti.cache import default_cache_dir, open_or_build
+
+    return open_or_build(
+        default_cache_dir(cfg.run.cache_dir), model, processor, bundle.split(split), sources=bundle.sources,
+        dtype=cfg.run.cache_dtype, device=device, batch_size=cfg.data.eval_batch_size,
+        progress=show_progress(cfg.run.quiet), meta={"dataset": bundle.name, "split": split, "model": cfg.model.name},
+    )
+
+
 def select_metric(cfg: Config, task: str) -> str:
     if cfg.run.select_metric != "auto":
         return cfg.run.select_metric
@@ -200,15 +212,11 @@ class Trainer:
         """The processor, or (model with frozen parts, cache on) a collator reading the split's cached features."""
         if not self.use_cache:
             return self.processor
-        from mmsenti.cache import CachedCollator, default_cache_dir, open_or_build
+        from mmsenti.cache import CachedCollator
 
         if split not in self.feature_cache:
-            self.feature_cache[split] = open_or_build(
-                default_cache_dir(self.cfg.run.cache_dir), self.model, self.processor, self.bundle.split(split),
-                sources=self.bundle.sources, dtype=self.cfg.run.cache_dtype, device=self.device,
-                batch_size=self.cfg.data.eval_batch_size, progress=show_progress(self.cfg.run.quiet),
-                meta={"dataset": self.bundle.name, "split": split, "model": self.cfg.model.name},
-            )
+            self.feature_cache[split] = open_split_cache(self.cfg, self.model, self.processor, self.bundle, split,
+                                                         self.device)
         return CachedCollator(self.processor, self.feature_cache[split], self.model.cache_replaces())
 
     # ---------------------------------------------------------------------------------------- checkpoints

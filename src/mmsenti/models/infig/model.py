@@ -47,6 +47,7 @@ class ClipConfig:
     # scenes demo: its features carry no prior). Otherwise a CLIP preset / HF id / local dir with weights.
     name: str = "tiny-random"
     pretrained: bool | str | None = True  # true = the preset's weights; a path / hub id; false = random
+    arch: dict = field(default_factory=dict)  # CLIPConfig overrides (random stand-ins: {"text_config": {...}})
     # Sizes of the tiny-random CLIP only:
     width: int = 32
     num_layers: int = 1
@@ -112,7 +113,15 @@ def build_clip(cfg: ClipConfig, tokenizer, load_weights: bool = True) -> nn.Modu
         return CLIPModel(hf)
     from mmsenti.backbones import load_clip
 
-    model, _, _ = load_clip(cfg.name, cfg.pretrained, load_weights=load_weights)
+    arch = dict(cfg.arch)
+    if not cfg.pretrained:  # random init without tokenizer files reads the main tokenizer's ids (see build_processor)
+        from mmsenti.backbones.build import _merge
+
+        text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+        arch = _merge({"text_config": text}, arch)
+    model, _, _ = load_clip(cfg.name, cfg.pretrained, config=arch or None, load_weights=load_weights,
+                            config_key="model.clip.pretrained")
     return model
 
 
