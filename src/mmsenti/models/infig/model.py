@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class ClipConfig:
     # scenes demo: its features carry no prior). Otherwise a CLIP preset / HF id / local dir with weights.
     name: str = "tiny-random"
     pretrained: bool | str | None = True  # true = the preset's weights; a path / hub id; false = random
-    arch: dict = field(default_factory=dict)  # CLIPConfig overrides (random stand-ins: {"text_config": {...}})
+    arch: dict[str, Any] = field(default_factory=dict)  # CLIPConfig overrides (random stand-ins: {"text_config": {...}})
     # Sizes of the tiny-random CLIP only:
     width: int = 32
     num_layers: int = 1
