@@ -87,7 +87,7 @@ def tables(rows, seeds: list[int]) -> str:
         keys = REGRESSION if "mae" in done[0][4][0] else CLASSIFICATION
         out.append(f"### {group}\n\n| model | seeds | " + " | ".join(keys) + " | command |\n|---|---|"
                    + "---|" * len(keys) + "---|")
-        for row, desc, config, extra, metrics in done:
+        for _row, desc, config, extra, metrics in done:
             cells = [_fmt([m[k] for m in metrics if k in m]) for k in keys]
             cmd = f"`mmsenti train --config {config} --set run.seed=S`" + "".join(f" --set {e}" for e in extra)
             out.append(f"| {desc} | {len(metrics)} | " + " | ".join(cells) + f" | {cmd} |")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 from mmsenti.backbones import OFFLINE_PACKAGES, MissingWeightsError
@@ -13,8 +14,6 @@ from mmsenti.data.base import Sample
 from mmsenti.losses import total_loss
 from mmsenti.models.base import TaskInfo, build_model, load_pretrained, save_pretrained
 from mmsenti.models.encoders import TimmImageEncoder, build_processor
-
-from conftest import ROOT
 
 PAPER = str(ROOT / "configs/presets/infig-paper.yaml")
 LITE = str(ROOT / "configs/presets/infig-lite.yaml")
@@ -74,7 +73,9 @@ def test_paper_preset_with_tiny_random_stand_ins_trains_and_round_trips(tmp_path
     assert model.clip_image_proj.weight.grad is not None
     assert all(p.grad is None for p in model.clip.parameters())  # the CLIP prior stays frozen
     save_pretrained(tmp_path, model, proc, cfg)
-    loaded, proc2, _ = load_pretrained(tmp_path)
+    assert (tmp_path / "text_backbone" / "config.json").is_file()  # the architecture travels with the model
+    loaded, proc2, cfg2 = load_pretrained(tmp_path)
+    assert cfg2.model.text_encoder.pretrained is False
     model.eval()
     torch.testing.assert_close(loaded(proc2(samples))["logits"], model(batch)["logits"])
 

@@ -6,10 +6,12 @@ A trained model is a directory::
     labels.json          task and label names
     model.safetensors    weights
     preprocessing.json   + tokenizer/   what turns raw text/images into inputs
+    text_backbone/       the HF config of a pretrained text encoder (its architecture; weights are in the above)
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from mmsenti.data.base import DataError
 from mmsenti.losses import task_loss
 
 log = logging.getLogger(__name__)
+
+TEXT_BACKBONE_DIR = "text_backbone"  # saved HF config of a pretrained text encoder
 
 
 @dataclass
@@ -124,6 +128,10 @@ def save_pretrained(directory: str | Path, model: MultimodalModel, processor, co
     (directory / "labels.json").write_text(
         json.dumps({"task": model.info.task, "label_names": model.info.label_names}, indent=2) + "\n")
     processor.save(directory)
+    text = getattr(model, "text_encoder", None)
+    if text is not None and config.model.text_encoder.name != "tiny-bert":
+        # The exact architecture, so loading needs neither the pretrained weights nor the hub.
+        text.backbone.config.save_pretrained(str(directory / TEXT_BACKBONE_DIR))
     save_model(model, str(directory / "model.safetensors"))
 
 
@@ -146,6 +154,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     cfg = build_config(json.loads((directory / "config.json").read_text()))
     labels = json.loads((directory / "labels.json").read_text())
     processor = Processor.load(directory)
-    model = build_model(cfg.model, TaskInfo(labels["task"], labels["label_names"]), processor, load_weights=False)
+    model_cfg = cfg.model
+    if (directory / TEXT_BACKBONE_DIR / "config.json").is_file():
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.text_encoder.pretrained = str(directory / TEXT_BACKBONE_DIR)  # architecture only (no weights read)
+    model = build_model(model_cfg, TaskInfo(labels["task"], labels["label_names"]), processor, load_weights=False)
     load_model(model, str(directory / "model.safetensors"), strict=True, device=str(device))
     return model.to(device).eval(), processor, cfg
