@@ -26,6 +26,9 @@ The pickle holds ``{"train", "valid", "test"}``, each a dict with ``text`` (N, T
 (N, T_a, D_a), ``vision`` (N, T_v, D_v), ``audio_lengths`` / ``vision_lengths`` (N,) int64,
 ``regression_labels`` (N,) float32, ``id`` (N,) str and ``raw_text`` (N,) str arrays. Everything is a
 deterministic function of ``seed`` and the options.
+
+The dataset ``synthetic-mmsa`` (:class:`SyntheticMMSADataConfig`) generates it in memory: splits train/dev/test,
+regression, text/audio/vision all as feature sequences (``Sample.features``), no pickle written.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mmsenti.config import ConfigError, DataConfig
+from mmsenti.data.base import DatasetBundle, Sample
+from mmsenti.data.formats.common import finish
+from mmsenti.registry import DATASETS
 
 MMSA_SPLITS = ("train", "valid", "test")
 MODALITIES = ("text", "audio", "vision")
@@ -147,3 +155,45 @@ def make_synthetic_mmsa(path: str | Path, n_train: int = 2000, n_valid: int = 30
     with open(path, "wb") as f:
         pickle.dump(synth.data, f, protocol=4)
     return path
+
+
+# ------------------------------------------------------------------------------------------ registered dataset
+@dataclass
+class SyntheticMMSADataConfig(DataConfig):
+    """``synthetic-mmsa``: the generator above, in memory (no files). ``None`` keeps the generator's default."""
+
+    name: str = "synthetic-mmsa"
+    n_train: int = 600
+    n_valid: int = 200
+    n_test: int = 400
+    seed: int = 0
+    n_clusters: int | None = None
+    label_noise: float | None = None
+    score_range: float | None = None
+    nuisance: float | None = None
+    noise: float | None = None
+
+
+def synthetic_samples(part: dict[str, np.ndarray]) -> list[Sample]:
+    """One MMSA-format split → samples with text, audio and vision feature sequences cut to their lengths."""
+    samples = []
+    for i in range(len(part["regression_labels"])):
+        feats = {m: part[m][i, : int(part[f"{m}_lengths"][i])] if f"{m}_lengths" in part else part[m][i]
+                 for m in MODALITIES}
+        samples.append(Sample(id=str(part["id"][i]), label=float(part["regression_labels"][i]),
+                              text=str(part["raw_text"][i]), features=feats))
+    return samples
+
+
+@DATASETS.register("synthetic-mmsa", config=SyntheticMMSADataConfig,
+                   description="generated MOSI-like text/audio/vision features where retrieval helps (regression)")
+def build_synthetic_mmsa(cfg: SyntheticMMSADataConfig) -> DatasetBundle:
+    overrides = {k: getattr(cfg, k) for k in ("n_clusters", "label_noise", "score_range", "nuisance", "noise")
+                 if getattr(cfg, k) is not None}
+    try:
+        synth = generate_synthetic_mmsa(cfg.n_train, cfg.n_valid, cfg.n_test, cfg.seed, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+    splits = {split: synthetic_samples(synth.data[key])
+              for split, key in (("train", "train"), ("dev", "valid"), ("test", "test"))}
+    return finish("synthetic-mmsa", splits, "regression", None, MODALITIES)

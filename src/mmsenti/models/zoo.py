@@ -1,4 +1,4 @@
 """Imports every module that registers models (the registry loads this lazily)."""
 
-from mmsenti.models import baselines  # noqa: F401
+from mmsenti.models import baselines, rahp  # noqa: F401
 from mmsenti.models.infig import model as infig_model  # noqa: F401
