@@ -40,6 +40,17 @@ ROWS = [
     ("mosei-rahp-none", "CMU-MOSEI", "rahp w/o retrieval", "configs/rahp/mosei-text-no-retrieval.yaml", []),
     ("cm-memes-rahp", "cm_memes", "rahp (image + text), memory bank", "configs/rahp/cm-memes.yaml", []),
 ]
+# Reference figures of ../shared/data/README.md (same splits, test set, C chosen on dev): accuracy, weighted F1,
+# macro F1. cm_memes "test" is its official dev split.
+REFERENCE = {
+    "MVSA-Single": [("TF-IDF + logistic regression", .6333, .6096, .4703),
+                    ("frozen all-MiniLM-L6-v2 mean-pool + LR", .6511, .6410, .5228)],
+    "MVSA-Multiple": [("TF-IDF + LR", .6471, .6208, .4439), ("frozen MiniLM + LR", .6953, .6562, .5041)],
+    "HFM": [("TF-IDF + LR", .7729, .7732, .7637), ("frozen MiniLM + LR", .7792, .7800, .7715)],
+    "cm_memes": [("frozen MiniLM text + LR", .6133, .6014, .5783),
+                 ("frozen EfficientNet-Lite0 image + LR", .4933, .4683, .4421),
+                 ("concat text + image + LR", .5800, .5690, .5431)],
+}
 CLASSIFICATION = ("accuracy", "f1_weighted", "f1_macro")
 REGRESSION = ("mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc7")
 
@@ -87,6 +98,8 @@ def tables(rows, seeds: list[int]) -> str:
         keys = REGRESSION if "mae" in done[0][4][0] else CLASSIFICATION
         out.append(f"### {group}\n\n| model | seeds | " + " | ".join(keys) + " | command |\n|---|---|"
                    + "---|" * len(keys) + "---|")
+        for desc, *ref in REFERENCE.get(group, []) if keys == CLASSIFICATION else []:
+            out.append(f"| *reference:* {desc} | – | " + " | ".join(f"{v:.4f}" for v in ref) + " | – |")
         for _row, desc, config, extra, metrics in done:
             cells = [_fmt([m[k] for m in metrics if k in m]) for k in keys]
             cmd = f"`mmsenti train --config {config} --set run.seed=S`" + "".join(f" --set {e}" for e in extra)

@@ -149,7 +149,45 @@ def test_gam_layer_selects_the_cls_of_that_layer(data):
 @pytest.mark.parametrize("override, message", [
     ("model.hfam_layers=9", "need 9"), ("model.gam_layer=0", "gam_layer: must be >= 1"),
     ("model.momentum=1.0", "momentum"), ("model.modalities=[audio]", "infig reads text and/or image"),
+    ("model.modality_dropout=1.5", "modality_dropout"),
 ])
 def test_bad_settings_are_config_errors(data, override, message):
     with pytest.raises(ConfigError, match=message):
         make(data, override)
+
+
+def test_modality_drop_hides_one_modality_per_hit_sample():
+    from mmsenti.models.infig.model import modality_drop
+
+    g = torch.Generator().manual_seed(0)
+    drop = modality_drop(20000, 0.3, generator=g)
+    assert not (drop[:, 0] & drop[:, 1]).any()  # never both: fusion always has keys
+    assert abs(drop.any(1).float().mean().item() - 0.3) < 0.02
+    assert abs(drop[:, 0].float().mean().item() - 0.15) < 0.01
+    assert not modality_drop(50, 0.0).any() and modality_drop(50, 1.0).any(1).all()
+
+
+def test_modality_dropout_removes_the_dropped_modality_from_the_logits(data, monkeypatch):
+    import mmsenti.models.infig.model as infig
+
+    model, proc = make(data, "model.modality_dropout=0.5", "model.use_gam=false", "model.use_hfam=false")
+    batch = proc(data.splits["train"][:4])
+    fixed = torch.tensor([[True, False], [False, True], [False, False], [False, False]])
+    monkeypatch.setattr(infig, "modality_drop", lambda b, p, device=None, generator=None: fixed)
+    model.train()
+
+    def logits(b):
+        torch.manual_seed(3)  # same dropout masks in every pass
+        return model(b)["logits"].detach()
+
+    base = logits(batch)
+    other_img = logits({**batch, "pixel_values": batch["pixel_values"].flip(0)})
+    other_txt = logits({**batch, "input_ids": batch["input_ids"].flip(0),
+                        "attention_mask": batch["attention_mask"].flip(0)})
+    torch.testing.assert_close(other_img[0], base[0])  # sample 0: image hidden
+    torch.testing.assert_close(other_txt[1], base[1])  # sample 1: text hidden
+    assert (other_img[2:] - base[2:]).abs().max() > 1e-4 and (other_txt[2:] - base[2:]).abs().max() > 1e-4
+    model.eval()  # never at evaluation
+    with torch.no_grad():
+        assert (model({**batch, "pixel_values": batch["pixel_values"].flip(0)})["logits"][0]
+                - model(batch)["logits"][0]).abs().max() > 1e-4

@@ -82,11 +82,23 @@ class InfigConfig(ModelConfig):
     hfam_chunk_size: int | None = None  # texts per chunk in the token-similarity tensor (bounds memory)
     lambda_g: float = 0.3
     lambda_f: float = 0.2
+    # Training only, both modalities: per sample, with this probability one modality (chosen uniformly) is hidden
+    # from fusion, so the classifier cannot lean on one modality's quirks (ModDrop, Neverova et al. 2015).
+    # The alignment losses still see both modalities.
+    modality_dropout: float = 0.0
 
     @property
     def clip_active(self) -> bool:
         """CLIP is only read by GAM; the processor prepares CLIP inputs only when this is true."""
         return self.use_clip and self.use_gam
+
+
+def modality_drop(batch_size: int, p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 2) bool: which of (image, text) to hide per sample. A sample is hit with probability ``p``, then one
+    modality is chosen uniformly; never both, so fusion always has a token to attend to."""
+    hit = torch.rand(batch_size, generator=generator) < p
+    which = torch.randint(0, 2, (batch_size,), generator=generator)
+    return torch.stack([hit & (which == 0), hit & (which == 1)], 1).to(device)
 
 
 def stable_sample_index(ids: list[str]) -> torch.Tensor:
@@ -193,6 +205,8 @@ class Infig(MultimodalModel):
                 raise ConfigError(f"model.{key}: must be >= 1, got {getattr(cfg, key)}")
         if not 0.0 <= cfg.momentum < 1.0:
             raise ConfigError(f"model.momentum: must be in [0, 1), got {cfg.momentum}")
+        if not 0.0 <= cfg.modality_dropout <= 1.0:
+            raise ConfigError(f"model.modality_dropout: must be in [0, 1], got {cfg.modality_dropout}")
 
     # ------------------------------------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Infig:
@@ -271,6 +285,9 @@ class Infig(MultimodalModel):
         if txt_states is not None:
             parts.append(txt_states[-1] + self.type_embed[1])
             pads.append(mask == 0)
+        if self.training and len(parts) == 2 and self.config.modality_dropout > 0:
+            drop = modality_drop(pads[0].shape[0], self.config.modality_dropout, pads[0].device)
+            pads = [pads[0] | drop[:, :1], pads[1] | drop[:, 1:]]
         x, pad = torch.cat(parts, dim=1), torch.cat(pads, dim=1)
         attn = None
         for i, block in enumerate(self.fusion):
