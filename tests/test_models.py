@@ -18,6 +18,8 @@ SMALL = ["model.text_encoder.width=32", "model.text_encoder.num_heads=2", "model
 SMALL_BY_MODEL = {
     "infig": ["model.width=32", "model.image_layers=3", "model.image_heads=2", "model.fusion_heads=2",
               "model.clip_dim=16", "model.queue_size=16"],
+    # rahp's default modalities are MOSI's text/audio/vision; scenes has text + image.
+    "rahp": ["model.modalities=[text, image]", "model.width=32", "model.heads=2", "model.hidden=16", "model.k=2"],
 }
 
 
@@ -31,7 +33,10 @@ def _build(name, scenes):
     info = TaskInfo(scenes.task, scenes.label_names)
     processor = build_processor(cfg.model, [s.text for s in scenes.splits["train"]], info.task)
     torch.manual_seed(0)
-    return cfg, build_model(cfg.model, info, processor), processor
+    model = build_model(cfg.model, info, processor)
+    if hasattr(model, "refresh_bank"):  # a retrieval model's memory bank, as the trainer's epoch hook builds it
+        model.refresh_bank([processor(scenes.splits["train"][i:i + 8]) for i in range(0, 24, 8)])
+    return cfg, model, processor
 
 
 def test_registry_lists_the_spine_models():
