@@ -149,6 +149,11 @@ def test_index_save_load_round_trip(tmp_path, kind):
     after = loaded.search(queries, 7, exclude=exclude)
     assert type(loaded) is type(index) and len(loaded) == 1500 and loaded.metric == "cosine"
     assert torch.equal(before[1], after[1]) and torch.equal(before[0], after[0])
+    # The class-level load returns the same index, and refuses a file of another kind.
+    cls, other = (TorchIndex, FaissIndex) if kind == "torch" else (FaissIndex, TorchIndex)
+    assert torch.equal(cls.load(tmp_path / "ix.safetensors").search(queries, 7, exclude=exclude)[1], before[1])
+    with pytest.raises(RetrievalError, match=f"not a {other.__name__}"):
+        other.load(tmp_path / "ix.safetensors")
 
 
 def test_small_bank_pads_and_bad_arguments_raise():

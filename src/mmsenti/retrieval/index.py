@@ -157,10 +157,24 @@ def _topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return _rank(vals[:, :k], cols[:, :k], k)
 
 
+class _SavedIndex:
+    """``save``/``load`` of one concrete index class, through :func:`save_index` / :func:`load_index`."""
+
+    def save(self, path: str | Path) -> None:
+        save_index(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        index = load_index(path)
+        if not isinstance(index, cls):
+            raise RetrievalError(f"{path} holds a '{index.kind}' index, not a {cls.__name__}")
+        return index
+
+
 # --------------------------------------------------------------------------------------------------- torch
 
 
-class TorchIndex:
+class TorchIndex(_SavedIndex):
     """Exact inner-product search with torch matmuls, chunked over the bank.
 
     Memory stays at ``B x chunk_size`` scores whatever the bank size. Equal scores are broken by the lower row
@@ -245,21 +259,12 @@ class TorchIndex:
             index._parts, index._data = [vectors], vectors  # already normalised when saved: store as is
         return index
 
-    def save(self, path: str | Path) -> None:
-        save_index(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TorchIndex:
-        index = load_index(path)
-        if not isinstance(index, cls):
-            raise RetrievalError(f"{path} holds a '{index.kind}' index, not a torch one")
-        return index
 
 
 # --------------------------------------------------------------------------------------------------- FAISS
 
 
-class FaissIndex:
+class FaissIndex(_SavedIndex):
     """A FAISS inner-product index: ``"flat"`` (exact), ``"ivf"`` (inverted lists) or ``"hnsw"`` (graph).
 
     Args:
@@ -373,15 +378,6 @@ class FaissIndex:
             index.index = index._faiss.deserialize_index(np.ascontiguousarray(tensors["faiss"].numpy()))
         return index
 
-    def save(self, path: str | Path) -> None:
-        save_index(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> FaissIndex:
-        index = load_index(path)
-        if not isinstance(index, cls):
-            raise RetrievalError(f"{path} holds a '{index.kind}' index, not a FAISS one")
-        return index
 
 
 # --------------------------------------------------------------------------------------------------- factory, I/O
