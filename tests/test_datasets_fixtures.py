@@ -178,6 +178,21 @@ def test_clmlf_json_syntax_error_names_line(tmp_path):
         build_mvsa(MVSAConfig(root=str(tmp_path)))
 
 
+def test_clmlf_json_bad_rows_name_file_and_item(tmp_path):
+    """The one CLMLF reader serves MVSA (3 labels) and HFM (2): a label out of range or a missing field is named."""
+    from mmsenti.data.formats.hfm import HFMConfig, build_hfm
+
+    _clmlf_tree(tmp_path, images=False)  # labels 0, 1, 2: fine for MVSA, label 2 is out of range for HFM
+    assert len(build_mvsa(MVSAConfig(root=str(tmp_path))).splits["train"]) == 4
+    (tmp_path / "valid.json").write_bytes((tmp_path / "dev.json").read_bytes())
+    (tmp_path / "dev.json").unlink()
+    with pytest.raises(DataError, match=r"train\.json: item 2: emotion_label must be in 0\.\.1, got 2"):
+        build_hfm(HFMConfig(root=str(tmp_path)))
+    (tmp_path / "test.json").write_text(json.dumps([{"id": "7", "emotion_label": 0}]))
+    with pytest.raises(DataError, match=r"test\.json: item 0: expected id, text"):
+        build_mvsa(MVSAConfig(root=str(tmp_path)))
+
+
 # ------------------------------------------------------------------------------------------------ missing images
 @pytest.mark.parametrize("policy", ["error", "drop", "blank"])
 def test_missing_image_policy(tmp_path, policy, caplog):

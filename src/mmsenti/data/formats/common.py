@@ -104,6 +104,33 @@ def read_json_list(path: Path) -> list[dict[str, Any]]:
     return data
 
 
+def read_clmlf_splits(root: Path, split_files: dict[str, Sequence[str]], num_labels: int
+                      ) -> tuple[dict[str, list[Sample]], list[Path]]:
+    """CLMLF-style json splits (MVSA, HFM): each file a list of ``{"id", "text", "emotion_label"}``.
+
+    ``split_files`` maps a split to the file names tried in order; a split with no file is left out.
+    Returns the samples per canonical split and the files read.
+    """
+    splits: dict[str, list[Sample]] = {}
+    sources = []
+    for split, names in split_files.items():
+        path = find_file(root, names)
+        if path is None:
+            continue
+        sources.append(path)
+        samples = []
+        for i, row in enumerate(read_json_list(path)):
+            try:
+                samples.append(Sample(id=str(row["id"]), label=int(row["emotion_label"]), text=str(row["text"])))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{path}: item {i}: expected id, text and an integer emotion_label ({e})") from None
+            if not 0 <= samples[-1].label < num_labels:
+                raise DataError(f"{path}: item {i}: emotion_label must be in 0..{num_labels - 1}, "
+                                f"got {samples[-1].label}")
+        splits[canonical_split(split, str(path))] = samples
+    return splits, sources
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line of a JSON-lines file."""
     with open(path, encoding="utf-8-sig") as f:

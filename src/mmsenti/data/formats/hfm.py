@@ -26,10 +26,9 @@ from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
 from mmsenti.data.formats.common import (
     attach_translations,
-    canonical_split,
     find_file,
     finish,
-    read_json_list,
+    read_clmlf_splits,
     require_root,
 )
 from mmsenti.data.formats.images import attach_images
@@ -102,25 +101,6 @@ def read_attributes(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def _load_json(root: Path) -> tuple[dict[str, list[Sample]], list[Path]]:
-    splits, sources = {}, []
-    for split, names in _JSON.items():
-        path = find_file(root, names)
-        if path is None:
-            continue
-        sources.append(path)
-        samples = []
-        for i, row in enumerate(read_json_list(path)):
-            try:
-                samples.append(Sample(id=str(row["id"]), label=int(row["emotion_label"]), text=str(row["text"])))
-            except (KeyError, TypeError, ValueError) as e:
-                raise DataError(f"{path}: item {i}: expected id, text and an integer emotion_label ({e})") from None
-            if samples[-1].label not in (0, 1):
-                raise DataError(f"{path}: item {i}: emotion_label must be 0 or 1, got {samples[-1].label}")
-        splits[canonical_split(split, str(path))] = samples
-    return splits, sources
-
-
 def _raw_dir(root: Path) -> Path | None:
     for d in (root, root / "raw"):
         if (d / "train.txt").is_file() or (d / "test2.txt").is_file():
@@ -154,7 +134,7 @@ def build_hfm(cfg: HFMConfig) -> DatasetBundle:
     fmt = cfg.format
     if fmt == "auto":
         fmt = "clmlf" if find_file(root, _JSON["train"] + _JSON["test"]) else "raw"
-    splits, sources = _load_json(root) if fmt == "clmlf" else _load_raw(root, cfg.filter_train, cfg.name)
+    splits, sources = read_clmlf_splits(root, _JSON, 2) if fmt == "clmlf" else _load_raw(root, cfg.filter_train, cfg.name)
     if not splits:
         raise DataError(f"{root}: no HFM json files (train.json, valid.json, test.json)")
     if cfg.use_translation:

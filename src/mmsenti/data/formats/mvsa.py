@@ -23,10 +23,10 @@ from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
 from mmsenti.data.formats.common import (
     attach_translations,
-    canonical_split,
     find_file,
     finish,
     random_splits,
+    read_clmlf_splits,
     read_json_list,
     read_text_file,
     require_root,
@@ -169,23 +169,7 @@ def _load_raw(cfg: MVSAConfig, root: Path) -> tuple[dict[str, list[Sample]], lis
 
 
 def _load_clmlf(cfg: MVSAConfig, root: Path) -> tuple[dict[str, list[Sample]], list[Path]]:
-    splits: dict[str, list[Sample]] = {}
-    sources = []
-    for split, names in _JSON_SPLITS.items():
-        path = find_file(root, names)
-        if path is None:
-            continue
-        sources.append(path)
-        rows = []
-        for i, row in enumerate(read_json_list(path)):
-            try:
-                label = int(row["emotion_label"])
-                rows.append(Sample(id=str(row["id"]), label=label, text=str(row["text"])))
-            except (KeyError, TypeError, ValueError) as e:
-                raise DataError(f"{path}: item {i}: expected id, text and an integer emotion_label ({e})") from None
-            if not 0 <= label < len(LABELS):
-                raise DataError(f"{path}: item {i}: emotion_label {label} is not 0, 1 or 2")
-        splits[canonical_split(split, str(path))] = rows
+    splits, sources = read_clmlf_splits(root, _JSON_SPLITS, len(LABELS))
     if not splits:
         raise DataError(f"{root}: no MVSA data found (expected train.json/dev.json/test.json, or the original "
                         f"release with labelResultAll.txt and data/)")
