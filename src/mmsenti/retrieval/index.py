@@ -260,7 +260,6 @@ class TorchIndex(_SavedIndex):
         return index
 
 
-
 # --------------------------------------------------------------------------------------------------- FAISS
 
 
@@ -377,7 +376,6 @@ class FaissIndex(_SavedIndex):
         if "faiss" in tensors:
             index.index = index._faiss.deserialize_index(np.ascontiguousarray(tensors["faiss"].numpy()))
         return index
-
 
 
 # --------------------------------------------------------------------------------------------------- factory, I/O
