@@ -7,6 +7,7 @@ seeds or rows. Test metrics of the dev-selected model are reported as mean ± st
     python scripts/results.py                        # every row, seeds 0 1 2
     python scripts/results.py --only cm-memes --seeds 0
     python scripts/results.py --table-only           # just print the tables from finished runs
+    python scripts/results.py --table-only --write   # and put every row's table into docs/results.md
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "results.md"
+BEGIN, END = "<!-- tables: python scripts/results.py --table-only --write -->", "<!-- end tables -->"
 
 # (row id, dataset group, description, config, extra --set overrides)
 ROWS = [
@@ -113,6 +116,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", help="row ids or dataset groups")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--write", action="store_true", help=f"replace the tables between the markers of {DOC.name}")
     args = p.parse_args()
     rows = [r for r in ROWS if not args.only or any(o in (r[0], r[1]) for o in args.only)]
     if not args.table_only:
@@ -121,6 +125,10 @@ def main() -> None:
                 if (ROOT / config).is_file():
                     run(row, config, extra, seed)
     print(tables(rows, args.seeds))
+    if args.write:  # always every row, so an --only run cannot drop the other groups from the doc
+        text = DOC.read_text()
+        head, rest = text.split(BEGIN, 1)
+        DOC.write_text(f"{head}{BEGIN}\n{tables(ROWS, args.seeds)}\n{END}{rest.split(END, 1)[1]}")
 
 
 if __name__ == "__main__":
