@@ -7,7 +7,7 @@ seeds or rows. Test metrics of the dev-selected model are reported as mean ± st
     python scripts/results.py                        # every row, seeds 0 1 2
     python scripts/results.py --only cm-memes --seeds 0
     python scripts/results.py --table-only           # just print the tables from finished runs
-    python scripts/results.py --table-only --write   # and put every row's table into docs/results.md
+    python scripts/results.py --table-only --write   # and write them into docs/results.md and README.md
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
 BEGIN, END = "<!-- tables: python scripts/results.py --table-only --write -->", "<!-- end tables -->"
+HEAD_BEGIN, HEAD_END = "<!-- headline: python scripts/results.py --table-only --write -->", "<!-- end headline -->"
 
 # (row id, dataset group, description, config, extra --set overrides)
 ROWS = [
@@ -54,6 +56,21 @@ REFERENCE = {
                  ("frozen EfficientNet-Lite0 image + LR", .4933, .4683, .4421),
                  ("concat text + image + LR", .5800, .5690, .5431)],
 }
+# README headline rows: (row id, data, model, reference); classification rows report weighted F1, regression rows
+# MAE and correlation.
+HEADLINE = [
+    ("mvsa-single-text", "MVSA-Single (text only)", "INFIG-lite", "frozen MiniLM + LR .6410"),
+    ("hfm-text", "HFM (text only)", "INFIG-lite", "frozen MiniLM + LR .7800"),
+    ("mvsa-multiple-text", "MVSA-Multiple (text only)", "INFIG-lite", "frozen MiniLM + LR .6562"),
+    ("cm-memes", "cm_memes (image + text)", "INFIG-lite", "concat MiniLM + EfficientNet + LR .5690"),
+    ("cm-memes-rahp", "cm_memes (image + text)", "rahp", "–"),
+    ("cm-memes-text", "cm_memes (text only)", "INFIG-lite", "MiniLM + LR .6014"),
+    ("mosi-text", "CMU-MOSI (text only)", "INFIG-lite", "–"),
+    ("mosi-rahp", "CMU-MOSI (text only)", "rahp (memory bank)", "–"),
+    ("mosi-rahp-none", "CMU-MOSI (text only)", "rahp w/o retrieval", "–"),
+    ("mosei-rahp", "CMU-MOSEI (text only)", "rahp (memory bank)", "–"),
+    ("mosei-rahp-none", "CMU-MOSEI (text only)", "rahp w/o retrieval", "–"),
+]
 CLASSIFICATION = ("accuracy", "f1_weighted", "f1_macro")
 REGRESSION = ("mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc7")
 
@@ -85,6 +102,12 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
+def scores(row: str, seeds: list[int]) -> list[dict]:
+    """Test metrics of the finished runs of ``row`` among ``seeds``."""
+    return [json.loads((run_dir(row, s) / "metrics.json").read_text())["test"]
+            for s in seeds if (run_dir(row, s) / "metrics.json").is_file()]
+
+
 def tables(rows, seeds: list[int]) -> str:
     out = []
     for group in dict.fromkeys(r[1] for r in rows):
@@ -92,8 +115,7 @@ def tables(rows, seeds: list[int]) -> str:
         for row, g, desc, config, extra in rows:
             if g != group:
                 continue
-            metrics = [json.loads((run_dir(row, s) / "metrics.json").read_text())["test"]
-                       for s in seeds if (run_dir(row, s) / "metrics.json").is_file()]
+            metrics = scores(row, seeds)
             if metrics:
                 done.append((row, desc, config, extra, metrics))
         if not done:
@@ -111,6 +133,31 @@ def tables(rows, seeds: list[int]) -> str:
     return "\n".join(out)
 
 
+def headline(seeds: list[int]) -> str:
+    """The README's headline tables: weighted F1 of the classification rows, MAE and corr of the regression rows."""
+    cls = ["| data | model | seeds | test weighted F1 | reference |", "|---|---|---|---|---|"]
+    reg = ["| data | model | seeds | test MAE | test corr |", "|---|---|---|---|---|"]
+    for row, data, model, ref in HEADLINE:
+        metrics = scores(row, seeds)
+        if not metrics:
+            continue
+        if "mae" in metrics[0]:
+            reg.append(f"| {data} | {model} | {len(metrics)} | {_fmt([m['mae'] for m in metrics])} | "
+                       f"{_fmt([m['corr'] for m in metrics])} |")
+        else:
+            cls.append(f"| {data} | {model} | {len(metrics)} | {_fmt([m['f1_weighted'] for m in metrics])} | {ref} |")
+    return "\n\n".join("\n".join(t) for t in (cls, reg) if len(t) > 2)
+
+
+def replace_block(path: Path, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the ``begin`` and ``end`` marker lines of ``path`` with ``body``."""
+    text = path.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"{path}: expected one {begin!r} line followed by one {end!r} line")
+    head, rest = text.split(begin)
+    path.write_text(f"{head}{begin}\n{body.strip()}\n\n{end}{rest.split(end)[1]}")  # blank line: ends a table
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -126,9 +173,8 @@ def main() -> None:
                     run(row, config, extra, seed)
     print(tables(rows, args.seeds))
     if args.write:  # always every row, so an --only run cannot drop the other groups from the doc
-        text = DOC.read_text()
-        head, rest = text.split(BEGIN, 1)
-        DOC.write_text(f"{head}{BEGIN}\n{tables(ROWS, args.seeds)}\n{END}{rest.split(END, 1)[1]}")
+        replace_block(DOC, BEGIN, END, tables(ROWS, args.seeds))
+        replace_block(README, HEAD_BEGIN, HEAD_END, headline(args.seeds))
 
 
 if __name__ == "__main__":
