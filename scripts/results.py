@@ -30,7 +30,7 @@ HEAD_BEGIN, HEAD_END = "<!-- headline: python scripts/results.py --table-only --
 # (row id, dataset group, description, config, extra --set overrides)
 ROWS = [
     ("mvsa-single-text", "MVSA-Single", "INFIG-lite, text only", "configs/lite/mvsa-single-text.yaml", []),
-    ("mvsa-single-text-ft4", "MVSA-Single", "INFIG-lite, text only, 4 MiniLM layers fine-tuned",
+    ("mvsa-single-text-ft4", "MVSA-Single", "INFIG-lite, text only, 4 MiniLM layers fine-tuned (lower dev: not kept)",
      "configs/lite/mvsa-single-text-ft4.yaml", []),
     ("hfm-text", "HFM", "INFIG-lite, text only", "configs/lite/hfm-text.yaml", []),
     ("mvsa-multiple-text", "MVSA-Multiple", "INFIG-lite, text only", "configs/lite/mvsa-multiple-text.yaml", []),
