@@ -58,20 +58,20 @@ REFERENCE = {
                  ("frozen EfficientNet-Lite0 image + LR", .4933, .4683, .4421),
                  ("concat text + image + LR", .5800, .5690, .5431)],
 }
-# README headline rows: (row id, data, model, reference); classification rows report weighted F1, regression rows
-# MAE and correlation.
+# README headline rows: (row id, data, model, reference: (short name, REFERENCE group, index) or None);
+# classification rows report weighted F1 (the reference's too, read from REFERENCE), regression rows MAE and corr.
 HEADLINE = [
-    ("mvsa-single-text", "MVSA-Single (text only)", "INFIG-lite", "frozen MiniLM + LR .6410"),
-    ("hfm-text", "HFM (text only)", "INFIG-lite", "frozen MiniLM + LR .7800"),
-    ("mvsa-multiple-text", "MVSA-Multiple (text only)", "INFIG-lite", "frozen MiniLM + LR .6562"),
-    ("cm-memes", "cm_memes (image + text)", "INFIG-lite", "concat MiniLM + EfficientNet + LR .5690"),
-    ("cm-memes-rahp", "cm_memes (image + text)", "rahp", "–"),
-    ("cm-memes-text", "cm_memes (text only)", "INFIG-lite", "MiniLM + LR .6014"),
-    ("mosi-text", "CMU-MOSI (text only)", "INFIG-lite", "–"),
-    ("mosi-rahp", "CMU-MOSI (text only)", "rahp (memory bank)", "–"),
-    ("mosi-rahp-none", "CMU-MOSI (text only)", "rahp w/o retrieval", "–"),
-    ("mosei-rahp", "CMU-MOSEI (text only)", "rahp (memory bank)", "–"),
-    ("mosei-rahp-none", "CMU-MOSEI (text only)", "rahp w/o retrieval", "–"),
+    ("mvsa-single-text", "MVSA-Single (text only)", "INFIG-lite", ("frozen MiniLM + LR", "MVSA-Single", 1)),
+    ("hfm-text", "HFM (text only)", "INFIG-lite", ("frozen MiniLM + LR", "HFM", 1)),
+    ("mvsa-multiple-text", "MVSA-Multiple (text only)", "INFIG-lite", ("frozen MiniLM + LR", "MVSA-Multiple", 1)),
+    ("cm-memes", "cm_memes (image + text)", "INFIG-lite", ("concat MiniLM + EfficientNet + LR", "cm_memes", 2)),
+    ("cm-memes-rahp", "cm_memes (image + text)", "rahp", None),
+    ("cm-memes-text", "cm_memes (text only)", "INFIG-lite", ("MiniLM + LR", "cm_memes", 0)),
+    ("mosi-text", "CMU-MOSI (text only)", "INFIG-lite", None),
+    ("mosi-rahp", "CMU-MOSI (text only)", "rahp (memory bank)", None),
+    ("mosi-rahp-none", "CMU-MOSI (text only)", "rahp w/o retrieval", None),
+    ("mosei-rahp", "CMU-MOSEI (text only)", "rahp (memory bank)", None),
+    ("mosei-rahp-none", "CMU-MOSEI (text only)", "rahp w/o retrieval", None),
 ]
 CLASSIFICATION = ("accuracy", "f1_weighted", "f1_macro")
 REGRESSION = ("mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc7")
@@ -147,7 +147,8 @@ def headline(seeds: list[int]) -> str:
             reg.append(f"| {data} | {model} | {len(metrics)} | {_fmt([m['mae'] for m in metrics])} | "
                        f"{_fmt([m['corr'] for m in metrics])} |")
         else:
-            cls.append(f"| {data} | {model} | {len(metrics)} | {_fmt([m['f1_weighted'] for m in metrics])} | {ref} |")
+            cell = "–" if ref is None else f"{ref[0]} {REFERENCE[ref[1]][ref[2]][2]:.4f}".replace(" 0.", " .")
+            cls.append(f"| {data} | {model} | {len(metrics)} | {_fmt([m['f1_weighted'] for m in metrics])} | {cell} |")
     return "\n\n".join("\n".join(t) for t in (cls, reg) if len(t) > 2)
 
 
@@ -165,7 +166,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", help="row ids or dataset groups")
     p.add_argument("--table-only", action="store_true")
-    p.add_argument("--write", action="store_true", help=f"replace the tables between the markers of {DOC.name}")
+    p.add_argument("--write", action="store_true", help=f"replace the tables between the markers of {DOC.name} and {README.name}")
     args = p.parse_args()
     rows = [r for r in ROWS if not args.only or any(o in (r[0], r[1]) for o in args.only)]
     if not args.table_only:
