@@ -34,14 +34,19 @@ def scores_to_predictions(task: str, logits: np.ndarray) -> np.ndarray:
     return logits.argmax(-1) if task == "classification" else logits[:, 0]
 
 
-def evaluate(model, batches: Iterable[dict], device: torch.device, amp_dtype=None) -> dict:
-    """Metrics over all ``batches`` (task-specific, see :mod:`mmsenti.metrics`) plus the mean ``loss``."""
-    logits, labels, losses, sizes = [], [], [], []
-    for r in predict_batches(model, batches, device, amp_dtype):
-        logits.append(r["logits"])
-        labels.append(r["labels"])
-        losses.append(r["loss"])
-        sizes.append(len(r["ids"]))
+def evaluate(model, batches: Iterable[dict], device: torch.device, amp_dtype=None, dist=None) -> dict:
+    """Metrics over all ``batches`` (task-specific, see :mod:`mmsenti.metrics`) plus the mean ``loss``.
+
+    Multi-process (``dist``, a :class:`mmsenti.distributed.Distributed`): ``batches`` are this process's
+    round-robin share of the split's batches (see ``Setup.eval_loader``). Each process scores whole batches, the
+    results are gathered back into the split's order and every process computes the metrics of the whole split:
+    the same batches as one process, so the same metrics, with no padding duplicates to drop.
+    """
+    records = [(r["logits"], r["labels"], r["loss"], len(r["ids"])) for r in predict_batches(model, batches, device,
+                                                                                              amp_dtype)]
+    if dist is not None:
+        records = dist.gather_interleaved(records)
+    logits, labels, losses, sizes = zip(*records, strict=True)
     task = model.info.task
     preds = scores_to_predictions(task, np.concatenate(logits))
     metrics = compute_metrics(task, np.concatenate(labels), preds, model.info.label_names)
