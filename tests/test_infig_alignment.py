@@ -197,12 +197,13 @@ def test_fine_grained_loss_gather_hook():
     process with 3 pairs, the other process's pairs are extra negatives and the positives sit at 3 + i."""
     img_layers, txt_layers, mask = _layers(n_layers=2)
     other_img, other_txt, other_mask = _tokens(bi=3, bt=3, seed=9, lengths=(2, 8, 4))
-    extra = {id(m): o for m, o in [(mask, other_mask)]}
-    for i, t in zip(img_layers, txt_layers, strict=True):
-        extra[id(i)], extra[id(t)] = other_img, other_txt
 
-    def gather(x):
-        return torch.cat([extra[id(x)].to(x.dtype), x]), 3
+    def gather(x):  # the mask (B, N_t), or every layer's image (B, M, 7, D) / text (B, M, 8, D) tokens
+        if x.ndim == 2:
+            other = other_mask
+        else:
+            other = torch.stack([other_img if x.shape[2] == 7 else other_txt] * x.shape[1], 1)
+        return torch.cat([other.to(x.dtype), x]), 3
 
     tau = 0.2
     out = FineGrainedAlignmentLoss(top_j=2, gather=gather)(img_layers, txt_layers, mask, tau)
@@ -447,7 +448,10 @@ def test_global_loss_gather_hook_and_shared_temperature():
     other = _unit(torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
     temp = LearnableTemperature(0.1).double()
     # This process is rank 1, after a process with 3 pairs: keys in rank order, positives at 3 + i.
-    loss_fn = GlobalAlignmentLoss(5, 20, temperature=temp, gather=lambda x: (torch.cat([other, x]), 3)).double()
+    def gather(x):  # the momentum image and text keys side by side, (B, 2·D)
+        return torch.cat([torch.cat([other, other], 1), x]), 3
+
+    loss_fn = GlobalAlignmentLoss(5, 20, temperature=temp, gather=gather).double()
     assert loss_fn.temperature is temp
     img, txt, img_m, txt_m = _global_feats()
     out = loss_fn(img, txt, img_m, txt_m)

@@ -60,6 +60,10 @@ class Terminated(BaseException):
     """SIGTERM while in a process group (torchrun stops the survivors this way when one process fails)."""
 
 
+# Profiler ranges (benchmarks/ddp.py reads them): the loss gathers' forward and backward communication.
+PROFILE_GATHER, PROFILE_GATHER_BACKWARD = "mmsenti.all_gather", "mmsenti.all_gather.backward"
+
+
 # ------------------------------------------------------------------------------------------ differentiable gather
 class _AllGather(torch.autograd.Function):
     """(W, *shape) stack of every rank's equally shaped tensor; backward sums the gradients over ranks."""
@@ -72,6 +76,7 @@ class _AllGather(torch.autograd.Function):
         return torch.stack(parts)
 
     @staticmethod
+    @torch.profiler.record_function(PROFILE_GATHER_BACKWARD)
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous()
         if grad.is_cuda:  # NCCL: a reduce-scatter moves 1/W of the data of an all-reduce
@@ -94,13 +99,17 @@ class Distributed:
         local_rank: rank on this machine (the GPU index under torchrun).
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, group: bool | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        # In a process group: several processes, or one started by torchrun (then DDP and the collectives run on a
+        # single process too, e.g. to check NCCL on one GPU).
+        self.group = world_size > 1 if group is None else group
 
     def __repr__(self) -> str:
-        return f"Distributed(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank})"
+        return (f"Distributed(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
+                f"group={self.group})")
 
     # --------------------------------------------------------------------------------------------- set-up
     @classmethod
@@ -112,9 +121,9 @@ class Distributed:
         each process then uses GPU ``LOCAL_RANK``). SIGTERM, which torchrun sends to the survivors when one
         process fails, raises :class:`Terminated` so the trainer can say how to resume.
         """
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
+        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:  # not started by torchrun
             return cls()
+        world_size = int(os.environ["WORLD_SIZE"])
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not tdist.is_initialized():
             backend = "gloo"
@@ -125,14 +134,15 @@ class Distributed:
                 else DEFAULT_TIMEOUT
             tdist.init_process_group(backend, timeout=timeout)
         signal.signal(signal.SIGTERM, _raise_terminated)
-        return cls(rank, world_size, local_rank)
+        return cls(rank, world_size, local_rank, group=True)
 
     @classmethod
     def from_group(cls) -> Distributed:
         """The already initialised default process group (tests, notebooks, other launchers)."""
         if not tdist.is_initialized():
             return cls()
-        return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", tdist.get_rank())))
+        return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", tdist.get_rank())),
+                   group=True)
 
     def close(self, clean: bool = True) -> None:
         """Leave the process group (a no-op for a single process).
@@ -151,8 +161,8 @@ class Distributed:
 
     @property
     def enabled(self) -> bool:
-        """More than one process."""
-        return self.world_size > 1
+        """In a process group (more than one process, or one under torchrun): collectives and DDP run."""
+        return self.group
 
     @property
     def is_main(self) -> bool:
@@ -181,6 +191,10 @@ class Distributed:
         """
         if not self.enabled:
             return x, 0
+        with torch.profiler.record_function(PROFILE_GATHER):
+            return self._all_gather(x)
+
+    def _all_gather(self, x: Tensor) -> tuple[Tensor, int]:
         shapes = self._shapes(x)
         rows = [s[0] for s in shapes]
         # Pad every dimension to the largest size over processes (dim 0 only for transport: cut off again below).

@@ -171,7 +171,7 @@ def build_setup(cfg: Config, *, dist: Distributed | None = None, processor=None,
         processor = dist.broadcast_object(processor)
     device = dist.device(cfg.run.device)
     model = build_model(cfg.model, info, processor, load_weights=load_weights).to(device)
-    if getattr(cfg.run, "sync_batchnorm", False) and dist.enabled:
+    if cfg.run.sync_batchnorm and dist.enabled:
         if device.type != "cuda":
             from mmsenti.config import ConfigError
 

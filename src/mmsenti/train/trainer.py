@@ -175,7 +175,8 @@ class Trainer:
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
         if dist.enabled:
-            log.info("distributed training: %d processes (%s)", dist.world_size, self.device)
+            log.info("distributed training: %d process%s (%s)", dist.world_size, "es" if dist.world_size > 1 else "",
+                     self.device)
 
         proc_dir = self.run_dir / "processor"
         processor = None
@@ -188,6 +189,8 @@ class Trainer:
             self.setup.processor.save(proc_dir)
         self.bundle, self.processor, self.model = self.setup.bundle, self.setup.processor, self.setup.model
         self.info, self.metric, self.amp_dtype = self.setup.info, self.setup.metric, self.setup.amp_dtype
+        log.info("device %s, %s", self.device,
+                 f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "fp32")
         train = self.bundle.split("train")
         if not train:
             raise DataError(f"dataset '{self.bundle.name}': the train split is empty")
@@ -357,7 +360,7 @@ class Trainer:
                                              + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
                 scaled = loss * weight / group if world > 1 else loss / group
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            if count == 0 and world > 1 and not cfg.run.find_unused_parameters:
+            if count == 0 and self.dist.enabled and not cfg.run.find_unused_parameters:
                 self._check_all_parameters_trained()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())

@@ -243,18 +243,20 @@ class FineGrainedAlignmentLoss(nn.Module):
         offset = 0
         if self.gather is not None:
             mask_all, offset = self.gather(txt_mask)
+            # Every layer in one gather per modality: (B, M, N, D), fewer collectives per step.
+            img_all = self.gather(torch.stack(list(img_layers), 1))[0].unbind(1)
+            txt_all = self.gather(torch.stack(list(txt_layers), 1))[0].unbind(1)
         targets = offset + torch.arange(batch, device=txt_mask.device)
 
         losses = []
-        for img, txt in zip(img_layers, txt_layers, strict=True):
+        for m, (img, txt) in enumerate(zip(img_layers, txt_layers, strict=True)):
             if self.gather is None:
                 s_p2q, s_q2p = _fine_grained(img, txt, txt_mask, self.top_j, self.chunk_size)
                 logits_i2t, logits_t2i = s_p2q, s_q2p.T
             else:
                 # Local images against every process's texts, and local texts against every process's images.
-                logits_i2t, _ = _fine_grained(img, self.gather(txt)[0], mask_all, self.top_j, self.chunk_size,
-                                              q2p=False)
-                _, s_q2p = _fine_grained(self.gather(img)[0], txt, txt_mask, self.top_j, self.chunk_size, p2q=False)
+                logits_i2t, _ = _fine_grained(img, txt_all[m], mask_all, self.top_j, self.chunk_size, q2p=False)
+                _, s_q2p = _fine_grained(img_all[m], txt, txt_mask, self.top_j, self.chunk_size, p2q=False)
                 logits_t2i = s_q2p.T
             losses.append(0.5 * (F.cross_entropy(logits_i2t / tau, targets) + F.cross_entropy(logits_t2i / tau, targets)))
 
@@ -417,7 +419,8 @@ class GlobalAlignmentLoss(nn.Module):
             img_m, txt_m = F.normalize(img_feat_m.detach(), dim=-1), F.normalize(txt_feat_m.detach(), dim=-1)
             ids_m, offset = ids, 0
             if self.gather is not None:  # the keys of the global batch, in rank order (no gradient: detached)
-                (img_m, offset), (txt_m, _) = self.gather(img_m), self.gather(txt_m)
+                keys, offset = self.gather(torch.cat([img_m, txt_m], 1))
+                img_m, txt_m = keys.split([img_m.shape[1], txt_m.shape[1]], 1)
                 ids_m = self.gather(ids)[0] if ids is not None else None
             img_keys = torch.cat([img_m, self.image_queue.features().to(img_m.dtype)])
             txt_keys = torch.cat([txt_m, self.text_queue.features().to(txt_m.dtype)])
