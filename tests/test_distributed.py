@@ -188,6 +188,14 @@ def _run_steps(overrides, processor, d: Distributed, steps: int) -> dict:
         if hasattr(model, "on_optimizer_step"):
             model.on_optimizer_step()
     if cfg.model.name == "infig":
+        # Evaluation of a fresh model: whole batches of 3 (3, 3, 2) spread round-robin, gathered back in order.
+        from mmsenti.train.evaluate import evaluate
+
+        _, _, _, fresh = _build(overrides, processor)
+        dev = bundle.split("dev")
+        batches = [processor(dev[i:i + 3]) for i in range(0, len(dev), 3)]
+        out["eval"] = evaluate(fresh, round_robin(batches, d.rank, d.world_size), torch.device("cpu"), None,
+                               d if d.enabled else None)
         q = model.gam_loss
         out["queues"] = {k: getattr(q, k).features() for k in ("image_queue", "text_queue")}
         out["queue_ids"] = q.image_queue.sample_ids()
@@ -285,6 +293,13 @@ def test_gam_queues_are_identical_on_every_rank_and_equal_one_process(spawned):
         assert torch.equal(two[0]["queues"][k], two[1]["queues"][k])
         torch.testing.assert_close(two[0]["queues"][k], one["queues"][k], atol=1e-5, rtol=0)
     assert torch.equal(two[0]["queue_ids"], one["queue_ids"]) and torch.equal(two[1]["queue_ids"], one["queue_ids"])
+
+
+def test_evaluation_spread_over_processes_gives_exactly_one_process_metrics(spawned):
+    single, ranks = spawned
+    # 3 batches over 2 processes (2 + 1): none lost, none counted twice, the loss weighted by batch size.
+    assert ranks[0]["infig"]["eval"] == ranks[1]["infig"]["eval"] == single["infig"]["eval"]
+    assert sum(map(sum, single["infig"]["eval"]["confusion_matrix"])) == 8
 
 
 def test_memory_bank_is_built_from_every_shard_identically(spawned):
@@ -394,6 +409,11 @@ def test_two_processes_train_like_one(runs):
     assert proc.stdout.strip() == str(root / "two")
     assert len(load_checkpoint(root / "two" / "checkpoints" / "last.pt")["rng"]) == 2  # one RNG state per rank
     assert json.loads((root / "two" / "run_info.json").read_text())["world_size"] == 2
+    # `mmsenti evaluate` on 2 processes scores the saved model exactly as the run's final evaluation did.
+    ev = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mmsenti",
+               "evaluate", str(root / "two"), "--split", "dev", "test", "--output", str(root / "eval.json")], _env())
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads((root / "eval.json").read_text()) == two and ev.stdout.count("test") == 1
 
 
 def _worker_pids(tag: str, rank: int) -> list[int]:
