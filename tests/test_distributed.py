@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmsenti.config import load_config
-from mmsenti.distributed import Distributed, ShardedBatchSampler, attach_gather, round_robin, shard
+from mmsenti.distributed import Distributed, ShardedBatchSampler, attach_gather, round_robin, shard, unwrap_model
 from mmsenti.losses import total_loss
 from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
@@ -146,6 +147,21 @@ def test_nproc_checks_the_config_before_starting_processes_and_summarises_a_fail
     assert "training process 1 of 2 failed (signal SIGKILL)" in capsys.readouterr().err
 
 
+def test_ddp_without_unused_parameter_detection_names_the_parameters_that_get_no_gradient(tmp_path, tiny_overrides):
+    from mmsenti.config import ConfigError
+
+    trainer = Trainer(load_config(None, tiny_overrides), tmp_path)
+    trainer.prepare()
+    trainer.model.unused = torch.nn.Linear(2, 2)
+    batch = next(iter(trainer.loader("train", 0)))
+    total_loss(trainer.train_step(batch)).backward()
+    with pytest.raises(ConfigError, match=r"2 trainable parameter\(s\) get no gradient .*unused.weight, unused.bias"):
+        trainer._check_all_parameters_trained()
+    compiled = torch.nn.Module()
+    compiled._orig_mod = trainer.model  # what torch.compile's wrapper holds
+    assert unwrap_model(compiled) is trainer.model
+
+
 # ------------------------------------------------------------------------------ spawned pairs of processes
 def _build(overrides, processor=None):
     cfg = load_config(None, overrides)
@@ -167,11 +183,12 @@ def _run_steps(overrides, processor, d: Distributed, steps: int) -> dict:
     cfg, bundle, _, model = _build(overrides, processor)
     train = bundle.split("train")
     if d.enabled:
-        attach_gather(model, d.all_gather)
+        assert attach_gather(model, d.all_gather) == (2 if cfg.model.name == "infig" else 1)
     if cfg.model.name == "rahp":
         model.refresh_bank(round_robin(_bank_batches(cfg, bundle, processor), d.rank, d.world_size), "cpu",
                            d if d.enabled else None)
     step = d.wrap(TrainStep(model), torch.device("cpu"), find_unused_parameters=False)
+    assert unwrap_model(step).model is model and isinstance(step, DDP) == d.enabled
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     out: dict = {"terms": [], "grads": None}
@@ -393,13 +410,19 @@ def test_two_processes_train_like_one(runs):
         for k in ("accuracy", "f1_weighted", "f1_macro", "confusion_matrix"):
             assert one[split][k] == two[split][k], (split, k)
         assert one[split]["loss"] == pytest.approx(two[split]["loss"], abs=1e-4)
-    # Every epoch's dev loss, and the weights 18 optimiser steps later, agree to float rounding of the split batch.
+    # Every epoch's dev loss, and the weights 18 optimiser steps later, agree up to float rounding of the split
+    # batch (amplified by AdamW where the true gradient is 0, e.g. attention key biases: compared in L2 against how
+    # far the weights moved in the last two epochs).
     csv = [(root / run / "metrics.csv").read_text().splitlines() for run in ("one", "two")]
     assert csv[0][0] == csv[1][0] and len(csv[0]) == len(csv[1]) == 4  # same columns, 3 epochs
     rows = [[float(x) for line in c[1:] for x in line.split(",")] for c in csv]
     assert max(abs(a - b) for a, b in zip(*rows, strict=True)) < 1e-4
     wa, wb = (load_checkpoint(root / run / "checkpoints" / "last.pt")["model"] for run in ("one", "two"))
-    assert max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) < 1e-4
+    w1 = load_checkpoint(root / "one" / "checkpoints" / "best.pt")["model"]  # after epoch 1
+    floats = [k for k in wa if wa[k].is_floating_point()]
+    diff = sum(float((wa[k] - wb[k]).pow(2).sum()) for k in floats) ** 0.5
+    moved = sum(float((wa[k] - w1[k]).pow(2).sum()) for k in floats) ** 0.5
+    assert diff < 1e-2 * moved, (diff, moved)
     # One run directory, written once: one log (no line twice), one model, one event file, rank 0's stdout only.
     log = (root / "two" / "train.log").read_text()
     assert log.count("model infig:") == 1 and log.count("epoch 3: train loss") == 1
