@@ -22,7 +22,8 @@ Retrieval modes (``retrieval``):
   current encoders by the trainer hooks (before each epoch if stale, and after each epoch, before dev
   evaluation). A sample never retrieves itself (its bank row is excluded by id). The bank is part of the
   model's ``state_dict`` (keys ``bank.*``), so checkpoints and ``model.safetensors`` carry it and a loaded
-  model predicts without the training data, deterministically and independently of the batch.
+  model predicts without the training data, deterministically and independently of the batch. With several
+  processes each encodes a share of the training set and every process builds the same bank from all shares.
 * ``"in-batch"``: the authors' behaviour: neighbours are the other samples of the current batch, in training
   *and* evaluation, so a prediction depends on the batch it comes in. Labels are never read in this mode
   (at test time they would be the test labels).
