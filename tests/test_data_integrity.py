@@ -237,6 +237,14 @@ def test_training_checks_every_split_before_the_first_epoch(tmp_path):
     assert "p24 (unreadable)" in (tmp_path / "stopped" / "train.log").read_text()
     results = Trainer(load_config(None, sets + ["data.missing_images=drop"]), tmp_path / "dropped").fit()
     assert np.sum(results["test"]["confusion_matrix"]) == 5
+    # Checksums intact, pixel data garbage: passes the fast check, fails when the test split is scored at the end.
+    # The run stops with the sample named, but the trained model is already saved.
+    (tmp_path / "img" / "24.png").write_bytes(png(16, 16, b"garbage, not deflate"))
+    with pytest.raises(DataError, match=r"sample p24: cannot read image"):
+        Trainer(load_config(None, sets), tmp_path / "late").fit()
+    assert (tmp_path / "late" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "late" / "metrics.json").exists()
+    assert "sample p24: cannot read image" in (tmp_path / "late" / "train.log").read_text()
 
 
 def test_decompression_bomb_is_refused_naming_sample_and_limit(tmp_path):

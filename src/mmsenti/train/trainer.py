@@ -391,10 +391,12 @@ class Trainer:
     def _finish(self) -> dict:
         best = self.run_dir / "checkpoints" / "best.pt"
         self.model.load_state_dict(load_checkpoint(best)["model"])
+        # Saved before scoring: should scoring fail (an image that only fails to decode), the model is kept and
+        # `mmsenti evaluate RUN_DIR` can score it once the data is fixed.
+        save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
         results = {split: evaluate(self.model, self.loader(split), self.device, self.amp_dtype)
                    for split in ("dev", "test") if split in self.bundle.splits}
         (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
         if self.tb:
             self.tb.close()
         log.info("results (selected on dev %s, epoch %d):\n%s", self.metric, self.state.best_epoch + 1,
