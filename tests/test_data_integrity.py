@@ -289,3 +289,46 @@ def test_data_check_decode_finds_what_the_header_check_cannot(tmp_path):
     r = run_cli("data", "check", "jsonl", "--root", str(f), *sets, "--decode")
     assert r.returncode == 1 and "6 file(s) checked (decoded)" in r.stdout
     assert re.search(r"ERROR   train: 1 (unreadable|truncated) image\(s\) \(first: p4\)", r.stdout)
+
+
+# ------------------------------------------------------------------------------------------------ MMSA pickles
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import shutil
+
+        return (shutil.copyfile, (__file__, self.marker))
+
+
+def _mmsa(n: int, start: int) -> dict:
+    rng = np.random.default_rng(start)
+    return {"id": np.array([f"v{start + i}$_${i}" for i in range(n)], dtype=object),
+            "raw_text": [f"clip {start + i}" for i in range(n)],
+            "audio": rng.normal(size=(n, 5, 3)).astype(np.float32), "vision": rng.normal(size=(n, 4, 2)),
+            "audio_lengths": [5] * n, "vision_lengths": [4] * n, "regression_labels": np.linspace(-3, 3, n)}
+
+
+def test_mmsa_pickle_is_converted_without_running_it(tmp_path):
+    import pickle
+
+    good = {"train": _mmsa(6, 0), "valid": _mmsa(3, 10), "test": _mmsa(3, 20)}
+    (tmp_path / "unaligned_50.pkl").write_bytes(pickle.dumps(good))
+    from mmsenti.data.formats.mmsa import MMSAConfig, build_mmsa, convert_pickle
+
+    with pytest.raises(DataError, match=r"is a Python pickle.*mmsenti data convert"):
+        build_mmsa(MMSAConfig(root=str(tmp_path)))
+    r = run_cli("data", "convert", "mosi", "--root", str(tmp_path))
+    assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "unaligned_50.npz")
+    b = build_mmsa(MMSAConfig(root=str(tmp_path)))  # the .npz, no trust needed
+    assert [s.id for s in b.splits["dev"]] == ["v10_0", "v11_1", "v12_2"]
+    assert b.splits["train"][1].features["audio"].shape == (5, 3)
+
+    marker = tmp_path / "pwned"
+    bad = {"train": {**_mmsa(2, 0), "extra": _Payload(marker)}}
+    (tmp_path / "crafted.pkl").write_bytes(pickle.dumps(bad))
+    with pytest.raises(DataError, match=r"crafted\.pkl: refused to convert: it references shutil\.copyfile, which is "
+                                        r"not part of an MMSA feature file \(nothing in it was run\)"):
+        convert_pickle(tmp_path / "crafted.pkl")
+    assert not marker.exists() and not (tmp_path / "crafted.npz").exists()
