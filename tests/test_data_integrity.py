@@ -116,6 +116,17 @@ def test_long_quoted_fields_and_quotes_open_at_the_end(tmp_path):
         build_csv(CsvDataConfig(root=str(f), label_names=LABELS))
 
 
+def test_line_endings_of_every_kind_read_alike(tmp_path):
+    """Reading bytes line by line (for byte offsets) must not lose the \\r-only endings csv's newline="" accepts."""
+    text = 'text,label\n"two\nlines",positive\nplain,negative\n'
+    rows = []
+    for name, ending in (("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")):
+        (tmp_path / f"{name}.csv").write_bytes(text.replace("\n", ending).encode())
+        b = build_csv(CsvDataConfig(root=str(tmp_path / f"{name}.csv"), label_names=LABELS))
+        rows.append([(s.id.split(":")[1], s.text.replace(ending, "\n"), s.label) for s in b.splits["train"]])
+    assert rows[0] == rows[1] == rows[2] == [("2", "two\nlines", 2), ("4", "plain", 0)]
+
+
 # ------------------------------------------------------------------------------------------------ labels
 def _labelled(n: int, typo_at: int | None = None) -> list[str]:
     labels = [LABELS[i % 3] for i in range(n)]

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -115,20 +116,34 @@ def text_lines(path: Path, encoding: str = "utf-8") -> Iterator[str]:
         try:
             text = raw.decode(codec.name)
         except UnicodeDecodeError as e:
-            line_start = raw.rfind(b"\n", 0, e.start) + 1
-            raise _decode_error(path, raw.count(b"\n", 0, e.start) + 1, raw[line_start:], UnicodeDecodeError(
-                e.encoding, e.object, e.start - line_start, e.end - line_start, e.reason), line_start, encoding) from None
-        yield from text.splitlines(keepends=True)
+            line = raw[: e.start].decode(codec.name, errors="replace").count("\n") + 1
+            raise DataError(f"{path}:{line}: not {encoding} text at byte offset {e.start} ({e.reason}); if the file "
+                            f"uses another encoding, say which with data.encoding") from None
+        for line in _LINE_END.split(text):
+            if line:
+                yield from _split_cr(line)
         return
     first = "utf-8-sig" if codec.name == "utf-8" else codec.name
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield raw.decode(first if lineno == 1 else codec.name)
+                text = raw.decode(first if lineno == 1 else codec.name)
             except UnicodeDecodeError as e:
                 raise _decode_error(path, lineno, raw, e, offset, encoding) from None
+            yield from _split_cr(text)
             offset += len(raw)
+
+
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)")
+_LINE_END = re.compile(r"(?<=\n)")
+
+
+def _split_cr(text: str) -> list[str]:
+    """A lone ``\\r`` ends a line too (old Mac / Excel for Mac files), as ``open(newline="")`` reads them for csv."""
+    if "\r" not in text.replace("\r\n", ""):
+        return [text]
+    return [piece for piece in _LONE_CR.split(text) if piece]
 
 
 def read_json_list(path: Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
