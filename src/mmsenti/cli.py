@@ -24,6 +24,7 @@ def _default_run_dir(config: str | None) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmsenti.config import load_config
+    from mmsenti.train.lock import check_run_dir_free
     from mmsenti.train.trainer import Trainer
 
     if args.resume:
@@ -37,6 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         out = Path(args.out or cfg.run.out or _default_run_dir(args.config))
         if (out / "checkpoints" / "last.pt").exists():
+            check_run_dir_free(out)  # a live run's folder: name its holder rather than suggest --resume
             raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
         trainer = Trainer(cfg, out)
     trainer.fit()
@@ -116,7 +118,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     overrides = [f"data.name={args.name}"] + ([f"data.root={args.root}"] if args.root else []) + list(args.set or [])
     cfg = load_config(None, overrides)
-    report = doctor.check(cfg.data) if args.action == "check" else doctor.stats(cfg.data)
+    if args.action == "convert":
+        from mmsenti.data.formats.mmsa import MMSAConfig, convert_dataset
+
+        if not isinstance(cfg.data, MMSAConfig):
+            raise _UsageError(f"data convert: dataset '{args.name}' has no pickle format to convert (mosi, mosei)")
+        for path in convert_dataset(cfg.data):
+            print(path)
+        return 0
+    report = doctor.check(cfg.data, decode_images=args.decode) if args.action == "check" else doctor.stats(cfg.data)
     print(doctor.format_report(report))
     return 1 if args.action == "check" and getattr(report, "has_errors", False) else 0
 
@@ -168,8 +178,7 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmsenti.registry import DATASETS
-
+    # Imports nothing heavy: `mmsenti --help` must not import torch (names are checked when a command runs).
     p = argparse.ArgumentParser(prog="mmsenti", description="Multimodal sentiment analysis.")
     p.add_argument("--version", action="version", version=f"mmsenti {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -205,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--markdown", action="store_true", help="as Markdown tables (for the docs)")
     li.set_defaults(func=cmd_list)
 
-    d = sub.add_parser("data", help="check or describe a dataset")
-    d.add_argument("action", choices=["check", "stats"])
-    d.add_argument("name", choices=DATASETS.names())
+    d = sub.add_parser("data", help="check, describe or convert a dataset")
+    d.add_argument("action", choices=["check", "stats", "convert"],
+                   help="check: problems (exit 1 if any); stats: distributions; convert: MMSA pickles → safe .npz")
+    d.add_argument("name", help="a registered dataset (`mmsenti list datasets`)")
     d.add_argument("--root", help="dataset directory")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="data option, e.g. --set data.format=raw")
+    d.add_argument("--decode", action="store_true", help="check: decode every image fully (slower, thorough)")
     d.set_defaults(func=cmd_data)
 
     c = sub.add_parser("cache", help="build, inspect or clear the frozen-feature cache")
@@ -225,12 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before any heavy import: --help and usage errors exit here
+
     from mmsenti.config import ConfigError
     from mmsenti.data.base import DataError
     from mmsenti.registry import RegistryError
     from mmsenti.utils import setup_logging
 
-    args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
