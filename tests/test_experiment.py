@@ -217,3 +217,33 @@ def test_evaluate_plots(grid, tmp_path):
     (chart,) = experiment_bar_charts(exp, collect(exp), tmp_path / "bars")
     with Image.open(chart) as im:
         assert chart.name == "tiny-scenes.png" and im.format == "PNG"
+
+
+def test_finished_runs_without_predictions_get_them_from_their_saved_model(grid):
+    run_dir = grid["dir"] / "runs/two/text/seed1"
+    before = {s: np.load(run_dir / "predictions" / f"{s}.npz")["logits"] for s in ("dev", "test")}
+    for s in ("dev", "test"):
+        (run_dir / "predictions" / f"{s}.npz").unlink()
+    out = run(grid["two"], lanes=1)
+    assert "4 finished, 0 to run, 1 to fill in predictions" in out and "predictions from the saved model" in out
+    for s in ("dev", "test"):
+        np.testing.assert_allclose(np.load(run_dir / "predictions" / f"{s}.npz")["logits"], before[s], atol=1e-5)
+
+
+def test_runs_side_by_side_wait_for_one_cache_builder(tmp_path):
+    import threading
+
+    from mmsenti.cache import _build_lock
+
+    entered = threading.Event()
+
+    def second():
+        with _build_lock(tmp_path / "entry"):
+            entered.set()
+
+    with _build_lock(tmp_path / "entry"):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not entered.wait(0.3)  # blocked while the first builder holds the entry
+    assert entered.wait(5)
+    t.join()

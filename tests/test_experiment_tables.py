@@ -140,3 +140,13 @@ def test_the_paper_experiment_is_refused_in_one_line_listing_what_is_missing(tmp
     else:
         assert "mvsa-single data" in err
     assert not (ROOT / "runs" / "infig-paper").exists()  # nothing was started
+
+
+def test_write_refuses_to_blank_the_published_tables_without_runs(lite, tmp_path):
+    from mmsenti.experiment.table import write
+
+    doc = tmp_path / "results.md"
+    doc.write_text((ROOT / "docs" / "results.md").read_text())
+    with pytest.raises(ConfigError, match="no finished runs"):
+        write(lite, [doc])
+    assert doc.read_text() == (ROOT / "docs" / "results.md").read_text()

@@ -110,7 +110,6 @@ class Experiment:
     rows: list[Row]
     configs: dict[str, Config]  # row id → resolved config (seed and output not yet set)
     references: dict[str, list[Reference]]
-    _lines: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -236,7 +235,7 @@ def load_experiment(path: str | Path) -> Experiment:
             row_keys[r.id] = f"rows[{i}]"
             rows.append(r)
 
-    exp = Experiment(spec, path, rows, {}, {}, lines)
+    exp = Experiment(spec, path, rows, {}, {})
     for r in rows:
         key = row_keys[r.id]
         if not exp.config_path(r).is_file():

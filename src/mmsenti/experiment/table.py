@@ -17,6 +17,7 @@ import csv
 import io
 import re
 import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def tables_md(exp: Experiment, results: dict[str, list[RunResult]], rows: list[R
         keys = exp.metric_columns(_task(results[done[0].id]))
         out += [f"### {group}", ""]
         if exp.spec.notes.get(group):
-            out += [exp.spec.notes[group].strip(), ""]
+            out += [textwrap.fill(" ".join(exp.spec.notes[group].split()), 116), ""]
         out += ["| model | seeds | " + " | ".join(keys) + " | command |", "|---|---|" + "---|" * len(keys) + "---|"]
         for ref in exp.references.get(group, []):
             cells = [f"{ref.metrics[k]:.4f}" if k in ref.metrics else "–" for k in keys]
@@ -403,6 +404,10 @@ def replace_blocks(doc: str | Path, exp_name: str, render) -> list[str]:
 def write(exp: Experiment, docs: Sequence[str | Path], seeds: list[int] | None = None) -> dict[str, list[str]]:
     """Fill the blocks of ``exp`` in every document of ``docs``; {doc: [blocks written]}."""
     results = collect(exp, seeds)
+    fold_runs = exp.spec.cv is not None and any(any(o.runs.values()) for o in decide(exp, seeds))
+    if not any(results.values()) and not fold_runs:  # never blank a published table for want of runs
+        raise ConfigError(f"{exp.path}: no finished runs under {exp.runs_dir}: nothing written "
+                          f"(`mmsenti experiment run {exp.path}` first)")
     cache: dict[str, str] = {}
 
     def render(name: str) -> str:
