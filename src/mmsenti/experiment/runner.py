@@ -344,7 +344,8 @@ def run_experiment(exp: Experiment, *, only: list[str] | None = None, seeds: lis
         n_rows = len({j.row.id for j in jobs})
         echo(f"{exp.path}: {phase}: {n_rows} rows, {len(jobs)} runs: {len(done)} finished, {len(todo)} to run"
              + (f", {len(backfill)} to fill in predictions" if backfill else "")
-             + (f"; {lanes} lanes × {threads} threads" if todo or backfill else ""))
+             + (f"; {lanes} lane{'s' * (lanes > 1)} × {threads} thread{'s' * (threads > 1)}"
+                if todo or backfill else ""))
         if todo:
             problems = missing(exp, [r for r in rows if r.id in {j.row.id for j in todo}])
             if problems:
