@@ -1,4 +1,4 @@
-"""``mmsenti`` command line: train, evaluate, predict, list, data, cache.
+"""``mmsenti`` command line: train, evaluate, predict, list, data, cache, experiment.
 
 User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
 """
@@ -40,6 +40,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (out / "checkpoints" / "last.pt").exists():
             check_run_dir_free(out)  # a live run's folder: name its holder rather than suggest --resume
             raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+        if cfg.run.cv_folds and cfg.run.cv_fold is None:  # cross-validation: every fold, then the mean over folds
+            from mmsenti.experiment.cv import train_folds
+
+            train_folds(cfg, out)
+            print(out)
+            return 0
         trainer = Trainer(cfg, out)
     trainer.fit()
     print(trainer.run_dir)
@@ -61,11 +67,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg.data.root = args.root
     bundle = build_dataset(cfg)
     results = {}
+    keep = Path(args.predictions or args.plots) if (args.predictions or args.plots) else None
     for split in args.split:
         loader = DataLoader(ListDataset(bundle.split(split)), batch_size=cfg.data.eval_batch_size,
                             collate_fn=processor)
-        results[split] = evaluate(model, loader, device)
+        results[split] = evaluate(model, loader, device, save_predictions=keep / f"{split}.npz" if keep else None)
     print(format_table(results))
+    if args.plots:
+        from mmsenti.experiment.plots import write_evaluation_plots
+
+        write_evaluation_plots(keep, args.split, args.plots)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -173,6 +184,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from mmsenti.experiment.commands import run
+
+    return run(args)
+
+
 class _UsageError(Exception):
     pass
 
@@ -198,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", help="dataset directory, if it moved since training")
     e.add_argument("--output", help="also write the metrics as JSON here")
     e.add_argument("--device", default="auto")
+    e.add_argument("--predictions", metavar="DIR", help="also write per-post predictions (DIR/<split>.npz)")
+    e.add_argument("--plots", metavar="DIR", help="also write a confusion matrix and a reliability diagram (PNG)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict with a trained model")
@@ -232,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dir", help="cache directory (default run.cache_dir, $MMSENTI_CACHE_DIR, ~/.cache/mmsenti/features)")
     c.add_argument("--all", action="store_true", help="clear: remove every entry")
     c.set_defaults(func=cmd_cache)
+
+    from mmsenti.experiment.commands import add_parser as add_experiment_parser
+
+    add_experiment_parser(sub).set_defaults(func=cmd_experiment)
     return p
 
 

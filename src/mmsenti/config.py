@@ -121,6 +121,13 @@ class RunConfig:
     feature_cache: bool = True
     cache_dir: str | None = None
     cache_dtype: Literal["float32", "float16"] = "float32"
+    # Cross-validation (mmsenti/experiment/cv.py): with cv_folds = K >= 2, train+dev are pooled and cut into K
+    # stratified folds (fixed by cv_seed, not by the training seed); fold cv_fold is the dev split, the other
+    # folds the train split, and the test split is not loaded. `mmsenti train` with cv_fold unset trains every
+    # fold (into <out>/fold<i>) and writes the mean dev metrics over folds to <out>/cv.json.
+    cv_folds: int = 0
+    cv_fold: int | None = None
+    cv_seed: int = 0
 
 
 @dataclass

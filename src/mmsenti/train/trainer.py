@@ -88,6 +88,10 @@ def build_dataset(cfg: Config) -> DatasetBundle:
     from mmsenti.registry import DATASETS
 
     bundle = DATASETS.get(cfg.data.name).builder(cfg.data)
+    if cfg.run.cv_folds:  # cross-validation: train+dev pooled and cut into folds; the test split is not loaded
+        from mmsenti.experiment.cv import fold_bundle
+
+        bundle = fold_bundle(bundle, cfg.run.cv_folds, cfg.run.cv_fold, cfg.run.cv_seed)
     missing = [m for m in cfg.model.modalities if m not in bundle.modalities]
     if missing:
         raise DataError(
@@ -394,7 +398,9 @@ class Trainer:
         # Saved before scoring: should scoring fail (an image that only fails to decode), the model is kept and
         # `mmsenti evaluate RUN_DIR` can score it once the data is fixed.
         save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
-        results = {split: evaluate(self.model, self.loader(split), self.device, self.amp_dtype)
+        # Per-post predictions of the selected model: what paired significance tests (mmsenti experiment) need.
+        results = {split: evaluate(self.model, self.loader(split), self.device, self.amp_dtype,
+                                   save_predictions=self.run_dir / "predictions" / f"{split}.npz")
                    for split in ("dev", "test") if split in self.bundle.splits}
         (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
         if self.tb:
