@@ -96,11 +96,21 @@ def open_image(image: Any, sample_id: str = "?") -> Image.Image:
         return image
     if image is None:
         raise DataError(f"sample {sample_id}: no image, but the model reads images (set model.modalities)")
+    from mmsenti.data.formats.images import image_size_text
+
+    size = None
     try:
         with Image.open(image) as im:
+            # Refused before decoding: a decompression bomb is a small file that decodes to gigabytes.
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                size = im.size
+                raise Image.DecompressionBombError("over the limit")
             return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"sample {sample_id}: image file not found: {image}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"sample {sample_id}: image {image} is too large ({image_size_text(e, size)}; the limit is "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels, data.max_image_pixels): refused") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"sample {sample_id}: cannot read image {image}: {e}") from None
 
@@ -197,13 +207,26 @@ class Processor:
     def load(cls, directory: str | Path) -> Processor:
         from transformers import AutoTokenizer
 
+        from mmsenti.models.files import ModelFileError, read_json
+
         directory = Path(directory)
         path = directory / "preprocessing.json"
         if not path.is_file():
-            raise DataError(f"not a saved mmsenti model: {path} is missing")
-        meta = json.loads(path.read_text())
+            raise ModelFileError(f"not a saved mmsenti model: {path} is missing")
+        meta = read_json(path, "preprocessing description")
+        if not isinstance(meta, dict) or not isinstance(meta.get("modalities"), list):
+            raise ModelFileError(f"{path}: expected an object with 'modalities'")
+        if "text" in meta["modalities"] and not (directory / "tokenizer").is_dir():
+            raise ModelFileError(f"{directory / 'tokenizer'}/: missing (this model reads text; the folder is incomplete)")
+
         def tok(name: str):
-            return AutoTokenizer.from_pretrained(str(directory / name)) if (directory / name).is_dir() else None
+            if not (directory / name).is_dir():
+                return None
+            try:
+                return AutoTokenizer.from_pretrained(str(directory / name))
+            except Exception as e:  # noqa: BLE001 - transformers raises many types for a damaged tokenizer folder
+                raise ModelFileError(f"{directory / name}/: cannot load the tokenizer ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); the folder is damaged") from None
 
         def transform(key: str) -> ImageTransform | None:
             return ImageTransform(**meta[key]) if meta.get(key) else None

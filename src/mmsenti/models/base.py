@@ -7,6 +7,7 @@ A trained model is a directory::
     model.safetensors    weights
     preprocessing.json   + tokenizer/   what turns raw text/images into inputs
     text_backbone/       the HF config of a pretrained text encoder (its architecture; weights are in the above)
+    manifest.json        size and SHA-256 of every file above, verified at load (:mod:`mmsenti.models.files`)
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmsenti.config import Config, ModelConfig, build_config
-from mmsenti.data.base import DataError
+from mmsenti.config import Config, ModelConfig
 from mmsenti.losses import task_loss
+from mmsenti.models.files import ModelFileError, load_weights, read_config, read_labels, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -133,31 +134,37 @@ def save_pretrained(directory: str | Path, model: MultimodalModel, processor, co
         # The exact architecture, so loading needs neither the pretrained weights nor the hub.
         text.backbone.config.save_pretrained(str(directory / TEXT_BACKBONE_DIR))
     save_model(model, str(directory / "model.safetensors"))
+    write_manifest(directory)  # last: it records the checksums of whatever was written above
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """Accept a model directory or a run directory (whose exported model lives in ``RUN_DIR/model``)."""
     path = Path(path)
     for cand in (path, path / "model"):
-        if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
+        # config.json + any other file of the format: a model folder, whose missing files are then named
+        if (cand / "config.json").is_file() and any((cand / f).is_file() for f in (
+                "model.safetensors", "labels.json", "preprocessing.json", "manifest.json")):
             return cand
-    raise DataError(f"{path}: not a trained mmsenti model or run directory (no model.safetensors + config.json)")
+    raise ModelFileError(f"{path}: not a trained mmsenti model or run directory (no model.safetensors + "
+                         f"config.json)")
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Load ``(model, processor, config)`` from a model or run directory; weights are loaded strictly."""
-    from safetensors.torch import load_model
+    """Load ``(model, processor, config)`` from a model or run directory; weights are loaded strictly.
 
+    The files' checksums are verified first; a damaged or missing file is a :class:`ModelFileError` naming it.
+    """
     from mmsenti.data.processing import Processor
 
     directory = resolve_model_dir(path)
-    cfg = build_config(json.loads((directory / "config.json").read_text()))
-    labels = json.loads((directory / "labels.json").read_text())
+    verify_manifest(directory)
+    cfg = read_config(directory)
+    task, label_names = read_labels(directory)
     processor = Processor.load(directory)
     model_cfg = cfg.model
     if (directory / TEXT_BACKBONE_DIR / "config.json").is_file():
         model_cfg = copy.deepcopy(cfg.model)
         model_cfg.text_encoder.pretrained = str(directory / TEXT_BACKBONE_DIR)  # architecture only (no weights read)
-    model = build_model(model_cfg, TaskInfo(labels["task"], labels["label_names"]), processor, load_weights=False)
-    load_model(model, str(directory / "model.safetensors"), strict=True, device=str(device))
+    model = build_model(model_cfg, TaskInfo(task, label_names), processor, load_weights=False)
+    load_weights(model, directory / "model.safetensors", str(device), strict=True)
     return model.to(device).eval(), processor, cfg

@@ -39,6 +39,10 @@ def build_dataset(cfg: Config) -> DatasetBundle:
     from mmsenti.registry import DATASETS
 
     bundle = DATASETS.get(cfg.data.name).builder(cfg.data)
+    if cfg.run.cv_folds:  # cross-validation: train+dev pooled and cut into folds; the test split is not loaded
+        from mmsenti.experiment.cv import fold_bundle
+
+        bundle = fold_bundle(bundle, cfg.run.cv_folds, cfg.run.cv_fold, cfg.run.cv_seed)
     missing = [m for m in cfg.model.modalities if m not in bundle.modalities]
     if missing:
         raise DataError(
@@ -139,11 +143,16 @@ class Setup:
         return self.stores[split]
 
     # -------------------------------------------------------------------------------------------- scoring
-    def evaluate(self, split: str, model: MultimodalModel | None = None) -> dict:
-        """Metrics of ``model`` (default: this setup's) on ``split``, the same on every process."""
+    def evaluate(self, split: str, model: MultimodalModel | None = None,
+                 save_predictions: str | Path | None = None) -> dict:
+        """Metrics of ``model`` (default: this setup's) on ``split``, the same on every process.
+
+        ``save_predictions``: also write the per-post predictions there (``.npz``, by rank 0).
+        """
         from mmsenti.train.evaluate import evaluate
 
-        return evaluate(model or self.model, self.eval_loader(split), self.device, self.amp_dtype, self.dist)
+        return evaluate(model or self.model, self.eval_loader(split), self.device, self.amp_dtype,
+                        save_predictions=save_predictions, dist=self.dist)
 
 
 def build_setup(cfg: Config, *, dist: Distributed | None = None, processor=None, load_weights: bool = True,

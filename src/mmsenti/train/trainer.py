@@ -16,6 +16,7 @@ wrapper; :meth:`Trainer.fit` runs the loop. With several processes each takes it
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -31,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmsenti.config import Config, config_from_json, save_config
+from mmsenti.config import Config, ConfigError, config_from_json, save_config
 from mmsenti.data.base import DataError
 from mmsenti.distributed import (
     Distributed,
@@ -46,6 +47,7 @@ from mmsenti.metrics import format_table, higher_is_better
 from mmsenti.models.base import MultimodalModel, save_pretrained
 from mmsenti.train.checkpoint import atomic_save, load_checkpoint
 from mmsenti.train.evaluate import move
+from mmsenti.train.lock import hold_run_dir
 from mmsenti.train.optim import build_optimizer, build_scheduler
 from mmsenti.train.setup import (  # noqa: F401 - re-exported: their home was this module
     ListDataset,
@@ -162,7 +164,6 @@ class Trainer:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-            # (#13) the run-directory lock is taken here, by rank 0 only.
             setup_logging(logfile=self.run_dir / "train.log")
             if not self.resume:
                 save_config(cfg, self.run_dir / "config.json")
@@ -283,23 +284,47 @@ class Trainer:
     def fit(self) -> dict:
         """Train, select on dev, score the selected model on dev and test; returns ``metrics.json``'s content.
 
+        The run directory is locked for the whole run by rank 0 (one writer per run, :mod:`mmsenti.train.lock`),
+        and an error that stops the run is written to its ``train.log`` too, so the folder keeps the evidence.
+
         Raises:
             ProcessGroupError: (several processes) another process died or this one was stopped; the message
                 names the last checkpoint and how to continue.
         """
-        self.prepare()
-        try:
-            return self._fit()
-        except BaseException as e:
-            if not (self.dist.enabled and is_process_failure(e)):
+        with contextlib.ExitStack() as stack:
+            self._lock_run_dir(stack)
+            try:
+                self.prepare()
+                return self._fit()
+            except BaseException as e:
+                if self.dist.enabled and is_process_failure(e):
+                    reason = describe_failure(e)
+                    where = (f"the last checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'} "
+                             f"(step {self._saved_step})" if self._saved_step is not None
+                             else "no checkpoint was written yet")
+                    msg = (f"rank {self.dist.rank} of {self.dist.world_size}: lost the other training processes "
+                           f"({reason}); {where}: continue with the same command plus --resume")
+                    log.error(msg, extra={"file_only": True})
+                    raise ProcessGroupError(msg) from None
+                if isinstance(e, Exception):
+                    # The CLI prints a data/config error as one line on stderr; the log file gets it once as well.
+                    one_line = isinstance(e, (DataError, ConfigError))
+                    log.error("run stopped: %s", e if one_line else f"{type(e).__name__}: {e}",
+                              exc_info=None if one_line else e, extra={"file_only": True})
                 raise
-            reason = describe_failure(e)
-            where = (f"the last checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'} (step {self._saved_step})"
-                     if self._saved_step is not None else "no checkpoint was written yet")
-            msg = (f"rank {self.dist.rank} of {self.dist.world_size}: lost the other training processes ({reason}); "
-                   f"{where}: continue with the same command plus --resume")
-            log.error(msg)
-            raise ProcessGroupError(msg) from None
+
+    def _lock_run_dir(self, stack: contextlib.ExitStack) -> None:
+        """Rank 0 takes the run-directory lock; with several processes all of them stop if it cannot."""
+        error = None
+        if self.dist.is_main:
+            try:
+                stack.enter_context(hold_run_dir(self.run_dir))
+            except DataError as e:  # RunDirLocked: a live run holds the folder
+                error = e
+        if self.dist.enabled:
+            error = self.dist.broadcast_object(error)
+        if error is not None:
+            raise error
 
     def _fit(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -460,10 +485,15 @@ class Trainer:
         self.dist.barrier()  # rank 0 has written best.pt
         best = self.run_dir / "checkpoints" / "best.pt"
         self.model.load_state_dict(load_checkpoint(best)["model"])
-        results = {split: self.setup.evaluate(split) for split in ("dev", "test") if split in self.bundle.splits}
+        # Saved before scoring: should scoring fail (an image that only fails to decode), the model is kept and
+        # `mmsenti evaluate RUN_DIR` can score it once the data is fixed.
+        if self.dist.is_main:
+            save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
+        # Per-post predictions of the selected model: what paired significance tests (mmsenti experiment) need.
+        results = {split: self.setup.evaluate(split, save_predictions=self.run_dir / "predictions" / f"{split}.npz")
+                   for split in ("dev", "test") if split in self.bundle.splits}
         if self.dist.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-            save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
             log.info("results (selected on dev %s, epoch %d):\n%s", self.metric, self.state.best_epoch + 1,
                      format_table(results))
             log.info("model saved to %s", self.run_dir / "model")
