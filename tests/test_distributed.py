@@ -211,8 +211,8 @@ def _run_steps(overrides, processor, d: Distributed, steps: int) -> dict:
         _, _, _, fresh = _build(overrides, processor)
         dev = bundle.split("dev")
         batches = [processor(dev[i:i + 3]) for i in range(0, len(dev), 3)]
-        out["eval"] = evaluate(fresh, round_robin(batches, d.rank, d.world_size), torch.device("cpu"), None,
-                               d if d.enabled else None)
+        out["eval"] = evaluate(fresh, round_robin(batches, d.rank, d.world_size), torch.device("cpu"),
+                               dist=d if d.enabled else None)
         q = model.gam_loss
         out["queues"] = {k: getattr(q, k).features() for k in ("image_queue", "text_queue")}
         out["queue_ids"] = q.image_queue.sample_ids()
@@ -428,6 +428,12 @@ def test_two_processes_train_like_one(runs):
     assert log.count("model infig:") == 1 and log.count("epoch 3: train loss") == 1
     assert "distributed training: 2 processes" in log
     assert (root / "two" / "model" / "model.safetensors").is_file()
+    # Per-post predictions gathered back in the split's order (what paired significance tests read).
+    from mmsenti.train.evaluate import Predictions
+
+    p1, p2 = (Predictions.load(root / run / "predictions" / "test.npz") for run in ("one", "two"))
+    assert list(p1.ids) == list(p2.ids) and len(p1.ids) == 32 and (p1.labels == p2.labels).all()
+    assert (p1.logits.argmax(1) == p2.logits.argmax(1)).all()
     assert len(list((root / "two" / "tb").glob("events.out.tfevents.*"))) == 1
     assert proc.stdout.strip() == str(root / "two")
     assert len(load_checkpoint(root / "two" / "checkpoints" / "last.pt")["rng"]) == 2  # one RNG state per rank
