@@ -24,54 +24,76 @@ def _default_run_dir(config: str | None) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmsenti.config import load_config
+    from mmsenti.distributed import Distributed, launch
     from mmsenti.train.lock import check_run_dir_free
     from mmsenti.train.trainer import Trainer
 
-    if args.resume:
-        if not args.out:
-            raise _UsageError("--resume needs --out RUN_DIR (the run to continue)")
-        trainer = Trainer(None, args.out, resume=True)  # type: ignore[arg-type]
-    else:
-        overrides = list(args.set or [])
-        if args.quiet:
-            overrides.append("run.quiet=true")
-        cfg = load_config(args.config, overrides)
-        out = Path(args.out or cfg.run.out or _default_run_dir(args.config))
-        if (out / "checkpoints" / "last.pt").exists():
-            check_run_dir_free(out)  # a live run's folder: name its holder rather than suggest --resume
-            raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
-        if cfg.run.cv_folds and cfg.run.cv_fold is None:  # cross-validation: every fold, then the mean over folds
-            from mmsenti.experiment.cv import train_folds
+    if args.resume and not args.out:
+        raise _UsageError("--resume needs --out RUN_DIR (the run to continue)")
+    overrides = list(args.set or []) + (["run.quiet=true"] if args.quiet else [])
+    if args.nproc is not None:  # one machine, N processes: torchrun's launcher re-runs this command without --nproc
+        if args.nproc < 1:
+            raise _UsageError(f"--nproc must be >= 1, got {args.nproc}")
+        if not args.resume:
+            load_config(args.config, overrides)  # a bad config fails here, before any process starts
+        return launch(args.nproc, _without_nproc(args.argv))
+    dist = Distributed.from_env()
+    ok = False
+    try:
+        if args.resume:
+            trainer = Trainer.from_run_dir(args.out, dist=dist)
+            trainer.fit()
+            out = trainer.run_dir
+        else:
+            cfg = load_config(args.config, overrides)
+            # Rank 0's directory for every process (the default name holds the time).
+            out = Path(dist.broadcast_object(str(args.out or cfg.run.out or _default_run_dir(args.config))))
+            if (out / "checkpoints" / "last.pt").exists():
+                check_run_dir_free(out)  # a live run's folder: name its holder rather than suggest --resume
+                raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+            if cfg.run.cv_folds and cfg.run.cv_fold is None:  # cross-validation: every fold, then the mean over folds
+                from mmsenti.experiment.cv import train_folds
 
-            train_folds(cfg, out)
-            print(out)
-            return 0
-        trainer = Trainer(cfg, out)
-    trainer.fit()
-    print(trainer.run_dir)
+                train_folds(cfg, out, dist=dist)
+            else:
+                Trainer(cfg, out, dist=dist).fit()
+        ok = True
+    finally:
+        dist.close(clean=ok)
+    if dist.is_main:
+        print(out)
     return 0
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
+    from mmsenti.distributed import Distributed
     from mmsenti.metrics import format_table
-    from mmsenti.models.base import load_pretrained
-    from mmsenti.train.evaluate import evaluate
-    from mmsenti.train.trainer import ListDataset, build_dataset
-    from mmsenti.utils import resolve_device
+    from mmsenti.train.setup import load_setup
 
-    device = resolve_device(args.device)
-    model, processor, cfg = load_pretrained(args.run_dir, device)
-    if args.root:
-        cfg.data.root = args.root
-    bundle = build_dataset(cfg)
-    results = {}
     keep = Path(args.predictions or args.plots) if (args.predictions or args.plots) else None
-    for split in args.split:
-        loader = DataLoader(ListDataset(bundle.split(split)), batch_size=cfg.data.eval_batch_size,
-                            collate_fn=processor)
-        results[split] = evaluate(model, loader, device, save_predictions=keep / f"{split}.npz" if keep else None)
+    dist = Distributed.from_env()  # under torchrun the splits' batches are spread over the processes
+    ok = False
+    try:
+        setup = load_setup(args.run_dir, device=args.device, dist=dist, root=args.root)
+        results = {split: setup.evaluate(split, save_predictions=keep / f"{split}.npz" if keep else None)
+                   for split in args.split}
+        ok = True
+    finally:
+        dist.close(clean=ok)
+    if not dist.is_main:
+        return 0
     print(format_table(results))
     if args.plots:
         from mmsenti.experiment.plots import write_evaluation_plots
@@ -146,29 +168,28 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from mmsenti.cache import clear_entries, default_cache_dir, list_entries
 
     if args.action == "build":
-        import torch
-
         from mmsenti.config import load_config
-        from mmsenti.models.base import TaskInfo, build_model
-        from mmsenti.models.encoders import build_processor
-        from mmsenti.train.trainer import build_dataset, open_split_cache
-        from mmsenti.utils import resolve_device, seed_everything
+        from mmsenti.distributed import Distributed
+        from mmsenti.train.setup import build_setup
 
         if not args.config:
             raise _UsageError("cache build needs --config (the training config whose frozen features to cache)")
         cfg = load_config(args.config, list(args.set or []) + ([f"run.cache_dir={args.dir}"] if args.dir else []))
-        seed_everything(cfg.run.seed)  # randomly initialised frozen parts must match the training run's
-        bundle = build_dataset(cfg)
-        processor = build_processor(cfg.model, [s.text or "" for s in bundle.split("train")], bundle.task)
-        device = resolve_device(cfg.run.device)
-        model = build_model(cfg.model, TaskInfo(bundle.task, bundle.label_names), processor).to(device)
-        if not model.cache_spec():
-            raise _UsageError(f"{args.config}: nothing to cache (no frozen image backbone and "
-                              "model.text_encoder.trainable_layers = -1)")
-        with torch.no_grad():
-            for split in args.split or list(bundle.splits):
-                store = open_split_cache(cfg, model, processor, bundle, split, device)
-                print(f"{split}: {len(store)} samples → {store.directory}")
+        dist = Distributed.from_env()
+        ok = False
+        try:
+            # The training run's build path: randomly initialised frozen parts match the training run's.
+            setup = build_setup(cfg, dist=dist, feature_cache=True)
+            if not setup.model.cache_spec():
+                raise _UsageError(f"{args.config}: nothing to cache (no frozen image backbone and "
+                                  "model.text_encoder.trainable_layers = -1)")
+            for split in args.split or list(setup.bundle.splits):
+                store = setup.feature_store(split)
+                if dist.is_main:
+                    print(f"{split}: {len(store)} samples → {store.directory}")
+            ok = True
+        finally:
+            dist.close(clean=ok)
         return 0
     root = default_cache_dir(args.dir)
     if args.action == "info":
@@ -207,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<config>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the killed run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (torchrun's launcher; one GPU each on CUDA)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="score a trained model on a split")
@@ -259,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)  # before any heavy import: --help and usage errors exit here
+    args.argv = argv  # `train --nproc N` re-runs this command line in N processes
 
     from mmsenti.config import ConfigError
     from mmsenti.data.base import DataError
@@ -272,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RegistryError, _UsageError) as e:
         print(f"mmsenti: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # Another training process died: the message says how to resume. (Looked up lazily: no torch import here.)
+        pg = sys.modules.get("mmsenti.distributed")
+        if pg is None or not isinstance(e, pg.ProcessGroupError):
+            raise
+        print(f"mmsenti: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mmsenti: interrupted", file=sys.stderr)
         return 130

@@ -128,6 +128,11 @@ class RunConfig:
     cv_folds: int = 0
     cv_fold: int | None = None
     cv_seed: int = 0
+    # Several processes (torchrun; see README "Training on several GPUs or machines"): let DDP tolerate trainable
+    # parameters that get no gradient, at the cost of one autograd-graph walk per step (the trainer stops at the
+    # first step, naming them, when they exist and this is off).
+    find_unused_parameters: bool = False
+    sync_batchnorm: bool = False  # CUDA only: batch norm over the global batch (SyncBatchNorm) instead of per process
 
 
 @dataclass

@@ -98,10 +98,11 @@ def summarize(metrics: Sequence[dict]) -> dict:
             "std": {k: statistics.stdev(m[k] for m in metrics) if len(metrics) > 1 else 0.0 for k in keys}}
 
 
-def train_folds(cfg: Config, out: str | Path) -> dict:
+def train_folds(cfg: Config, out: str | Path, dist=None) -> dict:
     """Train every fold of ``cfg`` into ``out/fold<i>`` and write ``out/cv.json``; re-running continues.
 
     Finished folds (``metrics.json`` present) are kept, a killed fold resumes from its last checkpoint.
+    ``dist``: this process's :class:`~mmsenti.distributed.Distributed` when several train each fold (rank 0 writes).
     """
     from mmsenti.train.trainer import Trainer, select_metric
 
@@ -114,14 +115,15 @@ def train_folds(cfg: Config, out: str | Path) -> dict:
             resume = (run_dir / "checkpoints" / "last.pt").is_file()
             log.info("cross-validation: fold %d/%d → %s%s", fold + 1, k, run_dir, " (resuming)" if resume else "")
             if resume:
-                Trainer(None, run_dir, resume=True).fit()  # type: ignore[arg-type]
+                Trainer.from_run_dir(run_dir, dist=dist).fit()
             else:
-                Trainer(fold_config(cfg, fold, run_dir), run_dir).fit()
+                Trainer(fold_config(cfg, fold, run_dir), run_dir, dist=dist).fit()
         dev.append(json.loads((run_dir / "metrics.json").read_text())["dev"])
     summary = {"folds": k, "cv_seed": cfg.run.cv_seed, "seed": cfg.run.seed, **summarize(dev), "dev": dev}
     task = "regression" if "mae" in dev[0] else "classification"
     summary["select_metric"] = select_metric(cfg, task)
-    (out / CV_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if dist is None or dist.is_main:
+        (out / CV_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     m = summary["select_metric"]
     log.info("cross-validation (%d folds): dev %s %.4f ± %.4f (mean ± std over folds)", k, m, summary["mean"][m],
              summary["std"][m])

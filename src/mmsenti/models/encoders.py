@@ -278,11 +278,12 @@ def build_text_encoder(cfg: TextEncoderConfig, tokenizer, load_weights: bool = T
     if is_tiny_text(cfg):
         from transformers import BertConfig, BertModel
 
-        hf_cfg = BertConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.width, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, intermediate_size=4 * cfg.width,
-            max_position_embeddings=max(64, text_max_length(cfg)), pad_token_id=tokenizer.pad_token_id,
-        )
+        hf_cfg = BertConfig(**{
+            "vocab_size": len(tokenizer), "hidden_size": cfg.width, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "intermediate_size": 4 * cfg.width,
+            "max_position_embeddings": max(64, text_max_length(cfg)), "pad_token_id": tokenizer.pad_token_id,
+            **cfg.arch,  # e.g. {hidden_dropout_prob: 0, attention_probs_dropout_prob: 0}
+        })
         return TextEncoder(BertModel(hf_cfg, add_pooling_layer=False), cfg.trainable_layers)
     from mmsenti.backbones import load_text_backbone
 

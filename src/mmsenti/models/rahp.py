@@ -22,7 +22,8 @@ Retrieval modes (``retrieval``):
   current encoders by the trainer hooks (before each epoch if stale, and after each epoch, before dev
   evaluation). A sample never retrieves itself (its bank row is excluded by id). The bank is part of the
   model's ``state_dict`` (keys ``bank.*``), so checkpoints and ``model.safetensors`` carry it and a loaded
-  model predicts without the training data, deterministically and independently of the batch.
+  model predicts without the training data, deterministically and independently of the batch. With several
+  processes each encodes a share of the training set and every process builds the same bank from all shares.
 * ``"in-batch"``: the authors' retrieval source: neighbours are the other samples of the current batch, in
   training *and* evaluation, so a prediction depends on the batch it comes in. Labels are never read in this
   mode (at test time they would be the test labels); unlike the authors' code, training does not partition the
@@ -410,38 +411,43 @@ class Rahp(MultimodalModel):
 
     # ------------------------------------------------------------------------------------------ memory bank
     @torch.no_grad()
-    def refresh_bank(self, batches, device: torch.device | str | None = None) -> None:
-        """Rebuild the bank from ``batches`` (the training set, in eval mode) with the current weights."""
+    def refresh_bank(self, batches, device: torch.device | str | None = None, dist=None) -> None:
+        """Rebuild the bank from ``batches`` (the training set, in eval mode) with the current weights.
+
+        Multi-process (``dist``, a :class:`mmsenti.distributed.Distributed`): each process encodes its
+        round-robin share of the batches, the shares are gathered back into the global order, and every process
+        builds the same bank, equal to a single process's.
+        """
         from mmsenti.train.evaluate import move
 
         device = torch.device(device) if device is not None else next(self.parameters()).device
         was_training = self.training
         self.eval()
-        embs: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
-        feats: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
-        labels, ids = [], []
+        rows = []  # per batch: (embeddings, pooled features, labels, ids) on the CPU
         try:
             for batch in batches:
                 batch = move(batch, device)
-                for m, e in self.encode(batch).items():
-                    embs[m].append(e.embedding.float().cpu())
-                    feats[m].append(e.pooled.float().cpu())
-                ids += [str(i) for i in batch["ids"]]
-                if self.use_labels:
-                    labels.append(batch["labels"].cpu())
+                enc = self.encode(batch)
+                rows.append(({m: e.embedding.float().cpu() for m, e in enc.items()},
+                             {m: e.pooled.float().cpu() for m, e in enc.items()},
+                             batch["labels"].cpu() if self.use_labels else None,
+                             [str(i) for i in batch["ids"]]))
         finally:
             self.train(was_training)
-        payload = {f"feat.{m}": torch.cat(v) for m, v in feats.items()}
+        if dist is not None:
+            rows = dist.gather_interleaved(rows)
+        payload = {f"feat.{m}": torch.cat([r[1][m] for r in rows]) for m in self.modalities}
         if self.use_labels:
-            payload["labels"] = torch.cat(labels)
+            payload["labels"] = torch.cat([r[2] for r in rows])
         bank = MemoryBank(self.modalities, self.config.width, index=self.config.index)
-        bank.refresh({m: torch.cat(v) for m, v in embs.items()}, payload=payload, ids=ids)
+        bank.refresh({m: torch.cat([r[0][m] for r in rows]) for m in self.modalities}, payload=payload,
+                     ids=[i for r in rows for i in r[3]])
         self.bank, self._bank_stale = bank, False
         log.debug("rahp: memory bank refreshed with %d samples", len(bank))
 
     def _refresh_from(self, trainer) -> None:
         if self.config.retrieval == "bank":
-            self.refresh_bank(trainer.loader("train", None), trainer.device)
+            self.refresh_bank(trainer.loader("train", None), trainer.device, getattr(trainer, "dist", None))
 
     def on_train_epoch_start(self, trainer) -> None:
         # After an epoch-end refresh (or a resume, which loads that bank) the weights have not changed.

@@ -71,22 +71,25 @@ class Predictions:
 
 
 def evaluate(model, batches: Iterable[dict], device: torch.device, amp_dtype=None,
-             save_predictions: str | Path | None = None) -> dict:
+             save_predictions: str | Path | None = None, dist=None) -> dict:
     """Metrics over all ``batches`` (task-specific, see :mod:`mmsenti.metrics`) plus the mean ``loss``.
 
-    ``save_predictions``: also write the per-post :class:`Predictions` there (an ``.npz`` file).
+    ``save_predictions``: also write the per-post :class:`Predictions` there (an ``.npz`` file; by rank 0 alone).
+
+    Multi-process (``dist``, a :class:`mmsenti.distributed.Distributed`): ``batches`` are this process's
+    round-robin share of the split's batches (see ``Setup.eval_loader``). Each process scores whole batches, the
+    results are gathered back into the split's order and every process computes the metrics of the whole split:
+    the same batches as one process, so the same metrics, with no padding duplicates to drop.
     """
-    ids, logits, labels, losses, sizes = [], [], [], [], []
-    for r in predict_batches(model, batches, device, amp_dtype):
-        ids.extend(str(i) for i in r["ids"])
-        logits.append(r["logits"])
-        labels.append(r["labels"])
-        losses.append(r["loss"])
-        sizes.append(len(r["ids"]))
-    preds = Predictions(np.asarray(ids, dtype=str), np.concatenate(labels), np.concatenate(logits), model.info.task,
-                        model.info.label_names)
+    records = [([str(i) for i in r["ids"]], r["logits"], r["labels"], r["loss"])
+               for r in predict_batches(model, batches, device, amp_dtype)]
+    if dist is not None:
+        records = dist.gather_interleaved(records)
+    ids, logits, labels, losses = zip(*records, strict=True)
+    preds = Predictions(np.asarray([i for batch in ids for i in batch], dtype=str), np.concatenate(labels),
+                        np.concatenate(logits), model.info.task, model.info.label_names)
     metrics = preds.metrics()
-    metrics["loss"] = float(np.average(losses, weights=sizes))
-    if save_predictions is not None:
+    metrics["loss"] = float(np.average(losses, weights=[len(batch) for batch in ids]))
+    if save_predictions is not None and (dist is None or dist.is_main):
         preds.save(save_predictions)
     return metrics

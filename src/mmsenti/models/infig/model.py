@@ -6,7 +6,8 @@ Shapes (B batch, d = ``width``):
 * image: CNN map → d → [CLS] + regions → ``image_layers`` transformer layers (every layer kept);
 * text: an HF encoder (every layer kept), projected to d when its width differs;
 * GAM (training only): i_g = [i_cls ; W_i·clip_img], t_g = [t_cls ; W_t·clip_txt] at layer ``gam_layer`` from the
-  end, contrasted against momentum features of the batch and two queues (ALBEF ITC), eqs. (1)-(2);
+  end, contrasted against momentum features of the batch and two queues (ALBEF ITC), eqs. (1)-(2); the momentum
+  encoders follow the online ones by one EMA step per optimiser step (``on_optimizer_step``);
 * HFAM (training only): token-wise top-j similarities over the last ``hfam_layers`` layers, InfoNCE over the
   batch, eqs. (3)-(6); [CLS] and padding excluded;
 * fusion: transformer over [image tokens ; text tokens] (text padding masked) → attention pooling (8-9) →
@@ -302,9 +303,7 @@ class Infig(MultimodalModel):
         if self.training and self.use_gam:
             clip_feats = self._clip_features(batch) if self.use_clip else None
             out["global"] = self._global_features(img_states, txt_states, clip_feats)
-            with torch.no_grad():
-                for name in self._momentum_names:
-                    momentum_update(getattr(self, name), getattr(self, name + "_m"), self.config.momentum)
+            with torch.no_grad():  # the momentum encoders move once per optimiser step (on_optimizer_step)
                 img_m, txt_m, _ = self._encode(batch, "_m")
                 out["global_m"] = self._global_features(img_m, txt_m, clip_feats, "_m")
             out["sample_index"] = stable_sample_index(batch["ids"]).to(x.device)
@@ -313,6 +312,21 @@ class Infig(MultimodalModel):
             # [CLS] (position 0) excluded on both sides; text padding excluded by the mask.
             out["fine"] = ([h[:, 1:] for h in img_states[-m:]], [h[:, 1:] for h in txt_states[-m:]], mask[:, 1:])
         return out
+
+    @torch.no_grad()
+    def update_momentum_encoders(self) -> None:
+        """One EMA step of the momentum encoders towards the online ones (a no-op without GAM).
+
+        The trainer calls it once per optimiser step (:meth:`on_optimizer_step`), not once per forward: with
+        gradient accumulation over k micro-batches a per-forward update would apply the EMA k times to the same
+        weights (an effective momentum of m^k). A custom training loop calls it after each ``optimizer.step()``.
+        """
+        if self.use_gam:
+            for name in self._momentum_names:
+                momentum_update(getattr(self, name), getattr(self, name + "_m"), self.config.momentum)
+
+    def on_optimizer_step(self, trainer=None) -> None:
+        self.update_momentum_encoders()
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         """L_sc always; λg·L_g and λf·L_f in training (their inputs exist only in training mode)."""
