@@ -10,6 +10,7 @@ metrics as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -201,17 +202,18 @@ class Trainer:
     def loader(self, split: str, epoch: int | None = None, start: int = 0) -> DataLoader:
         """Training batches for ``epoch`` (shuffled by seed+epoch) or, with epoch None, ordered eval batches."""
         samples = ListDataset(self.bundle.split(split))
-        common = {"collate_fn": self.collate_fn(split), "num_workers": self.cfg.data.num_workers,
-                  "generator": torch.Generator(), "pin_memory": self.device.type == "cuda"}
+        common = {"collate_fn": self.collate_fn(split, training=epoch is not None),
+                  "num_workers": self.cfg.data.num_workers, "generator": torch.Generator(), "pin_memory": self.device.type == "cuda"}
         if epoch is None:
             return DataLoader(samples, batch_size=self.cfg.data.eval_batch_size, shuffle=False, **common)
         sampler = EpochBatchSampler(len(samples), self.cfg.data.batch_size, self.cfg.run.seed, epoch, start)
         return DataLoader(samples, batch_sampler=sampler, **common)
 
-    def collate_fn(self, split: str):
-        """The processor, or (model with frozen parts, cache on) a collator reading the split's cached features."""
+    def collate_fn(self, split: str, training: bool = True):
+        """The processor (evaluation batches: only the inputs eval reads), or (model with frozen parts, cache on)
+        a collator reading the split's cached features."""
         if not self.use_cache:
-            return self.processor
+            return self.processor if training else functools.partial(self.processor, training=False)
         from mmsenti.cache import CachedCollator
 
         if split not in self.feature_cache:
