@@ -1,4 +1,4 @@
-"""``mmsenti`` command line: train, evaluate, predict, list, data, cache.
+"""``mmsenti`` command line: train, evaluate, predict, serve, list, data, cache.
 
 User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
 """
@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=cmd_predict)
+
+    from mmsenti.serve.command import add_serve_parser
+
+    add_serve_parser(sub)
 
     li = sub.add_parser("list", help="list registered models and datasets")
     li.add_argument("kind", nargs="?", choices=["models", "datasets"])
