@@ -116,7 +116,7 @@ def test_resume_continues_without_redoing_or_duplicating(model_dir, posts, tmp_p
         predict_file(predictor, other, part, resume=True)
 
 
-def test_csv_input_and_the_command_line(model_dir, posts, tmp_path):
+def test_csv_input_and_the_command_line(model_dir, posts, tmp_path, capsys):
     path, samples = posts
     csv_path = path.parent / "posts.csv"
     with open(csv_path, "w", newline="") as f:
@@ -135,6 +135,8 @@ def test_csv_input_and_the_command_line(model_dir, posts, tmp_path):
     assert "predicted 5 posts, 1 with an error" in r.stderr
     rows = _read(out)
     assert [o["id"] for o in rows] == [s.id for s in samples[:5]] + ["7"] and "fields" in rows[-1]["error"]
-    r = subprocess.run([sys.executable, "-m", "mmsenti", "predict", str(model_dir), "--input", str(csv_path),
-                        "--output", str(out), "--strict"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "posts.csv:7:" in r.stderr and "Traceback" not in r.stderr
+    from mmsenti.cli import main
+
+    assert main(["predict", str(model_dir), "--input", str(csv_path), "--output", str(out), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmsenti: error: ") and "posts.csv:7:" in err and "Traceback" not in err

@@ -208,3 +208,15 @@ def test_rahp_eval_prediction_does_not_depend_on_the_id(scenes):
     m = model.modalities[0]
     assert own_row in found_eval[m][m].rows[0].tolist()
     assert all(own_row not in nb.rows[0].tolist() for per in found_train.values() for nb in per.values())
+
+
+def test_timm_encoder_eval_chunks_equal_one_batch():
+    from mmsenti.compat import import_timm
+    from mmsenti.models.encoders import TimmImageEncoder
+
+    enc = TimmImageEncoder(import_timm().create_model("efficientnet_lite0", pretrained=False)).eval()
+    x = torch.randn(10, 3, 64, 64)
+    with torch.no_grad():
+        chunked = enc(x).feature_map  # chunks of 4, 4, 2, channels-last
+        torch.testing.assert_close(chunked, enc.backbone.forward_features(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(enc(x[5:6]).feature_map, chunked[5:6], atol=1e-5, rtol=1e-4)

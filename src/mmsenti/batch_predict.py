@@ -1,9 +1,9 @@
 """Streaming batch prediction: ``mmsenti predict RUN --input posts.jsonl --output predictions.jsonl``.
 
 The input (JSON lines or CSV with ``text``, ``image`` — a path relative to the file — and optional ``id``) is read
-row by row and cut into batches; images are decoded and transformed in DataLoader worker processes (batch ``b``
-goes to worker ``b mod W``, so the order of the output is the order of the input); the main process runs the
-model and appends one JSON line per input row as it goes. A bad row (missing field, unreadable image, broken JSON)
+row by row and cut into batches (sorted by text length within a window of a few batches, so a batch needs little
+padding); images are decoded and transformed in DataLoader worker processes (batch ``b`` goes to worker
+``b mod W``); the main process runs the model and appends one JSON line per input row, in input order, as it goes. A bad row (missing field, unreadable image, broken JSON)
 becomes an output row with an ``"error"`` field, so the good rows are never lost; with ``strict`` the first bad
 row stops the run with an error naming the file and line. ``resume`` continues an interrupted output file: rows
 already written are skipped, a partly written last line is dropped and rewritten.
@@ -94,42 +94,60 @@ def count_rows(path: Path) -> int:
 
 @dataclass
 class Row:
+    position: int  # data row number in the file (0-based): the output is written in this order
     line: int
     id: str
     error: str | None = None
 
 
-class _Batches(IterableDataset):
-    """Yields ``(batch index, rows, model inputs or None)``; worker ``k`` of ``W`` prepares batches ``b ≡ k mod W``."""
+def _text_length(record: dict[str, Any] | str) -> int:
+    text = record.get("text") if isinstance(record, dict) else None
+    return len(text) if isinstance(text, str) else 0
 
-    def __init__(self, path: Path, predictor: Predictor, batch_size: int, skip: int):
+
+class _Batches(IterableDataset):
+    """Yields ``(rows, model inputs or None)`` per batch; worker ``k`` of ``W`` prepares batches ``b ≡ k mod W``.
+
+    Rows are read in windows of ``sort_window`` batches and sorted by text length inside a window before they are
+    cut into batches: a batch is then padded to similar lengths (half the padded tokens on real posts). The
+    writer puts rows back in input order.
+    """
+
+    def __init__(self, path: Path, predictor: Predictor, batch_size: int, skip: int, sort_window: int = 4):
         self.path, self.processor, self.batch_size, self.skip = path, predictor.processor, batch_size, skip
+        self.window = batch_size * max(1, sort_window)
         self.modalities = predictor.modalities
         self.allow_missing = predictor.allow_missing_modality
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        chunk: list[tuple[int, dict[str, Any] | str]] = []
+        window: list[tuple[int, int, dict[str, Any] | str]] = []
         index = 0
-        for n, item in enumerate(iter_rows(self.path)):
-            if n < self.skip:
+        for position, (line, record) in enumerate(iter_rows(self.path)):
+            if position < self.skip:
                 continue
-            chunk.append(item)
-            if len(chunk) == self.batch_size:
-                if index % workers == worker:
-                    yield index, *self._prepare(chunk)
-                chunk, index = [], index + 1
-        if chunk and index % workers == worker:
-            yield index, *self._prepare(chunk)
+            window.append((position, line, record))
+            if len(window) == self.window:
+                yield from self._batches(window, index, worker, workers)
+                index += -(-len(window) // self.batch_size)
+                window = []
+        if window:
+            yield from self._batches(window, index, worker, workers)
+
+    def _batches(self, window, index: int, worker: int, workers: int):
+        window = sorted(window, key=lambda item: _text_length(item[2]))
+        for b, start in enumerate(range(0, len(window), self.batch_size), index):
+            if b % workers == worker:
+                yield self._prepare(window[start:start + self.batch_size])
 
     def _prepare(self, chunk) -> tuple[list[Row], dict[str, Any] | None]:
         rows, samples = [], []
-        for line, record in chunk:
+        for position, line, record in chunk:
             if isinstance(record, str):
-                rows.append(Row(line, str(line), record))
+                rows.append(Row(position, line, str(line), record))
                 continue
-            row = Row(line, str(record.get("id") or line))
+            row = Row(position, line, str(record.get("id") or line))
             try:
                 samples.append(self._sample(row, record))
             except DataError as e:
@@ -175,7 +193,7 @@ def _resume_point(output: Path) -> tuple[int, str | None]:
 
 def predict_file(predictor: Predictor, input: str | Path, output: str | Path | None = None, *,
                  batch_size: int = 32, workers: int = 0, resume: bool = False, strict: bool = False,
-                 progress: bool = False, out_stream: TextIO | None = None) -> PredictStats:
+                 progress: bool = False, out_stream: TextIO | None = None, sort_window: int = 4) -> PredictStats:
     """Predict every row of ``input`` into ``output`` (JSON lines; ``None`` writes to ``out_stream``).
 
     Args:
@@ -184,6 +202,7 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
         resume: continue an existing ``output`` instead of starting it anew.
         strict: stop at the first bad row (DataError naming file and line) instead of writing an error row.
         progress: a progress bar with posts/s (on a terminal).
+        sort_window: batches whose rows are sorted by text length before batching (1: batches in input order).
     """
     import sys
 
@@ -208,35 +227,37 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
     stats = PredictStats(resumed=skip)
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers
-    loader = DataLoader(_Batches(path, predictor, batch_size, skip), batch_size=None, num_workers=workers,
+    loader = DataLoader(_Batches(path, predictor, batch_size, skip, sort_window), batch_size=None, num_workers=workers,
                         worker_init_fn=_worker_init if workers else None,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     bar = tqdm(total=count_rows(path) if progress else None, initial=skip, unit="post", disable=not progress,
                dynamic_ncols=True, desc="predict")
     sink = open(output, "a" if resume else "w", encoding="utf-8") if output is not None else (out_stream or sys.stdout)
     t0 = time.perf_counter()
-    pending: dict[int, tuple[list[Row], dict | None]] = {}
-    expected = 0
+    done: dict[int, tuple[Row, dict | None]] = {}  # finished rows by position, until every earlier one is written
+    next_position = skip
     try:
-        for index, rows, batch in loader:
-            pending[index] = (rows, batch)
-            while expected in pending:  # in input order, whatever order the workers finish in
-                rows, batch = pending.pop(expected)
-                expected += 1
-                preds = iter(predictor.decode(predictor.run(batch))) if batch is not None else iter(())
-                for row in rows:
-                    if row.error is not None:
-                        if strict:
-                            sink.flush()
-                            raise DataError(f"{path}:{row.line}: {row.error}")
-                        out = {"id": row.id, "line": row.line, "error": row.error}
-                        stats.errors += 1
-                    else:
-                        out = {"id": row.id, **next(preds)}
-                    sink.write(json.dumps(out, ensure_ascii=False) + "\n")
-                    stats.rows += 1
-                sink.flush()
-                bar.update(len(rows))
+        for rows, batch in loader:
+            preds = iter(predictor.decode(predictor.run(batch))) if batch is not None else iter(())
+            for row in rows:
+                done[row.position] = (row, next(preds) if row.error is None else None)
+            written = 0
+            while next_position in done:  # in input order, whatever order the rows were predicted in
+                row, pred = done.pop(next_position)
+                next_position += 1
+                if row.error is not None:
+                    if strict:
+                        sink.flush()
+                        raise DataError(f"{path}:{row.line}: {row.error}")
+                    out = {"id": row.id, "line": row.line, "error": row.error}
+                    stats.errors += 1
+                else:
+                    out = {"id": row.id, **pred}
+                sink.write(json.dumps(out, ensure_ascii=False) + "\n")
+                stats.rows += 1
+                written += 1
+            sink.flush()
+            bar.update(written)
     finally:
         stats.seconds = time.perf_counter() - t0
         bar.close()

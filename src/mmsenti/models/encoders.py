@@ -240,16 +240,27 @@ class SmallCNN(ImageEncoder):
 
 
 class TimmImageEncoder(ImageEncoder):
-    """A timm CNN (``forward_features`` → last (B, C, H, W) map) as an encoder with one token sequence."""
+    """A timm CNN (``forward_features`` → last (B, C, H, W) map) as an encoder with one token sequence.
+
+    Weights are kept channels-last. In eval mode on CPU, images go through in chunks of ``eval_chunk``, channels-last:
+    a CNN's large early activations then stay in cache (EfficientNet-Lite0 here: 4.9 ms/image instead of 22.5 ms as
+    one contiguous batch of 32). Each image's features are computed on their own either way.
+    """
+
+    eval_chunk = 4
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.backbone = model
+        self.backbone = model.to(memory_format=torch.channels_last)
         self.width = int(model.num_features)
         self.num_layers = 1
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        return self.from_feature_map(self.backbone.forward_features(pixel_values))
+        if self.training or pixel_values.device.type != "cpu":
+            return self.from_feature_map(self.backbone.forward_features(pixel_values))
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        fmap = torch.cat([self.backbone.forward_features(c) for c in x.split(self.eval_chunk)])
+        return self.from_feature_map(fmap.contiguous())
 
 
 # ------------------------------------------------------------------------------------------------- building
