@@ -77,7 +77,7 @@ async def load(url: str, payloads: list[bytes], clients: int, requests: int) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/lite/cm-memes.yaml")
-    p.add_argument("--requests", type=int, default=64, help="requests per load level (half at 1 client)")
+    p.add_argument("--requests", type=int, default=128, help="requests per load level (half at 1 client)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
