@@ -1,4 +1,4 @@
-"""``mmsenti`` command line: train, evaluate, predict, serve, list, data, cache.
+"""``mmsenti`` command line: train, evaluate, predict, serve, list, data, cache, experiment.
 
 User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
 """
@@ -24,6 +24,7 @@ def _default_run_dir(config: str | None) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmsenti.config import load_config
+    from mmsenti.train.lock import check_run_dir_free
     from mmsenti.train.trainer import Trainer
 
     if args.resume:
@@ -37,7 +38,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         out = Path(args.out or cfg.run.out or _default_run_dir(args.config))
         if (out / "checkpoints" / "last.pt").exists():
+            check_run_dir_free(out)  # a live run's folder: name its holder rather than suggest --resume
             raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+        if cfg.run.cv_folds and cfg.run.cv_fold is None:  # cross-validation: every fold, then the mean over folds
+            from mmsenti.experiment.cv import train_folds
+
+            train_folds(cfg, out)
+            print(out)
+            return 0
         trainer = Trainer(cfg, out)
     trainer.fit()
     print(trainer.run_dir)
@@ -59,11 +67,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg.data.root = args.root
     bundle = build_dataset(cfg)
     results = {}
+    keep = Path(args.predictions or args.plots) if (args.predictions or args.plots) else None
     for split in args.split:
         loader = DataLoader(ListDataset(bundle.split(split)), batch_size=cfg.data.eval_batch_size,
                             collate_fn=processor)
-        results[split] = evaluate(model, loader, device)
+        results[split] = evaluate(model, loader, device, save_predictions=keep / f"{split}.npz" if keep else None)
     print(format_table(results))
+    if args.plots:
+        from mmsenti.experiment.plots import write_evaluation_plots
+
+        write_evaluation_plots(keep, args.split, args.plots)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -114,7 +127,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     overrides = [f"data.name={args.name}"] + ([f"data.root={args.root}"] if args.root else []) + list(args.set or [])
     cfg = load_config(None, overrides)
-    report = doctor.check(cfg.data) if args.action == "check" else doctor.stats(cfg.data)
+    if args.action == "convert":
+        from mmsenti.data.formats.mmsa import MMSAConfig, convert_dataset
+
+        if not isinstance(cfg.data, MMSAConfig):
+            raise _UsageError(f"data convert: dataset '{args.name}' has no pickle format to convert (mosi, mosei)")
+        for path in convert_dataset(cfg.data):
+            print(path)
+        return 0
+    report = doctor.check(cfg.data, decode_images=args.decode) if args.action == "check" else doctor.stats(cfg.data)
     print(doctor.format_report(report))
     return 1 if args.action == "check" and getattr(report, "has_errors", False) else 0
 
@@ -161,13 +182,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from mmsenti.experiment.commands import run
+
+    return run(args)
+
+
 class _UsageError(Exception):
     pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmsenti.registry import DATASETS
-
+    # Imports nothing heavy: `mmsenti --help` must not import torch (names are checked when a command runs).
     p = argparse.ArgumentParser(prog="mmsenti", description="Multimodal sentiment analysis.")
     p.add_argument("--version", action="version", version=f"mmsenti {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -187,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", help="dataset directory, if it moved since training")
     e.add_argument("--output", help="also write the metrics as JSON here")
     e.add_argument("--device", default="auto")
+    e.add_argument("--predictions", metavar="DIR", help="also write per-post predictions (DIR/<split>.npz)")
+    e.add_argument("--plots", metavar="DIR", help="also write a confusion matrix and a reliability diagram (PNG)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict with a trained model")
@@ -213,11 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--markdown", action="store_true", help="as Markdown tables (for the docs)")
     li.set_defaults(func=cmd_list)
 
-    d = sub.add_parser("data", help="check or describe a dataset")
-    d.add_argument("action", choices=["check", "stats"])
-    d.add_argument("name", choices=DATASETS.names())
+    d = sub.add_parser("data", help="check, describe or convert a dataset")
+    d.add_argument("action", choices=["check", "stats", "convert"],
+                   help="check: problems (exit 1 if any); stats: distributions; convert: MMSA pickles → safe .npz")
+    d.add_argument("name", help="a registered dataset (`mmsenti list datasets`)")
     d.add_argument("--root", help="dataset directory")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="data option, e.g. --set data.format=raw")
+    d.add_argument("--decode", action="store_true", help="check: decode every image fully (slower, thorough)")
     d.set_defaults(func=cmd_data)
 
     c = sub.add_parser("cache", help="build, inspect or clear the frozen-feature cache")
@@ -229,16 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dir", help="cache directory (default run.cache_dir, $MMSENTI_CACHE_DIR, ~/.cache/mmsenti/features)")
     c.add_argument("--all", action="store_true", help="clear: remove every entry")
     c.set_defaults(func=cmd_cache)
+
+    from mmsenti.experiment.commands import add_parser as add_experiment_parser
+
+    add_experiment_parser(sub).set_defaults(func=cmd_experiment)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before any heavy import: --help and usage errors exit here
+
     from mmsenti.config import ConfigError
     from mmsenti.data.base import DataError
     from mmsenti.registry import RegistryError
     from mmsenti.utils import setup_logging
 
-    args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)

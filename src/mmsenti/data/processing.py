@@ -96,11 +96,21 @@ def open_image(image: Any, sample_id: str = "?") -> Image.Image:
         return image
     if image is None:
         raise DataError(f"sample {sample_id}: no image, but the model reads images (set model.modalities)")
+    from mmsenti.data.formats.images import image_size_text
+
+    size = None
     try:
         with Image.open(image) as im:
+            # Refused before decoding: a decompression bomb is a small file that decodes to gigabytes.
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                size = im.size
+                raise Image.DecompressionBombError("over the limit")
             return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"sample {sample_id}: image file not found: {image}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"sample {sample_id}: image {image} is too large ({image_size_text(e, size)}; the limit is "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels, data.max_image_pixels): refused") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"sample {sample_id}: cannot read image {image}: {e}") from None
 
@@ -286,16 +296,33 @@ class Processor:
         from transformers import AutoTokenizer
 
         from mmsenti.backbones.clip import ClipTokenizer
+        from mmsenti.models.files import ModelFileError, read_json
 
         directory = Path(directory)
         path = directory / "preprocessing.json"
         if not path.is_file():
-            raise DataError(f"not a saved mmsenti model: {path} is missing")
-        meta = json.loads(path.read_text())
-        tok = AutoTokenizer.from_pretrained(str(directory / "tokenizer")) if (directory / "tokenizer").is_dir() else None
+            raise ModelFileError(f"not a saved mmsenti model: {path} is missing")
+        meta = read_json(path, "preprocessing description")
+        if not isinstance(meta, dict) or not isinstance(meta.get("modalities"), list):
+            raise ModelFileError(f"{path}: expected an object with 'modalities'")
+        inputs = meta.get("inputs")
+        reads_tokens = ("input_ids" in inputs.get("train", []) + inputs.get("eval", []) if isinstance(inputs, dict)
+                        else "text" in meta["modalities"] and "text" not in meta.get("feature_modalities", ()))
+        if reads_tokens and not (directory / "tokenizer").is_dir():
+            raise ModelFileError(f"{directory / 'tokenizer'}/: missing (this model reads text; the folder is incomplete)")
+
+        def loaded(name: str, load):
+            if not (directory / name).is_dir():
+                return None
+            try:
+                return load(directory / name)
+            except Exception as e:  # noqa: BLE001 - transformers raises many types for a damaged tokenizer folder
+                raise ModelFileError(f"{directory / name}/: cannot load the tokenizer ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); the folder is damaged") from None
+
+        tok = loaded("tokenizer", lambda d: AutoTokenizer.from_pretrained(str(d)))
         clip_max_length = meta.get("clip_max_length", 77)
-        clip_tok = (ClipTokenizer.load(directory / "clip_tokenizer", clip_max_length)
-                    if (directory / "clip_tokenizer").is_dir() else None)
+        clip_tok = loaded("clip_tokenizer", lambda d: ClipTokenizer.load(d, clip_max_length))
 
         def transform(key: str) -> ImageTransform | None:
             return ImageTransform(**meta[key]) if meta.get(key) else None

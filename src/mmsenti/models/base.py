@@ -7,6 +7,7 @@ A trained model is a directory::
     model.safetensors    weights: only what eval-mode ``forward`` reads (training checkpoints keep the rest)
     preprocessing.json   + tokenizer/   what turns raw text/images into inputs
     text_backbone/       the HF config of a pretrained text encoder (its architecture; weights are in the above)
+    manifest.json        size and SHA-256 of every file above, verified at load (:mod:`mmsenti.models.files`)
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmsenti.config import Config, ModelConfig, build_config
-from mmsenti.data.base import DataError
+from mmsenti.config import Config, ModelConfig
 from mmsenti.losses import task_loss
+from mmsenti.models.files import ModelFileError, read_config, read_labels, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def save_pretrained(directory: str | Path, model: MultimodalModel, processor, co
         # The exact architecture, so loading needs neither the pretrained weights nor the hub.
         text.backbone.config.save_pretrained(str(directory / TEXT_BACKBONE_DIR))
     save_inference_weights(model, directory / "model.safetensors")
+    write_manifest(directory)  # last: it records the checksums of whatever was written above
 
 
 def save_inference_weights(model: MultimodalModel, path: str | Path) -> None:
@@ -178,9 +180,16 @@ def save_inference_weights(model: MultimodalModel, path: str | Path) -> None:
 def load_inference_weights(model: MultimodalModel, path: str | Path, device: str | torch.device = "cpu") -> None:
     """Load saved weights strictly: every key of ``model`` present, nothing unexpected. A file written before
     saved models were lean also holds the training-only modules; those tensors (and only those) are skipped."""
+    from safetensors import SafetensorError
     from safetensors.torch import _remove_duplicate_names, load_file
 
-    state = load_file(str(path), device=str(device))
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing (the model folder is incomplete)")
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ModelFileError(f"{path}: not a readable safetensors file ({e}); the weights are damaged") from None
     drop = tuple(f"{name}." for name in model.training_only_modules())
     skipped = [k for k in state if drop and k.startswith(drop)]
     if skipped:
@@ -197,32 +206,38 @@ def load_inference_weights(model: MultimodalModel, path: str | Path, device: str
             else:
                 unexpected.append(name)
     if missing or unexpected:
-        raise RuntimeError(f"{path} does not fit the model: missing keys {sorted(missing)[:10]}, "
-                           f"unexpected keys {sorted(unexpected)[:10]}")
+        raise ModelFileError(f"{path}: the weights do not fit the model config.json describes (missing keys "
+                             f"{sorted(missing)[:10]}, unexpected keys {sorted(unexpected)[:10]})")
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """Accept a model directory or a run directory (whose exported model lives in ``RUN_DIR/model``)."""
     path = Path(path)
     for cand in (path, path / "model"):
-        if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
+        # config.json + any other file of the format: a model folder, whose missing files are then named
+        if (cand / "config.json").is_file() and any((cand / f).is_file() for f in (
+                "model.safetensors", "labels.json", "preprocessing.json", "manifest.json")):
             return cand
-    raise DataError(f"{path}: not a trained mmsenti model or run directory (no model.safetensors + config.json)")
+    raise ModelFileError(f"{path}: not a trained mmsenti model or run directory (no model.safetensors + "
+                         f"config.json)")
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Load ``(model, processor, config)`` from a model or run directory; weights are loaded strictly."""
+    """Load ``(model, processor, config)`` from a model or run directory; weights are loaded strictly.
+
+    The files' checksums are verified first; a damaged or missing file is a :class:`ModelFileError` naming it.
+    """
     from mmsenti.data.processing import Processor
 
     directory = resolve_model_dir(path)
-    cfg = build_config(json.loads((directory / "config.json").read_text()))
-    labels = json.loads((directory / "labels.json").read_text())
+    verify_manifest(directory)
+    cfg = read_config(directory)
+    task, label_names = read_labels(directory)
     processor = Processor.load(directory)
     model_cfg = cfg.model
     if (directory / TEXT_BACKBONE_DIR / "config.json").is_file():
         model_cfg = copy.deepcopy(cfg.model)
         model_cfg.text_encoder.pretrained = str(directory / TEXT_BACKBONE_DIR)  # architecture only (no weights read)
-    model = build_model(model_cfg, TaskInfo(labels["task"], labels["label_names"]), processor, load_weights=False,
-                        inference=True)
+    model = build_model(model_cfg, TaskInfo(task, label_names), processor, load_weights=False, inference=True)
     load_inference_weights(model, directory / "model.safetensors", device)
     return model.to(device).eval(), processor, cfg

@@ -24,9 +24,10 @@ Retrieval modes (``retrieval``):
   is excluded, so a prediction never depends on the id a post is given. The bank is part of the
   model's ``state_dict`` (keys ``bank.*``), so checkpoints and ``model.safetensors`` carry it and a loaded
   model predicts without the training data, deterministically and independently of the batch.
-* ``"in-batch"``: the authors' behaviour: neighbours are the other samples of the current batch, in training
-  *and* evaluation, so a prediction depends on the batch it comes in. Labels are never read in this mode
-  (at test time they would be the test labels).
+* ``"in-batch"``: the authors' retrieval source: neighbours are the other samples of the current batch, in
+  training *and* evaluation, so a prediction depends on the batch it comes in. Labels are never read in this
+  mode (at test time they would be the test labels); unlike the authors' code, training does not partition the
+  batch by the sign of the query's label (docs/rahp.md).
 * ``"none"``: no retrieval and no contrastive loss (the sample-level context holds only its prompts).
 """
 

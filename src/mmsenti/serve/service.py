@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -11,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from mmsenti.backbones.weights import file_sha256
 from mmsenti.data.base import Sample
 from mmsenti.inference import Predictor
 from mmsenti.models.base import resolve_model_dir
@@ -20,14 +20,6 @@ from mmsenti.serve.posts import PreparedPost
 from mmsenti.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path, chunk: int = 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Service:

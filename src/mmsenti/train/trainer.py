@@ -24,13 +24,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmsenti.config import Config, config_from_json, save_config
+from mmsenti.config import Config, ConfigError, config_from_json, save_config
 from mmsenti.data.base import DataError, DatasetBundle, Sample
 from mmsenti.losses import total_loss
 from mmsenti.metrics import format_table, higher_is_better
 from mmsenti.models.base import MultimodalModel, TaskInfo, build_model, save_pretrained
 from mmsenti.train.checkpoint import atomic_save, load_checkpoint
 from mmsenti.train.evaluate import evaluate, move
+from mmsenti.train.lock import hold_run_dir
 from mmsenti.train.optim import build_optimizer, build_scheduler
 from mmsenti.utils import (
     autocast,
@@ -88,6 +89,10 @@ def build_dataset(cfg: Config) -> DatasetBundle:
     from mmsenti.registry import DATASETS
 
     bundle = DATASETS.get(cfg.data.name).builder(cfg.data)
+    if cfg.run.cv_folds:  # cross-validation: train+dev pooled and cut into folds; the test split is not loaded
+        from mmsenti.experiment.cv import fold_bundle
+
+        bundle = fold_bundle(bundle, cfg.run.cv_folds, cfg.run.cv_fold, cfg.run.cv_seed)
     missing = [m for m in cfg.model.modalities if m not in bundle.modalities]
     if missing:
         raise DataError(
@@ -243,7 +248,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        """Train, select on dev, score the selected model on dev and test; returns ``metrics.json``'s content."""
+        """Train, select on dev, score the selected model on dev and test; returns ``metrics.json``'s content.
+
+        The run directory is locked for the whole run (one writer per run, :mod:`mmsenti.train.lock`), and an error
+        that stops the run is written to its ``train.log`` too, so the folder keeps the evidence.
+        """
+        with hold_run_dir(self.run_dir):
+            try:
+                return self._fit()
+            except Exception as e:
+                # The CLI prints a data/config error as one line on stderr; the log file gets it once as well.
+                one_line = isinstance(e, (DataError, ConfigError))
+                log.error("run stopped: %s", e if one_line else f"{type(e).__name__}: {e}",
+                          exc_info=None if one_line else e, extra={"file_only": True})
+                raise
+
+    def _fit(self) -> dict:
         self._setup()
         cfg, st = self.cfg, self.state
         t0 = time.time()
@@ -377,10 +397,14 @@ class Trainer:
     def _finish(self) -> dict:
         best = self.run_dir / "checkpoints" / "best.pt"
         self.model.load_state_dict(load_checkpoint(best)["model"])
-        results = {split: evaluate(self.model, self.loader(split), self.device, self.amp_dtype)
+        # Saved before scoring: should scoring fail (an image that only fails to decode), the model is kept and
+        # `mmsenti evaluate RUN_DIR` can score it once the data is fixed.
+        save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
+        # Per-post predictions of the selected model: what paired significance tests (mmsenti experiment) need.
+        results = {split: evaluate(self.model, self.loader(split), self.device, self.amp_dtype,
+                                   save_predictions=self.run_dir / "predictions" / f"{split}.npz")
                    for split in ("dev", "test") if split in self.bundle.splits}
         (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
         if self.tb:
             self.tb.close()
         log.info("results (selected on dev %s, epoch %d):\n%s", self.metric, self.state.best_epoch + 1,
