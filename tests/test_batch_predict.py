@@ -55,7 +55,7 @@ def _with_bad_rows(posts, tmp_path):
     path, samples = posts
     lines = path.read_text().splitlines()
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    for name in (f"{s.id}.png" for s in samples[:6]):
+    for name in (f"{s.id}.png" for s in samples[:7]):
         (tmp_path / name).write_bytes((path.parent / name).read_bytes())
     bad = [
         json.dumps({"id": "no-image", "text": "hi"}),
@@ -66,8 +66,9 @@ def _with_bad_rows(posts, tmp_path):
         "[1, 2]",
     ]
     mixed = [lines[0], bad[0], lines[1], bad[1], bad[2], lines[2], bad[3], bad[4], lines[3], bad[5], lines[4], lines[5]]
-    (tmp_path / "mixed.jsonl").write_text("\n".join(mixed) + "\n")
-    return tmp_path / "mixed.jsonl", samples[:6]
+    data = "\n".join(mixed).encode() + b"\n" + b'{"id": "latin1", "text": "caf\xe9"}\n'  # not UTF-8
+    (tmp_path / "mixed.jsonl").write_bytes(data + (lines[6] + "\n").encode())
+    return tmp_path / "mixed.jsonl", samples[:7]
 
 
 def test_bad_rows_are_written_with_an_error_and_good_rows_kept(model_dir, posts, tmp_path):
@@ -75,13 +76,13 @@ def test_bad_rows_are_written_with_an_error_and_good_rows_kept(model_dir, posts,
     predictor = load_model(model_dir)
     stats = predict_file(predictor, mixed, tmp_path / "out.jsonl", batch_size=3, workers=1)
     out = _read(tmp_path / "out.jsonl")
-    assert stats.rows == 12 and stats.errors == 6
+    assert stats.rows == 14 and stats.errors == 7
     assert [o["id"] for o in out] == [good[0].id, "no-image", good[1].id, "gone", "5", good[2].id, "corrupt",
-                                      "number", good[3].id, "10", good[4].id, good[5].id]
+                                      "number", good[3].id, "10", good[4].id, good[5].id, "13", good[6].id]
     errors = {o["id"]: o["error"] for o in out if "error" in o}
     assert "missing 'image'" in errors["no-image"] and "missing.png" in errors["gone"]
     assert "invalid JSON" in errors["5"] and "cannot read image" in errors["corrupt"]
-    assert "must be a string" in errors["number"] and "JSON object" in errors["10"]
+    assert "must be a string" in errors["number"] and "JSON object" in errors["10"] and "UTF-8" in errors["13"]
     assert all(o["line"] == int(o["id"]) for o in out if o["id"] in ("5", "10"))
     for a, b in zip([o for o in out if "error" not in o], _reference(predictor, good), strict=True):
         _close(a, b)

@@ -57,8 +57,13 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     keeps going: one broken line must not lose the rest of the file.
     """
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        with open(path, encoding="utf-8-sig") as f:
-            for line, text in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded line by line: one line with bad bytes is one bad row
+            for line, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield line, f"not valid UTF-8 (byte {e.start + 1})"
+                    continue
                 if not text.strip():
                     continue
                 try:
@@ -68,6 +73,13 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                     continue
                 yield line, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
         return
+    try:
+        yield from _iter_csv(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start + 1} of a block); save the file as UTF-8") from None
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         if not reader.fieldnames:
