@@ -39,6 +39,7 @@ demo: $(VENV)/.core
 	$(BIN)/python -m mmsenti.demo $(DEMO_DIR)
 
 test: $(VENV)/.test
+	-@sh scripts/install_browser.sh
 	$(BIN)/python -m pytest -q --timeout=900
 
 lint: $(VENV)/.test

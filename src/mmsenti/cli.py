@@ -1,4 +1,4 @@
-"""``mmsenti`` command line: train, evaluate, predict, list, data, cache, experiment.
+"""``mmsenti`` command line: train, evaluate, predict, serve, list, data, cache, experiment.
 
 User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
 """
@@ -106,18 +106,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mmsenti.data.base import Sample
-    from mmsenti.inference import load_model, read_prediction_file, write_jsonl
+    from mmsenti.inference import load_model
+    from mmsenti.utils import show_progress
 
     predictor = load_model(args.run_dir, args.device)
     if args.input:
-        samples = read_prediction_file(args.input, predictor.modalities)
-        rows = predictor.predict_samples(samples)
-        if args.output:
-            write_jsonl(rows, args.output)
-            log.info("wrote %d predictions to %s", len(rows), args.output)
-        else:
-            for row in rows:
-                print(json.dumps(row, ensure_ascii=False))
+        from mmsenti.batch_predict import predict_file
+
+        stats = predict_file(predictor, args.input, args.output, batch_size=args.batch_size, workers=args.workers,
+                             resume=args.resume, strict=args.strict, progress=show_progress(args.quiet))
+        print(stats.summary(args.output), file=sys.stderr)
         return 0
     if args.text is None and args.image is None:
         raise _UsageError("give --text and/or --image, or --input FILE")
@@ -247,9 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text")
     pr.add_argument("--image")
     pr.add_argument("--input", help="a .jsonl or .csv file with text/image columns (image paths relative to it)")
-    pr.add_argument("--output", help="predictions as JSON lines (default: stdout)")
+    pr.add_argument("--output", help="predictions as JSON lines, written as they come (default: stdout)")
+    pr.add_argument("--batch-size", type=int, default=32, help="posts per model call (default 32)")
+    pr.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0: this one)")
+    pr.add_argument("--resume", action="store_true", help="continue an interrupted --output file")
+    pr.add_argument("--strict", action="store_true",
+                    help="stop at the first bad row (default: write it with an \"error\" field and go on)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=cmd_predict)
+
+    from mmsenti.serve.command import add_serve_parser
+
+    add_serve_parser(sub)
 
     li = sub.add_parser("list", help="list registered models and datasets")
     li.add_argument("kind", nargs="?", choices=["models", "datasets"])

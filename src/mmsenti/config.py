@@ -70,6 +70,13 @@ class ModelConfig:
     dropout: float = 0.1
     label_smoothing: float = 0.0  # classification loss only
 
+    def batch_inputs(self, training: bool) -> list[str]:
+        """The batch keys the model reads in training or in evaluation/prediction; the processor builds only
+        these (see :class:`mmsenti.data.processing.Processor`). A model with other inputs overrides this."""
+        from mmsenti.data.processing import default_batch_inputs
+
+        return default_batch_inputs(self.modalities)
+
 
 @dataclass
 class DataConfig:

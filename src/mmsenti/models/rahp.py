@@ -20,7 +20,8 @@ Retrieval modes (``retrieval``):
 
 * ``"bank"`` (default): a :class:`~mmsenti.retrieval.MemoryBank` over the training set, refreshed from the
   current encoders by the trainer hooks (before each epoch if stale, and after each epoch, before dev
-  evaluation). A sample never retrieves itself (its bank row is excluded by id). The bank is part of the
+  evaluation). In training a sample never retrieves itself (its bank row is excluded by id); in evaluation nothing
+  is excluded, so a prediction never depends on the id a post is given. The bank is part of the
   model's ``state_dict`` (keys ``bank.*``), so checkpoints and ``model.safetensors`` carry it and a loaded
   model predicts without the training data, deterministically and independently of the batch. With several
   processes each encodes a share of the training set and every process builds the same bank from all shares.
@@ -88,6 +89,12 @@ class RahpConfig(ModelConfig):
         """Modalities read from ``Sample.features`` (what ``build_processor`` passes to the Processor)."""
         return [m for m in self.modalities
                 if m not in ("text", "image") or (m == "text" and self.text_input == "features")]
+
+    def batch_inputs(self, training: bool) -> list[str]:
+        keys = [k for m in self.feature_modalities for k in (f"{m}_features", f"{m}_mask")]
+        if "text" in self.modalities and self.text_input == "tokens":
+            keys += ["input_ids", "attention_mask"]
+        return keys + (["pixel_values"] if "image" in self.modalities else [])
 
 
 def validate(cfg: RahpConfig, check_dims: bool = True) -> None:
@@ -195,8 +202,9 @@ class Rahp(MultimodalModel):
 
     backbone_prefixes = ("text_encoder.backbone.", "image_encoder.")
 
-    def __init__(self, cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True):
-        super().__init__(cfg, info)
+    def __init__(self, cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True,
+                 inference: bool = False):
+        super().__init__(cfg, info, inference)
         validate(cfg)
         d, mods = cfg.width, list(cfg.modalities)
         self.modalities = mods
@@ -300,8 +308,10 @@ class Rahp(MultimodalModel):
     def retrieve(self, enc: dict[str, Encoded], ids: list[str]) -> dict[str, dict[str, Neighbours]]:
         """``{target: {source: Neighbours}}``: top-k for each target modality's embedding in each source index.
 
-        Bank mode searches the training bank, excluding each sample's own row (by id); in-batch mode searches a
-        bank of the current batch, excluding the sample itself. Empty for ``retrieval: none``.
+        Bank mode searches the training bank; while training it excludes each sample's own row (by id), so a
+        training sample never finds itself. In eval mode nothing is excluded: a prediction depends on the input
+        only, never on the id its caller gave it. In-batch mode searches a bank of the current batch, excluding the
+        sample itself. Empty for ``retrieval: none``.
         """
         mode = self.config.retrieval
         if mode == "none":
@@ -310,7 +320,8 @@ class Rahp(MultimodalModel):
             if not self.bank.is_built:
                 raise RuntimeError("rahp: the memory bank is empty; train the model (the trainer builds it) "
                                    "or call refresh_bank(batches)")
-            bank, exclude = self.bank, self.bank.rows_for_ids(ids)
+            bank = self.bank
+            exclude = self.bank.rows_for_ids(ids) if self.training else torch.full((len(ids),), -1, dtype=torch.long)
         else:
             bank = MemoryBank(self.modalities, self.config.width, index="torch", device=enc[self.modalities[0]].embedding.device)
             bank.refresh({m: e.embedding for m, e in enc.items()},
@@ -484,5 +495,5 @@ class Rahp(MultimodalModel):
 
 @MODELS.register("rahp", config=RahpConfig,
                  description="retrieval-augmented hierarchical prompts with a saved training-set memory bank")
-def rahp(cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True) -> Rahp:
-    return Rahp(cfg, info, processor, load_weights)
+def rahp(cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> Rahp:
+    return Rahp(cfg, info, processor, load_weights, inference)

@@ -8,6 +8,8 @@ processes and gathered back, and the frozen-feature cache is built once, by rank
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,10 +101,11 @@ class Setup:
         return select_metric(self.cfg, self.info.task)
 
     # ------------------------------------------------------------------------------------------- loaders
-    def data_loader(self, split: str, batch_sampler) -> DataLoader:
-        """A loader of ``split``'s samples in the batches of ``batch_sampler`` (lists of indices)."""
+    def data_loader(self, split: str, batch_sampler, training: bool = True) -> DataLoader:
+        """A loader of ``split``'s samples in the batches of ``batch_sampler`` (lists of indices); ``training=False``
+        builds only the inputs evaluation reads."""
         return DataLoader(ListDataset(self.bundle.split(split)), batch_sampler=batch_sampler,
-                          collate_fn=self.collate_fn(split), num_workers=self.cfg.data.num_workers,
+                          collate_fn=self.collate_fn(split, training), num_workers=self.cfg.data.num_workers,
                           generator=torch.Generator(), pin_memory=self.device.type == "cuda")
 
     def eval_batches(self, split: str) -> list[list[int]]:
@@ -116,12 +119,14 @@ class Setup:
         Whole batches are spread, never samples: each batch is scored exactly as one process would score it,
         and :func:`~mmsenti.train.evaluate.evaluate` gathers the results back into the split's order.
         """
-        return self.data_loader(split, round_robin(self.eval_batches(split), self.dist.rank, self.dist.world_size))
+        return self.data_loader(split, round_robin(self.eval_batches(split), self.dist.rank, self.dist.world_size),
+                                training=False)
 
-    def collate_fn(self, split: str):
-        """The processor, or (model with frozen parts, cache on) a collator reading the split's cached features."""
+    def collate_fn(self, split: str, training: bool = True):
+        """The processor (``training=False``: only the inputs evaluation reads), or (model with frozen parts, cache
+        on) a collator reading the split's cached features."""
         if not self.feature_cache:
-            return self.processor
+            return self.processor if training else functools.partial(self.processor, training=False)
         from mmsenti.cache import CachedCollator
 
         return CachedCollator(self.processor, self.feature_store(split), self.model.cache_replaces())

@@ -237,8 +237,8 @@ class Trainer:
             return self.setup.eval_loader(split)
         return self.setup.data_loader(split, self._train_sampler(epoch, start))
 
-    def collate_fn(self, split: str):
-        return self.setup.collate_fn(split)
+    def collate_fn(self, split: str, training: bool = True):
+        return self.setup.collate_fn(split, training)
 
     @property
     def feature_cache(self) -> dict[str, object]:
