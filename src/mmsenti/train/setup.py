@@ -9,7 +9,6 @@ processes and gathered back, and the frozen-feature cache is built once, by rank
 from __future__ import annotations
 
 import functools
-
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
