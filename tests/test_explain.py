@@ -84,6 +84,10 @@ def test_word_pieces_merge_into_one_row_and_special_tokens_never_appear():
     # Truncation: words cut off are not listed, the last kept word keeps only its read pieces.
     assert [(w.text, w.tokens) for w in words_of(tok, text, 10)] == [("Sunshine", list(range(1, 9)))]
     assert [(w.text, w.tokens) for w in words_of(tok, text, 8)] == [("Sunshi", list(range(1, 7)))]
+    glued = "I can't wait #weekend, well-known :)"
+    tok2 = train_wordpiece_tokenizer([glued], vocab_size=0, max_length=64)
+    assert [w.text for w in words_of(tok2, glued, 64)] == ["I", "can't", "wait", "#weekend", ",", "well-known", ":",
+                                                           ")"]
     values = np.arange(len(ids), dtype=float)
     assert pool_words(values, words, "sum")[0] == sum(range(1, 9))
     assert pool_words(values, words, "mean")[5] == np.mean(words[5].tokens)
@@ -374,6 +378,36 @@ def test_rahp_lists_near_duplicates_and_exactly_the_neighbours_of_the_forward_pa
     assert sorted(listed) == sorted(used)
     table = ex.neighbours_table().splitlines()
     assert len(table) == 2 + len(ex.neighbours) and "near-dup-5" in ex.neighbours_table()
+
+
+def test_rahp_on_feature_sequences_regression():
+    """MOSI-like clips (text, audio, vision feature sequences; a score): each modality is replaced by an empty
+    sequence, neighbours carry their training scores."""
+    from mmsenti.config import Config
+    from mmsenti.data.synthetic_mmsa import SyntheticMMSADataConfig, build_synthetic_mmsa
+    from mmsenti.explain.core import explain
+    from mmsenti.models.base import TaskInfo, build_model
+    from mmsenti.models.encoders import build_processor
+    from mmsenti.models.rahp import RahpConfig
+
+    torch.manual_seed(0)
+    data = build_synthetic_mmsa(SyntheticMMSADataConfig(n_train=64, n_valid=8, n_test=8, n_clusters=8))
+    cfg = RahpConfig(text_input="features", feature_dims={"text": 32, "audio": 16, "vision": 24}, width=32, heads=2,
+                     hidden=32, k=3, num_prompts=2)
+    train = data.split("train")
+    proc = build_processor(cfg, [s.text or "" for s in train], "regression")
+    model = build_model(cfg, TaskInfo("regression", None), proc)
+    model.refresh_bank([proc(train[i:i + 32], training=False) for i in range(0, len(train), 32)])
+    pred = Predictor(model.eval(), proc, Config(model=cfg))
+    ex = explain(pred, train[3], ExplainOptions(ig_steps=4), {s.id: s for s in train})
+    assert set(ex.modality.effects) == {"text", "audio", "vision"} and ex.modality.target is None
+    assert set(ex.modality.replaced_by.values()) == {"an empty sequence"}
+    assert all(ex.modality.effects[m] != 0.0 for m in ("text", "audio", "vision"))
+    assert ex.prediction["score"] == pytest.approx(ex.modality.values["full"], abs=1e-6)
+    assert ex.text_attribution is None and ex.image_attribution is None  # no token or pixel inputs
+    scores = {s.id: s.label for s in train}
+    assert all(n.label == pytest.approx(scores[n.id], abs=1e-5) for n in ex.neighbours)
+    assert [n.id for n in ex.neighbours if n.target == n.source == "text"][0] == train[3].id
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -114,7 +114,7 @@ class Predictor:
         return self.predict_samples([Sample(id="0", label=None, text=text, image=image)])[0]
 
     def explain(self, text: str | None = None, image: Any = None, options=None, neighbour_samples=None,
-                id: str = "0", **kwargs):
+                post_id: str = "0", **kwargs):
         """Why the model predicts what it does for one post: an :class:`mmsenti.explain.Explanation` (modality
         attribution and Integrated Gradients for every model; INFIG's word → region maps; RAHP's neighbours).
 
@@ -126,7 +126,7 @@ class Predictor:
         from mmsenti.explain.options import ExplainOptions
 
         options = options or ExplainOptions(**kwargs)
-        return explain(self, Sample(id=id, label=None, text=text, image=image), options, neighbour_samples)
+        return explain(self, Sample(id=post_id, label=None, text=text, image=image), options, neighbour_samples)
 
     def predict_samples(self, samples: Sequence[Sample], batch_size: int = 64) -> list[dict]:
         results: list[dict] = []

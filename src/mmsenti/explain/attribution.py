@@ -91,23 +91,25 @@ def modality_attribution(model: torch.nn.Module, processor, sample: Sample, moda
                          options: ExplainOptions) -> ModalityAttribution:
     """Replace each modality by a neutral input and compare the outputs.
 
-    ``sample.image`` is the transformed ``pixel_values`` (for a model that reads images). Text → the empty text ([CLS] [SEP]); image → see
-    :func:`neutral_image`; a feature sequence (audio, vision, text features) → an empty sequence.
+    ``sample.image`` is the transformed ``pixel_values`` (for a model that reads images). Text → the empty text
+    ([CLS] [SEP]); image → :func:`neutral_image`; a feature sequence (audio, vision, text features) → an empty
+    sequence. ``modalities``: those to replace (the post's; one the model does not read gets exactly 0).
     """
-    replaced_by: dict[str, str] = {}
-    for m in modalities:
-        replaced_by[m] = {"text": "the empty text", "image": describe_image_baseline(options)}.get(
-            m, "an empty sequence")
+    features = set(processor.feature_modalities)  # read as (T, D) sequences (e.g. MMSA audio, text features)
+    replaced_by = {m: "an empty sequence" if m in features else
+                   {"text": "the empty text", "image": describe_image_baseline(options)}[m] for m in modalities}
 
     def without(s: Sample, m: str) -> Sample:
+        if m in features:
+            feats = dict(s.features or {})
+            feats[m] = np.zeros((0, np.asarray(feats[m]).shape[1]), dtype=np.float32)
+            return Sample(s.id, None, s.text, s.image, feats)
         if m == "text":
             return Sample(s.id, None, "", s.image, s.features)
         if m == "image":  # pixel values, or (a model that reads no image) the image it ignores
             neutral = neutral_image(s.image, options) if isinstance(s.image, torch.Tensor) else None
             return Sample(s.id, None, s.text, neutral, s.features)
-        feats = dict(s.features or {})
-        feats[m] = np.zeros((0, np.asarray(feats[m]).shape[1]), dtype=np.float32)
-        return Sample(s.id, None, s.text, s.image, feats)
+        raise ValueError(f"cannot replace modality {m!r}")
 
     variants = {"full": sample}
     for m in modalities:

@@ -67,11 +67,13 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
     if isinstance(model, Infig) and image is not None and ex.words:
         _infig_maps(ex, out, options)
 
-    present = [m for m in ("text", "image") if getattr(post, m) is not None]
-    present += [m for m in reads if m not in ("text", "image")]
+    features = processor.feature_modalities  # read from Sample.features (RAHP on MMSA data)
+    present = [m for m in ("text", "image") if getattr(post, m) is not None and m not in features]
+    present += [m for m in features if (post.features or {}).get(m) is not None]
     ex.modality = attribution.modality_attribution(model, processor, post, present, target, predictor.label_names,
                                                    device, options)
     if options.integrated_gradients:
+        _require_captum()
         if ex.words and getattr(model, "text_encoder", None) is not None:
             ex.text_attribution = attribution.text_integrated_gradients(model, batch, tokenizer, ex.words, target,
                                                                         options)
@@ -103,9 +105,9 @@ def _infig_maps(ex: Explanation, out: dict, options: ExplainOptions) -> None:
         from mmsenti.models.infig.alignment import token_similarity
 
         sim = token_similarity(img_layers[-k], txt_layers[-k], mask)[0].float().cpu().numpy()
-        found["similarity"] = RegionMaps(
-            "similarity", f"HFAM token similarity (cosine), layer {len(img_layers) + 1 - k} of the last "
-                          f"{len(img_layers)} aligned", maps.word_region_similarity(sim, ex.words, grid))
+        where = "last layer" if k == 1 else f"layer {k} from the end"
+        found["similarity"] = RegionMaps("similarity", f"HFAM token similarity (cosine), {where}",
+                                         maps.word_region_similarity(sim, ex.words, grid))
     else:
         ex.notes.append("this INFIG was built without HFAM (use_hfam: false): no similarity map")
     m, share = maps.word_region_attention(last, ex.words, n_img, grid)
@@ -148,3 +150,13 @@ def _rahp_neighbours(ex: Explanation, model, out: dict, label_names, samples) ->
     if mode == "in-batch":
         ex.notes.append("in-batch retrieval: the neighbours are the other posts of the batch; a post explained "
                         "alone has none")
+
+
+def _require_captum() -> None:
+    try:
+        import captum.attr  # noqa: F401
+    except ImportError:
+        from mmsenti.data.base import DataError
+
+        raise DataError("Integrated Gradients need Captum: pip install 'mmsenti[explain]' "
+                        "(or skip them: --no-ig, integrated_gradients=False)") from None

@@ -165,11 +165,14 @@ def _wrap(text: str, width: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------ an Explanation
-def _title(ex: Explanation) -> str:
+def _title(ex: Explanation, max_text: int = 110) -> str:
     p = ex.prediction
-    if "label" in p:
-        return f"{ex.model}: {p['label']} ({p['probabilities'][p['label']]:.2f})"
-    return f"{ex.model}: score {p['score']:.3f}"
+    head = (f"{ex.model}: {p['label']} ({p['probabilities'][p['label']]:.2f})" if "label" in p
+            else f"{ex.model}: score {p['score']:.3f}")
+    if not ex.text:
+        return head
+    text = ex.text if len(ex.text) <= max_text else ex.text[: max_text - 1] + "…"
+    return f"{head}\n“{text}”"
 
 
 def figures_for(ex: Explanation, image=None, sources: Sequence[str] = ("similarity", "rollout")) -> dict:

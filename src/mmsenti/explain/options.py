@@ -19,7 +19,7 @@ class ExplainOptions:
     rollout_residual: float = 0.5  # attention rollout: A' = r·I + (1 − r)·A per layer (Abnar & Zuidema 2020)
     # Integrated Gradients (Captum) over the text's word embeddings and the image's pixels.
     integrated_gradients: bool = True
-    ig_steps: int = 32  # Riemann steps of the path integral (Gauss-Legendre, Captum's default method)
+    ig_steps: int = 64  # steps of the path integral (Gauss-Legendre, Captum's default); see the result's delta
     ig_batch: int = 16  # path points per forward pass (bounds memory)
     # Neutral image: "mean" = the normalisation mean colour everywhere (all-zero pixel values); "blur" = the image
     # blurred by a Gaussian of blur_sigma × its side. Used both to replace the image and as IG's baseline.

@@ -13,7 +13,8 @@ def words_of(tokenizer, text: str, max_length: int, input_ids: Sequence[int] | N
     """The words of ``text`` as the model read it, each with the positions of its word pieces.
 
     A word is what the tokenizer's pre-tokenizer splits off (for BERT-style tokenizers: runs of letters/digits,
-    each punctuation mark on its own); all its pieces make one :class:`Word`. Special tokens ([CLS], [SEP], ...)
+    each punctuation mark on its own), glued back where a reader sees one word (``can't``, ``well-known``,
+    ``#weekend``); all its pieces make one :class:`Word`. Special tokens ([CLS], [SEP], ...)
     and padding are never words. Words cut off by truncation at ``max_length`` are not read, so not listed.
 
     Args:
@@ -41,10 +42,47 @@ def words_of(tokenizer, text: str, max_length: int, input_ids: Sequence[int] | N
             else:
                 words[wid] = Word(text="", start=start, end=end, tokens=[pos])
         out = list(words.values())
-        for w in out:
-            w.text = text[w.start : w.end]
-        return out
+        for w in out:  # SentencePiece offsets may start at the space before the word
+            while w.start < w.end and text[w.start].isspace():
+                w.start += 1
+        return _glue(out, text)
     return _words_from_markers(tokenizer, ids, special)
+
+
+GLUE_INSIDE = set("'’-_.&")  # joins two word parts written without a space: can't, well-known, e.g
+GLUE_BEFORE = set("#@$")  # starts a word written without a space: #weekend, @user, $5
+
+
+def _glue(words: list[Word], text: str) -> list[Word]:
+    """Pre-tokenizers split at every punctuation mark; glue back what a reader takes as one word: ``can't``,
+    ``well-known`` (a mark between two parts with no space), ``#weekend``, ``@user`` (a mark before a part)."""
+    out: list[Word] = []
+    i = 0
+    while i < len(words):
+        w = Word(text="", start=words[i].start, end=words[i].end, tokens=list(words[i].tokens))
+        i += 1
+        while i < len(words):
+            nxt, mark = words[i], text[w.start:w.end]
+            after = i + 1 < len(words) and words[i + 1].start == nxt.end and _alnum(text, words[i + 1])
+            if nxt.start != w.end:  # a space in between
+                break
+            if len(mark) == 1 and mark in GLUE_BEFORE and _alnum(text, nxt):
+                pass  # '#' + 'weekend'
+            elif text[nxt.start:nxt.end] in GLUE_INSIDE and _alnum(text, w) and after:
+                w.end, w.tokens = nxt.end, w.tokens + nxt.tokens  # 'can' + "'" (+ 't' below)
+                i += 1
+                nxt = words[i]
+            else:
+                break
+            w.end, w.tokens = nxt.end, w.tokens + nxt.tokens
+            i += 1
+        w.text = text[w.start:w.end]
+        out.append(w)
+    return out
+
+
+def _alnum(text: str, w: Word) -> bool:
+    return any(c.isalnum() for c in text[w.start:w.end])
 
 
 def _words_from_markers(tokenizer, ids: list[int], special: list[int]) -> list[Word]:
