@@ -40,7 +40,8 @@ SCENES = ["data.num_train=1200", "data.num_dev=50", "data.num_test=50", "data.ba
           "model.text_encoder.num_heads=2", "model.text_encoder.vocab_size=300", "model.image_encoder.width=8",
           "model.image_encoder.image_size=32", "optim.epochs=10"]
 LATE_FUSION = ["model.hidden=64", "optim.lr=2e-3"]
-INFIG = ["model.name=infig", "model.image_encoder.num_stages=3", "model.width=32", "model.image_layers=1", "model.image_heads=2", "model.fusion_layers=2",
+INFIG = ["model.name=infig", "model.image_encoder.num_stages=3", "model.width=32", "model.image_layers=1",
+         "model.image_heads=2", "model.fusion_layers=2",
          "model.fusion_heads=2", "model.use_clip=false", "model.use_gam=false", "model.dropout=0.0",
          "model.hfam_layers=1", "model.lambda_f=0.05", "optim.lr=2e-3"]
 STOP = {"a", "the", "some", "day"}  # in the weather phrases, but not about the weather
@@ -270,7 +271,8 @@ def test_trained_scenes_model_explanations_follow_the_rule(trained, name, record
     record_property("explain_figures", json.dumps(figures))
     print(name, figures)
     assert figures["top word is a weather word"] >= 0.8 and figures["weather words above the rest (mean |IG|)"] >= 0.8
-    assert figures["replacing the text changes the label"] > 0.5 and figures["replacing the image changes the label"] > 0.5
+    assert figures["replacing the text changes the label"] > 0.5
+    assert figures["replacing the image changes the label"] > 0.5
     assert np.mean(effects, 0).min() > 0.2  # on average both modalities carry a large share of p(label)
 
 

@@ -122,7 +122,8 @@ def modality_attribution(model: torch.nn.Module, processor, sample: Sample, moda
     effects = {m: values["full"] - values[f"without_{m}"] for m in modalities}
     if len(modalities) == 2:
         a, b = modalities
-        effects["interaction"] = values["full"] - values[f"without_{a}"] - values[f"without_{b}"] + values["without_all"]
+        effects["interaction"] = (values["full"] - values[f"without_{a}"] - values[f"without_{b}"]
+                                  + values["without_all"])
     changes = {m: outputs[f"without_{m}"].get("label") != outputs["full"].get("label") if target is not None
                else False for m in modalities}
     return ModalityAttribution(target=None if target is None else label_names[target], replaced_by=replaced_by,

@@ -30,7 +30,8 @@ def add_explain_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--root", help="dataset directory (for --sample, --neighbour-texts), if it moved since training")
     s.add_argument("--out", required=True, help="directory for explanation.json and the figures")
     s.add_argument("--words", type=int, default=d.words,
-                   help=f"words drawn in the word → region figure: those with the highest pooling weight (default {d.words})")
+                   help=f"words drawn in the word → region figure: those with the highest pooling weight "
+                        f"(default {d.words})")
     s.add_argument("--word", action="append", metavar="WORD", help="draw this word instead (repeatable)")
     s.add_argument("--source", action="append", choices=SOURCES,
                    help=f"rows of the word → region figure (repeatable; default {' and '.join(d.sources)})")
@@ -117,7 +118,8 @@ def summary(ex) -> str:
     words = ex.word_texts
     if ex.word_importance is not None:
         top = sorted(range(len(words)), key=lambda i: -ex.word_importance[i])[:6]
-        lines.append("attention pooling, top words: " + ", ".join(f"{words[i]} {ex.word_importance[i]:.3f}" for i in top))
+        lines.append("attention pooling, top words: "
+                     + ", ".join(f"{words[i]} {ex.word_importance[i]:.3f}" for i in top))
     if ex.text_attribution is not None:
         s = ex.text_attribution.word_scores
         top = sorted(range(len(words)), key=lambda i: -abs(s[i]))[:6]

@@ -137,7 +137,7 @@ class Explanation:
     text: str | None = None
     words: list[Word] = field(default_factory=list)
     image_size: tuple[int, int] | None = None  # (width, height) of the image as given
-    image_box: tuple[float, float, float, float] | None = None  # the part of it the model sees (left, top, right, bottom)
+    image_box: tuple[float, float, float, float] | None = None  # the part the model sees: (left, top, right, bottom)
     input_size: int | None = None  # side of the model's square input image
     grid: tuple[int, int] | None = None  # (rows, cols) of the region grid
     region_maps: dict[str, RegionMaps] = field(default_factory=dict)  # INFIG, by source

@@ -470,7 +470,8 @@ class ImageTransformerEncoder(ImageEncoder):
         for i, block in enumerate(self.blocks):
             x, _ = block(x)
             states.append(self.norm(x) if i == len(self.blocks) - 1 else x)
-        return EncoderOutput(hidden_states=tuple(states), feature_map=fmap, grid_size=(fmap.shape[-2], fmap.shape[-1]))
+        return EncoderOutput(hidden_states=tuple(states), feature_map=fmap,
+                             grid_size=(fmap.shape[-2], fmap.shape[-1]))
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
