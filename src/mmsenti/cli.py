@@ -1,4 +1,4 @@
-"""``mmsenti`` command line: train, evaluate, predict, serve, list, data, cache, experiment.
+"""``mmsenti`` command line: train, evaluate, predict, explain, serve, list, data, cache, experiment.
 
 User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
 """
@@ -203,6 +203,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mmsenti.explain.command import run
+
+    return run(args)
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from mmsenti.experiment.commands import run
 
@@ -254,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=cmd_predict)
+
+    from mmsenti.explain.command import add_explain_parser
+
+    add_explain_parser(sub).set_defaults(func=cmd_explain)
 
     from mmsenti.serve.command import add_serve_parser
 

@@ -113,6 +113,21 @@ class Predictor:
         """Predict one post; ``image`` is a path or a PIL image."""
         return self.predict_samples([Sample(id="0", label=None, text=text, image=image)])[0]
 
+    def explain(self, text: str | None = None, image: Any = None, options=None, neighbour_samples=None,
+                post_id: str = "0", **kwargs):
+        """Why the model predicts what it does for one post: an :class:`mmsenti.explain.Explanation` (modality
+        attribution and Integrated Gradients for every model; INFIG's word → region maps; RAHP's neighbours).
+
+        Args:
+            options: an :class:`mmsenti.explain.ExplainOptions`, or its fields as keyword arguments.
+            neighbour_samples: RAHP: the training samples by id (their texts are listed with the neighbours).
+        """
+        from mmsenti.explain.core import explain
+        from mmsenti.explain.options import ExplainOptions
+
+        options = options or ExplainOptions(**kwargs)
+        return explain(self, Sample(id=post_id, label=None, text=text, image=image), options, neighbour_samples)
+
     def predict_samples(self, samples: Sequence[Sample], batch_size: int = 64) -> list[dict]:
         results: list[dict] = []
         for i in range(0, len(samples), batch_size):

@@ -73,16 +73,30 @@ class ImageTransform:
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
 
+    def _plan(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(resized width, resized height, crop left, crop top) for an image of ``width`` × ``height``."""
+        if self.resize == "squash":
+            return self.size, self.size, 0, 0
+        scale = self.size / self.crop_pct / min(width, height)
+        w, h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        return w, h, (w - self.size) // 2, (h - self.size) // 2
+
+    def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of a ``width`` × ``height`` image the model sees, in its pixels: (left, top, right, bottom).
+
+        ``squash``: the whole image (stretched to a square, so a square cell of the model's input covers a
+        ``width/size`` × ``height/size`` rectangle of it); ``shorter``: the centre crop, a square of the image.
+        """
+        w, h, left, top = self._plan(width, height)
+        sx, sy = width / w, height / h
+        return left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = img.convert("RGB")
         interp = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[self.interpolation]
-        if self.resize == "squash":
-            img = img.resize((self.size, self.size), interp)
-        else:
-            scale = self.size / self.crop_pct / min(img.size)
-            w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
-            img = img.resize((w, h), interp)
-            left, top = (w - self.size) // 2, (h - self.size) // 2
+        w, h, left, top = self._plan(img.width, img.height)
+        img = img.resize((w, h), interp)
+        if (w, h) != (self.size, self.size):
             img = img.crop((left, top, left + self.size, top + self.size))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.mean).view(3, 1, 1)

@@ -27,11 +27,15 @@ class EncoderOutput:
             embedding output, as in ``transformers``.
         attention_mask: (B, L) with 1 for real tokens, or None when every token is real (images).
         feature_map: the last (B, C, H, W) map of a CNN, when there is one.
+        grid_size: image encoders: (rows, cols) of the region grid of the last hidden state's region tokens,
+            which are in row-major order (after [CLS] when there is one). Explanations map tokens to image regions
+            with it; never guessed from the token count (a grid need not be square).
     """
 
     hidden_states: tuple[torch.Tensor, ...]
     attention_mask: torch.Tensor | None = None
     feature_map: torch.Tensor | None = None
+    grid_size: tuple[int, int] | None = None
 
     @property
     def last_hidden_state(self) -> torch.Tensor:
@@ -199,7 +203,8 @@ class ImageEncoder(nn.Module):
 
     def from_feature_map(self, fmap: torch.Tensor) -> EncoderOutput:
         """The output for a cached last feature map (only the last stage's tokens exist then)."""
-        return EncoderOutput(hidden_states=(fmap.flatten(2).transpose(1, 2),), feature_map=fmap)
+        return EncoderOutput(hidden_states=(fmap.flatten(2).transpose(1, 2),), feature_map=fmap,
+                             grid_size=(fmap.shape[-2], fmap.shape[-1]))
 
     def encode_batch(self, batch: dict) -> EncoderOutput:
         """Encode a collated batch, from the cached feature map when the batch has one."""
@@ -236,7 +241,7 @@ class SmallCNN(ImageEncoder):
         for stage in self.stages:
             x = stage(x)
             tokens.append(x.flatten(2).transpose(1, 2))
-        return EncoderOutput(hidden_states=tuple(tokens), feature_map=x)
+        return EncoderOutput(hidden_states=tuple(tokens), feature_map=x, grid_size=(x.shape[-2], x.shape[-1]))
 
 
 class TimmImageEncoder(ImageEncoder):
@@ -409,7 +414,8 @@ class ImageTransformerEncoder(ImageEncoder):
     """CNN feature map → linear projection to ``width`` → [CLS] + position embeddings → transformer layers.
 
     INFIG's image encoder. ``hidden_states[0]`` is the projected input (like an HF embedding output) and
-    ``hidden_states[i]`` the output of transformer layer i, each (B, 1 + H·W, width) with [CLS] first.
+    ``hidden_states[i]`` the output of transformer layer i, each (B, 1 + H·W, width) with [CLS] first and the
+    regions in row-major order; ``grid_size`` = (H, W).
     """
 
     def __init__(self, backbone: ImageEncoder, width: int, num_layers: int, num_heads: int, image_size: int,
@@ -418,7 +424,8 @@ class ImageTransformerEncoder(ImageEncoder):
         from mmsenti.models.layers import TransformerBlock
 
         self.backbone = backbone
-        num_tokens = self._num_regions(backbone, image_size)
+        self.grid_size: tuple[int, int] = self._region_grid(backbone, image_size)  # (rows, cols) of the regions
+        num_tokens = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Linear(backbone.width, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_tokens, width))
@@ -430,13 +437,13 @@ class ImageTransformerEncoder(ImageEncoder):
         self.num_layers = num_layers
 
     @staticmethod
-    def _num_regions(backbone: ImageEncoder, image_size: int) -> int:
+    def _region_grid(backbone: ImageEncoder, image_size: int) -> tuple[int, int]:
         was_training = backbone.training
         backbone.eval()  # a dummy pass must not move batch-norm statistics
         with torch.no_grad():
             fmap = backbone(torch.zeros(1, 3, image_size, image_size)).feature_map
         backbone.train(was_training)
-        return fmap.shape[-2] * fmap.shape[-1]
+        return fmap.shape[-2], fmap.shape[-1]
 
     @property
     def cacheable(self) -> bool:
@@ -463,7 +470,8 @@ class ImageTransformerEncoder(ImageEncoder):
         for i, block in enumerate(self.blocks):
             x, _ = block(x)
             states.append(self.norm(x) if i == len(self.blocks) - 1 else x)
-        return EncoderOutput(hidden_states=tuple(states), feature_map=fmap)
+        return EncoderOutput(hidden_states=tuple(states), feature_map=fmap,
+                             grid_size=(fmap.shape[-2], fmap.shape[-1]))
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}

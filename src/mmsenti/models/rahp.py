@@ -366,7 +366,10 @@ class Rahp(MultimodalModel):
         return (w * lab.float()).sum(-1, keepdim=True).to(dtype)
 
     # --------------------------------------------------------------------------------------------- forward
-    def forward(self, batch: dict) -> dict[str, Any]:
+    def forward(self, batch: dict, return_neighbours: bool = False) -> dict[str, Any]:
+        """Logits, retrieval embeddings and which modalities are present; with ``return_neighbours`` also the
+        neighbours this pass retrieved and built its sample-level contexts from (``{target: {source: Neighbours}}``,
+        as :meth:`retrieve` returns them), for explanations."""
         if self.training:
             self._bank_stale = True
         enc = self.encode(batch)
@@ -410,9 +413,12 @@ class Rahp(MultimodalModel):
             x = torch.cat([x, prior], -1)
             logits = self.prior_out(prior)
         logits = self.head(x) if logits is None else logits + self.head(x)
-        return {"logits": logits,
-                "retrieval_embeddings": {m: enc[m].embedding for m in mods},
-                "present": torch.stack([enc[m].present for m in mods], 1)}
+        out = {"logits": logits,
+               "retrieval_embeddings": {m: enc[m].embedding for m in mods},
+               "present": torch.stack([enc[m].present for m in mods], 1)}
+        if return_neighbours:
+            out["neighbours"] = found
+        return out
 
     def compute_loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         terms = dict(self.criterion(outputs, batch))

@@ -49,6 +49,7 @@ __all__ = [
     "fine_grained_similarity",
     "make_momentum_copy",
     "momentum_update",
+    "token_similarity",
 ]
 
 
@@ -150,16 +151,37 @@ def _fine_grained_block(img: Tensor, txt: Tensor, mask: Tensor, top_j: int, p2q:
     return s_p2q, s_q2p
 
 
+def _normalised_tokens(img_tokens: Tensor, txt_tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Unit-length tokens, the cosine's operands. Padding is zeroed before normalising: its values then cannot leak
+    into anything, not even as NaN through the GEMM's backward (0 · NaN), whatever the encoder left there."""
+    return F.normalize(img_tokens, dim=-1), F.normalize(torch.where(mask[..., None], txt_tokens, 0.0), dim=-1)
+
+
+def token_similarity(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor) -> Tensor:
+    """cos(w_l, v_k) of every text token with every visual token **of the same pair**: (B, N_t, N_i).
+
+    The matrix whose per-row / per-column top-j eqs. 3-4 average (for pair b, :func:`fine_grained_similarity`'s
+    S_q2p[b, b] is the mean over real rows of each row's top-j mean). Row l is what HFAM trains text token l to
+    look like across the image: explanations draw it as the token's heat map over the regions. Padding rows are 0.
+
+    Args:
+        img_tokens: (B, N_i, D) visual tokens without [CLS]; txt_tokens: (B, N_t, D) without [CLS];
+        txt_mask: (B, N_t), true for real text tokens.
+    """
+    _check_tokens(img_tokens, txt_tokens, txt_mask, 1)
+    if img_tokens.shape[0] != txt_tokens.shape[0]:
+        raise ValueError(f"expected matched pairs, got {img_tokens.shape[0]} images and {txt_tokens.shape[0]} texts")
+    img, txt = _normalised_tokens(img_tokens, txt_tokens, txt_mask.bool())
+    return txt @ img.transpose(1, 2)
+
+
 def _fine_grained(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, top_j: int, chunk_size: int | None,
                   p2q: bool = True, q2p: bool = True) -> tuple[Tensor | None, Tensor | None]:
     _check_tokens(img_tokens, txt_tokens, txt_mask, top_j)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     mask = txt_mask.bool()
-    img = F.normalize(img_tokens, dim=-1)
-    # Zero padding before normalising: its values then cannot leak into anything, not even as NaN through the GEMM's
-    # backward (0 · NaN), whatever the encoder left there.
-    txt = F.normalize(torch.where(mask[..., None], txt_tokens, 0.0), dim=-1)
+    img, txt = _normalised_tokens(img_tokens, txt_tokens, mask)
 
     bi, bt = img.shape[0], txt.shape[0]
     step_i = bi if chunk_size is None else chunk_size

@@ -307,7 +307,17 @@ class Infig(MultimodalModel):
                 self.clip_api.text_features(batch["clip_input_ids"], batch["clip_attention_mask"]))
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, batch: dict, return_attention: bool = False) -> dict:
+    def forward(self, batch: dict, return_attention: bool = False, return_tokens: bool = False) -> dict:
+        """Logits (and, in training, the alignment losses' inputs).
+
+        Args:
+            return_attention: also return every fusion layer's attention (``attentions``, a list of
+                (B, heads, L, L); ``attention`` is the last one), the attention-pooling weights (``pool_weights``,
+                (B, L)), ``num_image_tokens`` (image [CLS] + regions, first in the fusion sequence) and
+                ``image_grid`` (rows, cols) of the regions, for explanations.
+            return_tokens: also return HFAM's token states (``hfam_tokens``: image layers, text layers, text mask,
+                [CLS] removed, the last ``hfam_layers`` layers, as the fine-grained loss reads them), in any mode.
+        """
         img_states, txt_states, mask = self._encode(batch)
         parts, pads = [], []
         if img_states is not None:
@@ -326,15 +336,19 @@ class Infig(MultimodalModel):
                 if key in batch:
                     pads[i] = pads[i] | ~batch[key].to(pads[i].device)[:, None]
         x, pad = torch.cat(parts, dim=1), torch.cat(pads, dim=1)
-        attn = None
-        for i, block in enumerate(self.fusion):
-            x, w = block(x, key_padding_mask=pad, need_weights=return_attention and i == len(self.fusion) - 1)
-            attn = w if w is not None else attn
+        attns = []
+        for block in self.fusion:
+            x, w = block(x, key_padding_mask=pad, need_weights=return_attention)
+            if w is not None:
+                attns.append(w)
         pooled, pool_weights = self.pool(self.fusion_norm(x), pad)
         out = {"logits": self.classifier(self.proj(pooled)), "pooled": pooled}
         if return_attention:
-            out.update(attention=attn, pool_weights=pool_weights,
-                       num_image_tokens=img_states[-1].shape[1] if img_states is not None else 0)
+            out.update(attention=attns[-1], attentions=attns, pool_weights=pool_weights,
+                       num_image_tokens=img_states[-1].shape[1] if img_states is not None else 0,
+                       image_grid=self.image_encoder.grid_size if self.has_image else None)
+        if return_tokens and self.use_hfam:
+            out["hfam_tokens"] = self._hfam_tokens(img_states, txt_states, mask)
 
         if self.training and (self.use_gam or self.use_hfam):
             self._check_trainable()
@@ -346,10 +360,14 @@ class Infig(MultimodalModel):
                 out["global_m"] = self._global_features(img_m, txt_m, clip_feats, "_m")
             out["sample_index"] = stable_sample_index(batch["ids"]).to(x.device)
         if self.training and self.use_hfam:
-            m = self.config.hfam_layers
-            # [CLS] (position 0) excluded on both sides; text padding excluded by the mask.
-            out["fine"] = ([h[:, 1:] for h in img_states[-m:]], [h[:, 1:] for h in txt_states[-m:]], mask[:, 1:])
+            out["fine"] = self._hfam_tokens(img_states, txt_states, mask)
         return out
+
+    def _hfam_tokens(self, img_states, txt_states, mask) -> tuple[list, list, torch.Tensor]:
+        """What HFAM aligns: the last ``hfam_layers`` layers' tokens. [CLS] (position 0) excluded on both sides;
+        text padding excluded by the mask."""
+        m = self.config.hfam_layers
+        return [h[:, 1:] for h in img_states[-m:]], [h[:, 1:] for h in txt_states[-m:]], mask[:, 1:]
 
     @torch.no_grad()
     def update_momentum_encoders(self) -> None:

@@ -3,6 +3,6 @@ reads posts with :func:`mmsenti.serve.posts.read_posts`, and is listed in :data:
 
 from __future__ import annotations
 
-from mmsenti.serve.routes import model_card, predict
+from mmsenti.serve.routes import explain, model_card, predict
 
-V1_ROUTERS = [model_card.router, predict.router]  # mounted under /v1, behind the API key
+V1_ROUTERS = [model_card.router, predict.router, explain.router]  # mounted under /v1, behind the API key

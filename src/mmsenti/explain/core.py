@@ -1,0 +1,162 @@
+"""``explain(predictor, sample)``: one post → an :class:`~mmsenti.explain.results.Explanation`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from mmsenti.data.base import Sample
+from mmsenti.data.processing import open_image
+from mmsenti.explain import attribution, maps
+from mmsenti.explain.neighbours import neighbours_from
+from mmsenti.explain.options import ExplainOptions
+from mmsenti.explain.results import Explanation, RegionMaps
+from mmsenti.explain.text import is_content_word, words_of
+
+log = logging.getLogger(__name__)
+
+IG_TOLERANCE = 0.05  # |sum of attributions − (f(input) − f(baseline))| above which a note says to raise ig_steps
+
+
+def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
+            neighbour_samples: Mapping[str, Sample] | None = None) -> Explanation:
+    """Explain the prediction of ``predictor`` (a :class:`~mmsenti.inference.Predictor`) for one post.
+
+    Args:
+        sample: the post; ``image`` a path or PIL image (the original: maps are drawn over it).
+        options: what to compute (default :class:`ExplainOptions`).
+        neighbour_samples: RAHP: the training samples by id, for the neighbours' texts (and labels when the bank
+            stores none).
+    """
+    from mmsenti.models.infig.model import Infig
+    from mmsenti.models.rahp import Rahp
+
+    options = options or ExplainOptions()
+    model, processor, device = predictor.model.eval(), predictor.processor, predictor.device
+    reads = predictor.modalities
+    image = open_image(sample.image, sample.id) if sample.image is not None and "image" in reads else None
+    pixels = processor.image_transform(image) if image is not None else None
+    # A modality the model does not read passes through untouched (the processor ignores it): replacing it then
+    # changes nothing, and its attribution is exactly 0.
+    post = Sample(id=sample.id, label=None, text=sample.text, image=pixels if "image" in reads else sample.image,
+                  features=sample.features)
+    batch = attribution.batch_of(processor, post, device)
+    batch["ids"] = [attribution.BATCH_ID]
+    kwargs = ({"return_attention": True, "return_tokens": True} if isinstance(model, Infig)
+              else {"return_neighbours": True} if isinstance(model, Rahp) else {})
+    out = attribution.run(model, batch, **kwargs)
+    logits = out["logits"].float().cpu().numpy()
+    prediction = predictor.decode(logits)[0]
+    target = int(logits[0].argmax()) if predictor.info.task == "classification" else None
+
+    ex = Explanation(id=sample.id, model=predictor.config.model.name, modalities=list(reads), prediction=prediction,
+                     text=sample.text)
+    tokenizer = processor.tokenizer
+    if "input_ids" in batch and sample.text is not None:
+        ex.words = words_of(tokenizer, sample.text, processor.max_length, batch["input_ids"][0].tolist())
+    grid = attribution.image_grid(model, batch)
+    if image is not None:
+        t = processor.image_transform
+        ex.image_size, ex.image_box, ex.input_size, ex.grid = image.size, t.source_box(*image.size), t.size, grid
+    for m in reads:
+        if m in ("text", "image") and (sample.text if m == "text" else sample.image) is None:
+            ex.notes.append(f"the post has no {m}: the model hid it (missing modality), so it is not explained")
+
+    if isinstance(model, Infig) and image is not None and ex.words:
+        _infig_maps(ex, out, options)
+
+    features = processor.feature_modalities  # read from Sample.features (RAHP on MMSA data)
+    present = [m for m in ("text", "image") if getattr(post, m) is not None and m not in features]
+    present += [m for m in features if (post.features or {}).get(m) is not None]
+    ex.modality = attribution.modality_attribution(model, processor, post, present, target, predictor.label_names,
+                                                   device, options)
+    if options.integrated_gradients:
+        _require_captum()
+        if ex.words and getattr(model, "text_encoder", None) is not None:
+            ex.text_attribution = attribution.text_integrated_gradients(model, batch, tokenizer, ex.words, target,
+                                                                        options)
+        if "pixel_values" in batch and image is not None:
+            ex.image_attribution = attribution.image_integrated_gradients(model, batch, grid, target, options)
+    for what, a in (("text", ex.text_attribution), ("image", ex.image_attribution)):
+        if a is not None and abs(a.delta) > IG_TOLERANCE:
+            ex.notes.append(f"Integrated Gradients on the {what} is not converged: its attributions miss the output "
+                            f"change by {a.delta:+.3f} (raise ig_steps, now {options.ig_steps})")
+    _select_words(ex, options)
+    if isinstance(model, Rahp):
+        _rahp_neighbours(ex, model, out, predictor.label_names, neighbour_samples)
+        if options.integrated_gradients and model.config.retrieval != "none":
+            ex.notes.append("rahp: retrieval has no gradient, and along Integrated Gradients' path the neighbours "
+                            "change in steps it cannot see; read its attributions as local, not complete")
+    return ex
+
+
+def _infig_maps(ex: Explanation, out: dict, options: ExplainOptions) -> None:
+    grid, n_img = tuple(out["image_grid"]), int(out["num_image_tokens"])
+    attns = [a[0].float().cpu().numpy() for a in out["attentions"]]
+    last, n_layers = maps.head_mean(attns[-1]), len(attns)
+    found = {}
+    if "hfam_tokens" in out:
+        img_layers, txt_layers, mask = out["hfam_tokens"]
+        k = options.hfam_layer
+        if k > len(img_layers):
+            raise ValueError(f"hfam_layer {k}: this model aligns its last {len(img_layers)} layers (model.hfam_layers)")
+        from mmsenti.models.infig.alignment import token_similarity
+
+        sim = token_similarity(img_layers[-k], txt_layers[-k], mask)[0].float().cpu().numpy()
+        where = "last layer" if k == 1 else f"layer {k} from the end"
+        found["similarity"] = RegionMaps("similarity", f"HFAM token similarity (cosine), {where}",
+                                         maps.word_region_similarity(sim, ex.words, grid))
+    else:
+        ex.notes.append("this INFIG was built without HFAM (use_hfam: false): no similarity map")
+    m, share = maps.word_region_attention(last, ex.words, n_img, grid)
+    found["attention"] = RegionMaps("attention", f"fusion attention, last layer ({n_layers}), mean over heads",
+                                    m, share)
+    roll = maps.attention_rollout(attns, options.rollout_residual)
+    m, share = maps.word_region_attention(roll, ex.words, n_img, grid)
+    found["rollout"] = RegionMaps("rollout", f"attention rollout over {n_layers} fusion layers", m, share)
+    ex.region_maps = found
+    pool = out["pool_weights"][0].float().cpu().numpy()
+    ex.word_importance, ex.region_importance, ex.image_cls_importance = maps.pooling_importance(
+        pool, ex.words, n_img, grid)
+
+
+def _select_words(ex: Explanation, options: ExplainOptions) -> None:
+    texts = [w.text.lower() for w in ex.words]
+    if options.select:
+        missing = [w for w in options.select if w.lower() not in texts]
+        if missing:
+            ex.notes.append(f"not among the words the model read: {', '.join(missing)}")
+        ex.selected_words = [texts.index(w.lower()) for w in options.select if w.lower() in texts]
+        return
+    score = ex.word_importance
+    if score is None and ex.text_attribution is not None:
+        score = np.abs(ex.text_attribution.word_scores)
+    if score is None:
+        return
+    order = [i for i in np.argsort(-score, kind="stable") if is_content_word(ex.words[i].text)]
+    ex.selected_words = [int(i) for i in order[: options.words]]
+
+
+def _rahp_neighbours(ex: Explanation, model, out: dict, label_names, samples) -> None:
+    mode = model.config.retrieval
+    if mode == "none":
+        ex.notes.append("rahp with retrieval: none has no neighbours")
+        ex.neighbours = []
+        return
+    ex.neighbours = neighbours_from(out["neighbours"], model.bank.ids if mode == "bank" else None, label_names,
+                                    samples)
+    if mode == "in-batch":
+        ex.notes.append("in-batch retrieval: the neighbours are the other posts of the batch; a post explained "
+                        "alone has none")
+
+
+def _require_captum() -> None:
+    try:
+        import captum.attr  # noqa: F401
+    except ImportError:
+        from mmsenti.data.base import DataError
+
+        raise DataError("Integrated Gradients need Captum: pip install 'mmsenti[explain]' "
+                        "(or skip them: --no-ig, integrated_gradients=False)") from None

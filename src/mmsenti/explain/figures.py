@@ -1,0 +1,227 @@
+"""Figures of an explanation (matplotlib's object API on the Agg canvas: no pyplot, safe in servers and threads).
+
+The drawing functions take arrays and return a ``Figure``; :func:`figures_for` draws an
+:class:`~mmsenti.explain.results.Explanation`. Every panel is an axes labelled ``"panel"`` (colour bars are not),
+and :func:`save_png` records the panel count in the PNG's text chunk ``mmsenti:panels``.
+
+Heat maps over the region grid are drawn over the image *as it was given*, at its own aspect ratio: the grid covers
+``box``, the part of the image the model saw (all of it for ``squash`` resizing, stretched; the centre square for
+resize-shorter-side + crop, outlined).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mmsenti.experiment.plots import _figure as new_figure
+from mmsenti.explain.results import Explanation
+
+PANEL = "panel"
+HEAT_CMAP = "jet"
+SIGNED_CMAP = "RdBu_r"
+MAX_WORDS = 40  # words drawn in a bar chart (the JSON has them all)
+
+
+def _panel(fig, grid, index) -> object:
+    ax = fig.add_subplot(grid[index])
+    ax.set_label(PANEL)
+    return ax
+
+
+def draw_image(ax, image: np.ndarray, title: str = "") -> None:
+    h, w = image.shape[:2]
+    ax.imshow(image, extent=(0, w, h, 0), interpolation="nearest")
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def draw_overlay(ax, image: np.ndarray, box: Sequence[float], heat: np.ndarray, title: str = "",
+                 cmap: str = HEAT_CMAP, vmin: float | None = None, vmax: float | None = None, alpha: float = 0.55,
+                 smooth: bool = True):
+    """``heat`` (rows, cols), or a pixel map of the model's input, stretched over ``box`` of ``image``."""
+    draw_image(ax, image, title)
+    left, top, right, bottom = box
+    im = ax.imshow(heat, extent=(left, right, bottom, top), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
+                   interpolation="bilinear" if smooth else "nearest")
+    h, w = image.shape[:2]
+    if (left, top, right, bottom) != (0, 0, w, h):  # a centre crop: show what the model saw
+        from matplotlib.patches import Rectangle
+
+        ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, ls="--", lw=1, ec="white"))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    return im
+
+
+def word_region_figure(image: np.ndarray, box: Sequence[float], rows: Sequence[tuple[str, np.ndarray]],
+                       words: Sequence[str], title: str = ""):
+    """The image, then one heat map per word, one row per source (INFIG paper, Fig. 4).
+
+    Args:
+        rows: (source label, maps (n_words, grid rows, grid cols)); the colour scale is shared within a row, so
+            words of one source compare.
+        words: the words the maps belong to (titles).
+    """
+    n = len(words)
+    if any(m.shape[0] != n for _, m in rows):
+        raise ValueError("every row needs one map per word")
+    ih, iw = image.shape[:2]
+    panel_w = 2.0
+    panel_h = panel_w * ih / iw + 0.45
+    fig = new_figure(panel_w * (n + 1) + 0.6, panel_h * len(rows) + (0.4 if title else 0.1))
+    grid = fig.add_gridspec(len(rows), n + 1)
+    for r, (label, row_maps) in enumerate(rows):
+        lo, hi = float(np.nanmin(row_maps)), float(np.nanmax(row_maps))
+        ax = _panel(fig, grid, (r, 0))
+        draw_image(ax, image)
+        ax.set_title(_wrap(label, 28), fontsize=8)
+        im = None
+        for i, word in enumerate(words):
+            ax = _panel(fig, grid, (r, i + 1))
+            im = draw_overlay(ax, image, box, row_maps[i], f"“{word}”", vmin=lo, vmax=hi)
+        if im is not None:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def importance_figure(words: Sequence[str], word_weights: np.ndarray, image: np.ndarray, box: Sequence[float],
+                      region_weights: np.ndarray, cls_weight: float | None = None, title: str = ""):
+    """INFIG's attention-pooling weights (eqs. 8-9): a bar per word, a map over the regions."""
+    fig = new_figure(9.0, 3.2)
+    grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 1])
+    ax = _panel(fig, grid, 0)
+    _word_bars(ax, words, word_weights, signed=False)
+    ax.set_title("attention pooling weight per word", fontsize=9)
+    ax = _panel(fig, grid, 1)
+    extra = f" (image [CLS] {cls_weight:.3f})" if cls_weight is not None else ""
+    im = draw_overlay(ax, image, box, region_weights, "per region" + extra, smooth=False)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def attribution_figure(effects: Mapping[str, float], target: str | None, words: Sequence[str] | None = None,
+                       word_scores: np.ndarray | None = None, image: np.ndarray | None = None,
+                       box: Sequence[float] | None = None, pixel_map: np.ndarray | None = None, title: str = ""):
+    """Modality attribution (bars), Integrated Gradients per word (bars) and over the image's pixels (a signed map:
+    red raises the explained output, blue lowers it). Panels for the parts given."""
+    parts = ["modality"] + (["text"] if word_scores is not None else []) + (["image"] if pixel_map is not None else [])
+    widths = {"modality": 1.0, "text": 1.6, "image": 1.0}
+    fig = new_figure(3.3 * sum(widths[p] for p in parts), 3.4)
+    grid = fig.add_gridspec(1, len(parts), width_ratios=[widths[p] for p in parts])
+    what = f"p({target})" if target is not None else "score"
+    for i, part in enumerate(parts):
+        ax = _panel(fig, grid, i)
+        if part == "modality":
+            names = list(effects)
+            vals = [effects[k] for k in names]
+            ax.bar(range(len(names)), vals, color=["#c0392b" if v >= 0 else "#2f5bd3" for v in vals])
+            ax.axhline(0, color="black", lw=0.6)
+            ax.set_xticks(range(len(names)), names, fontsize=8)
+            ax.set_title(f"change of {what} when replaced", fontsize=9)
+        elif part == "text":
+            _word_bars(ax, words, word_scores, signed=True)
+            ax.set_title(f"Integrated Gradients on {what}, per word", fontsize=9)
+        else:
+            m = float(np.abs(pixel_map).max()) or 1.0
+            im = draw_overlay(ax, image, box, pixel_map, f"Integrated Gradients on {what}, pixels", cmap=SIGNED_CMAP,
+                              vmin=-m, vmax=m, alpha=0.65, smooth=False)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _word_bars(ax, words: Sequence[str], values: np.ndarray, signed: bool) -> None:
+    words, values = list(words)[:MAX_WORDS], np.asarray(values)[:MAX_WORDS]
+    colours = (["#c0392b" if v >= 0 else "#2f5bd3" for v in values] if signed else "#2f5bd3")
+    ax.barh(range(len(words)), values, color=colours)
+    ax.set_yticks(range(len(words)), words, fontsize=8)
+    ax.invert_yaxis()  # reading order, top to bottom
+    if signed:
+        ax.axvline(0, color="black", lw=0.6)
+    ax.tick_params(axis="x", labelsize=7)
+
+
+def _wrap(text: str, width: int) -> str:
+    out, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*out, line])
+
+
+# ------------------------------------------------------------------------------------------ an Explanation
+def _title(ex: Explanation, max_text: int = 110) -> str:
+    p = ex.prediction
+    head = (f"{ex.model}: {p['label']} ({p['probabilities'][p['label']]:.2f})" if "label" in p
+            else f"{ex.model}: score {p['score']:.3f}")
+    if not ex.text:
+        return head
+    text = ex.text if len(ex.text) <= max_text else ex.text[: max_text - 1] + "…"
+    return f"{head}\n“{text}”"
+
+
+def figures_for(ex: Explanation, image=None, sources: Sequence[str] = ("similarity", "rollout")) -> dict:
+    """The figures an explanation has: ``word_regions`` and ``importance`` (INFIG, with an image), ``attribution``
+    (every model).
+
+    Args:
+        image: the post's image (path, PIL image or array), needed for the image panels.
+        sources: the rows of ``word_regions`` (those the explanation has).
+    """
+    arr = _as_array(image) if image is not None else None
+    figs = {}
+    words = ex.word_texts
+    if arr is not None and ex.region_maps and ex.selected_words:
+        sel = ex.selected_words
+        sources = [s for s in sources if s in ex.region_maps]
+        rows = [(ex.region_maps[s].label, ex.region_maps[s].maps[sel]) for s in sources]
+        if rows:
+            figs["word_regions"] = word_region_figure(arr, ex.image_box, rows, [words[i] for i in sel], _title(ex))
+    if arr is not None and ex.word_importance is not None:
+        figs["importance"] = importance_figure(words, ex.word_importance, arr, ex.image_box, ex.region_importance,
+                                               ex.image_cls_importance, _title(ex))
+    if ex.modality is not None:
+        ta, ia = ex.text_attribution, ex.image_attribution
+        figs["attribution"] = attribution_figure(
+            ex.modality.effects, ex.modality.target, words if ta is not None else None,
+            ta.word_scores if ta is not None else None, arr if ia is not None else None, ex.image_box,
+            ia.pixel_map if ia is not None and arr is not None else None, _title(ex))
+    return figs
+
+
+def _as_array(image) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    from mmsenti.data.processing import open_image
+
+    return np.asarray(open_image(image).convert("RGB"))
+
+
+def panel_count(fig) -> int:
+    return sum(1 for ax in fig.axes if ax.get_label() == PANEL)
+
+
+def save_png(fig, target: str | Path | io.BytesIO | None = None, dpi: int = 100) -> bytes | None:
+    """Write ``fig`` as PNG to a path or buffer (or return the bytes when ``target`` is None)."""
+    meta = {"mmsenti:panels": str(panel_count(fig)), "Software": "mmsenti"}
+    if target is None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, metadata=meta)
+        return buf.getvalue()
+    fig.savefig(target, format="png", dpi=dpi, metadata=meta)
+    return None

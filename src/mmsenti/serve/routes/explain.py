@@ -1,0 +1,111 @@
+"""``POST /v1/explain``: why the model said it, for one post: the explanation as JSON (with the figures as PNG data
+URLs on request) or one figure as ``image/png``.
+
+An explanation runs dozens of forward and backward passes (Integrated Gradients), so explanations run one at a
+time in their own thread, off the event loop and beside the prediction batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from mmsenti.explain.options import IMAGE_BASELINES, SOURCES, ExplainOptions
+from mmsenti.serve.errors import ServeError
+from mmsenti.serve.posts import read_posts
+from mmsenti.serve.routes.predict import _BODY
+from mmsenti.serve.schemas import ERROR_RESPONSES, ModelRef
+from mmsenti.serve.service import ServiceDep
+
+router = APIRouter(tags=["explain"])
+
+FIGURES = ("word_regions", "importance", "attribution")
+MAX_IG_STEPS = 256
+_D = ExplainOptions()  # the defaults
+
+
+class ExplainResponse(BaseModel):
+    model: ModelRef
+    explanation: dict = Field(..., description="the explanation of the post's prediction (docs/explain.md): "
+                                               "prediction, words, word_regions, modality, text_attribution, "
+                                               "image_attribution, neighbours, notes")
+    figures: dict[str, str] | None = Field(None, description="requested figures as data:image/png;base64 URLs")
+
+
+def _executor(request: Request) -> ThreadPoolExecutor:
+    ex = getattr(request.app.state, "explain_executor", None)
+    if ex is None:
+        ex = request.app.state.explain_executor = ThreadPoolExecutor(1, thread_name_prefix="mmsenti-explain")
+    return ex
+
+
+@router.post("/explain", response_model=ExplainResponse, response_model_exclude_none=True,
+             responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}}}}, openapi_extra=_BODY,
+             summary="explain the prediction for one post (heat maps, attributions, neighbours)")
+async def explain(
+    request: Request, service: ServiceDep,
+    format: Annotated[Literal["json", "png"], Query(description="json: the explanation; png: one figure")] = "json",
+    figure: Annotated[Literal[FIGURES] | None, Query(
+        description="format=png: which figure (default: word_regions when the model has it, else attribution)")] = None,
+    figures: Annotated[str | None, Query(description="format=json: comma-separated figures to include as PNG")] = None,
+    words: Annotated[int, Query(ge=0, le=20, description="words drawn in the word → region figure")] = _D.words,
+    word: Annotated[list[str] | None, Query(description="draw these words instead")] = None,
+    source: Annotated[list[Literal[SOURCES]] | None, Query(description="rows of the word → region figure")] = None,
+    layer: Annotated[int, Query(ge=1, description="HFAM layer of the similarity map (1 = last)")] = _D.hfam_layer,
+    ig_steps: Annotated[int, Query(ge=0, le=MAX_IG_STEPS,
+                                   description="Integrated Gradients steps (0: none)")] = _D.ig_steps,
+    image_baseline: Annotated[Literal[IMAGE_BASELINES], Query(
+        description="neutral image: the mean colour, or the image blurred")] = _D.image_baseline,
+) -> Response | dict:
+    wanted = [f.strip() for f in figures.split(",") if f.strip()] if figures else []
+    bad = [f for f in wanted if f not in FIGURES]
+    if bad:
+        raise ServeError(422, "figures", f"unknown figure {bad[0]!r} (choose from {', '.join(FIGURES)})")
+    posts = await read_posts(request, service.settings, service.modalities, service.predictor.processor)
+    if len(posts) != 1:
+        raise ServeError(422, "posts", f"explain takes one post per request, got {len(posts)}")
+    options = ExplainOptions(words=words, select=tuple(word) if word else None,
+                             sources=tuple(source) if source else _D.sources, hfam_layer=layer,
+                             integrated_gradients=ig_steps > 0, ig_steps=max(ig_steps, 1),
+                             image_baseline=image_baseline)
+    if format == "png":
+        wanted = [figure] if figure else []
+    loop = asyncio.get_running_loop()
+    ex, pngs = await loop.run_in_executor(_executor(request), _explain, service, posts[0], options, wanted,
+                                          format == "png" and figure is None)
+    if format == "png":
+        name, data = next(iter(pngs.items()), (None, None))
+        if data is None:
+            raise ServeError(422, "figure", f"this model and post have no {figure or 'figure'} "
+                                            f"(have: {', '.join(pngs) or 'none'})")
+        return Response(data, media_type="image/png", headers={"X-Mmsenti-Figure": name})
+    body = {"model": service.model_ref(), "explanation": ex.to_dict()}
+    if wanted:
+        body["figures"] = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in pngs.items()}
+    return body
+
+
+def _explain(service, post, options: ExplainOptions, wanted: list[str], default_figure: bool):
+    """In the explain thread: the explanation, and the wanted figures as PNG bytes (those it has)."""
+    from mmsenti.data.base import Sample
+    from mmsenti.explain.core import explain
+    from mmsenti.explain.figures import figures_for, save_png
+
+    sample = Sample(id=post.id, label=None, text=post.text, image=post.image)
+    try:
+        ex = explain(service.predictor, sample, options)
+    except ValueError as e:  # an option this model cannot honour (e.g. an HFAM layer it does not have)
+        raise ServeError(422, "layer" if "hfam_layer" in str(e) else None, str(e)) from None
+    pngs = {}
+    if wanted or default_figure:
+        figs = figures_for(ex, post.image, options.sources)
+        if default_figure:
+            wanted = ["word_regions" if "word_regions" in figs else "attribution"]
+        pngs = {name: save_png(figs[name]) for name in wanted if name in figs}
+    return ex, pngs
