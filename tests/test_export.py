@@ -161,6 +161,28 @@ def test_rahp_neighbours_in_the_graph_are_the_banks_for_a_batch_and_each_post_al
         np.testing.assert_allclose(logits_1[0], logits[i], rtol=0, atol=1e-4)
 
 
+def test_graph_form_of_the_bank_search_pads_like_the_index_when_the_bank_is_smaller_than_k(tmp_path):
+    """Eager check of the graph's retrieval (no export): a bank of 48 posts searched for k = 60 neighbours."""
+    from mmsenti.export.graph import graph_mode, input_specs
+
+    run = save_case(tmp_path, CASES["rahp"] + ["model.k=60"])
+    model, processor, cfg = load_pretrained(run / "model")
+    specs = input_specs(model, processor)
+    batch = processor(build_dataset(cfg).split("test")[:5], training=False)
+    with torch.no_grad():
+        want = model(batch)["logits"]
+        found = model.retrieve(model.encode(batch), list(batch["ids"]))
+        module = GraphModule(model, specs)
+        with graph_mode(module):
+            logits, rows = module(*(batch[s.name] for s in specs))
+    assert "retrieve" not in vars(model)  # the eager model is put back
+    mods = model.modalities
+    want_rows = torch.stack([torch.stack([found[t][s].rows for s in mods], 1) for t in mods], 1)
+    assert rows.shape == (5, 2, 2, 60) and (rows[..., 48:] == -1).all()
+    assert torch.equal(rows, want_rows)
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- a trained model
 TRAIN = ["data.num_train=1200", "data.num_dev=100", "data.num_test=300", "data.batch_size=32", "data.image_size=32",
          "model.text_encoder.width=32", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",

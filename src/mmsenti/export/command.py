@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmsenti.export.format import DEFAULT_OPSET, DEFAULT_SUBDIR, ExportError
+from mmsenti.export.format import DEFAULT_OPSET, DEFAULT_SUBDIR, ExportError, TensorSpec
 
 
 def add_export_parser(sub) -> None:
@@ -64,7 +64,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(out)
     size = sum(meta["files"].values()) / 2**20
     print(f"  {meta['precision']} graph, opset {meta['opset']}, {size:.1f} MB; inputs: "
-          + ", ".join(f"{s['name']} {s['dtype']}[{', '.join(map(str, s['shape']))}]" for s in meta["inputs"]))
+          + ", ".join(str(TensorSpec(**s)) for s in meta["inputs"]))
     parity = meta["parity"]
     if parity is None:
         print("  parity not checked (--no-parity)")

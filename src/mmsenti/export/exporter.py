@@ -91,6 +91,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
     require_onnxruntime()
+    if (Path(source) / EXPORT_FILE).is_file():
+        raise ExportError(f"{source}: is an export already; export the run or model folder it came from")
     model_dir = resolve_model_dir(source)
     run_dir = model_dir.parent if model_dir.name == "model" else model_dir
     out = Path(out) if out is not None else run_dir / (DEFAULT_SUBDIR + (f"-{quantize}" if quantize else ""))
@@ -128,7 +130,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
         quantization = None
         if quantize:
             quantization = quantize_int8(graph, tmp / "model.int8.onnx")
-            (tmp / "model.int8.onnx").replace(graph)
+            (tmp / "model.int8.onnx").replace(graph)  # one file: int8 weights fit where the fp32 ones did not
+            (tmp / (ONNX_FILE + ".data")).unlink(missing_ok=True)
             if report is not None:
                 report["int8"] = figures(graph)
                 log.info("parity int8: %s", describe(report["int8"]))

@@ -162,9 +162,6 @@ class GraphModule(nn.Module):
     def forward(self, *tensors: torch.Tensor):
         batch: dict[str, Any] = dict(zip(self.names, tensors, strict=True))
         batch["ids"] = []  # the lean model reads ids only for training-time retrieval exclusion
-        for key in PRESENT_KEYS:
-            if key in batch:
-                batch[key] = batch[key].to(torch.bool)
         logits = self.model(batch)["logits"]
         if self.retrieval is None:
             return logits

@@ -167,7 +167,7 @@ def onnx_outputs(backend, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray 
         try:
             out = backend.run_outputs(batch, ["logits", "neighbours"] if with_rows else ["logits"])
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types: a graph that breaks on these shapes
-            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if hasattr(v, "shape"))
+            shapes = ", ".join(f"{k} {tuple(batch[k].shape)}" for k, _ in backend.inputs if k in batch)
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise ParityError(f"onnxruntime cannot run the exported graph on inputs {shapes}: {first[:300]}") from None
         logits.append(out[0])

@@ -47,7 +47,7 @@ class OnnxBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # errors only: no warnings about unused initializers etc. on every load
+        options.log_severity_level = 4  # a failed run raises with its message; no warnings on every load
         self.path = Path(path)
         self.directory, self.meta = self.path.parent, meta or {}
         self.session = ort.InferenceSession(str(self.path), options, providers=providers or ["CPUExecutionProvider"])
