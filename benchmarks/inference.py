@@ -30,6 +30,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -236,6 +237,7 @@ def run_onnx(model_name: str, args) -> dict:
                 assert stats.errors == 0, "benchmark posts must all predict"
                 rows[name][bs].append(stats.posts_per_second)
     best = {name: {str(bs): max(v) for bs, v in by_bs.items()} for name, by_bs in rows.items()}  # JSON keys
+    shutil.rmtree(tmp, ignore_errors=True)
     return {"model": model_name, "config": config, "run": str(run) if run else None, "source": source_text,
             "posts_per_s": best, "threads": threads, "export_s": export_s, "repeats": args.repeats,
             "mb": {k: sum(m["files"].values()) / 2**20 for k, (_, m) in exports.items()},
