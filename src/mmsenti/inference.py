@@ -3,8 +3,8 @@
 A :class:`Predictor` runs three separate steps, so each can be replaced on its own:
 
 1. :meth:`Predictor.preprocess` — samples → a batch dict of tensors (the processor's evaluation inputs);
-2. :meth:`Predictor.run` — batch → logits, through a *backend* (:class:`TorchBackend`; another runtime, e.g. ONNX,
-   replaces only this step);
+2. :meth:`Predictor.run` — batch → logits, through a *backend* (:class:`TorchBackend`, or onnxruntime running an
+   exported graph: :class:`mmsenti.export.OnnxBackend`, ``backend="onnx"``); only this step differs between them;
 3. :meth:`Predictor.decode` — logits → label + probabilities (or a score for regression) per sample.
 """
 
@@ -56,13 +56,23 @@ class Predictor:
         # {'label': 'positive', 'probabilities': {'negative': 0.01, 'neutral': 0.02, 'positive': 0.97}}
     """
 
-    def __init__(self, model, processor, config, backend: Backend | None = None):
+    def __init__(self, model, processor, config, backend: Backend | None = None, info: TaskInfo | None = None):
+        """``model`` may be None when a ``backend`` runs the model elsewhere (an ONNX graph); ``info`` then says
+        its task and labels."""
         self.model, self.processor, self.config = model, processor, config
-        self.info: TaskInfo = model.info
+        self.info: TaskInfo = info if info is not None else model.info
         self.backend: Backend = backend if backend is not None else TorchBackend(model)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "auto") -> Predictor:
+    def from_pretrained(cls, path: str | Path, device: str = "auto", backend: str = "torch") -> Predictor:
+        """``backend="torch"``: a model or run folder; ``"onnx"``: an export folder (``mmsenti export``; a run folder
+        whose export is in ``RUN/onnx`` also works), run by onnxruntime on the CPU."""
+        if backend == "onnx":
+            from mmsenti.export.runtime import load_onnx_predictor
+
+            return load_onnx_predictor(path)
+        if backend != "torch":
+            raise ValueError(f"unknown backend {backend!r} (known: torch, onnx)")
         model, processor, cfg = load_pretrained(path, resolve_device(device))
         return cls(model, processor, cfg)
 
@@ -85,7 +95,7 @@ class Predictor:
     def allow_missing(self) -> None:
         """Accept posts that lack one of the model's modalities: the model then hides it from fusion (as in
         training with modality dropout). Raises ValueError for a model that cannot."""
-        if not getattr(self.model, "supports_missing_modality", False):
+        if not getattr(self.model if self.model is not None else self.backend, "supports_missing_modality", False):
             raise ValueError(f"model '{self.config.model.name}' with modalities {self.modalities} cannot predict "
                              "from a post that lacks one of them")
         self.processor.allow_missing = True
@@ -125,6 +135,9 @@ class Predictor:
         from mmsenti.explain.core import explain
         from mmsenti.explain.options import ExplainOptions
 
+        if self.model is None:  # gradients and attention need the PyTorch modules, not an ONNX graph
+            raise ValueError("explanations need the PyTorch model; this predictor runs an ONNX export "
+                             "(load the run or model folder with backend='torch')")
         options = options or ExplainOptions(**kwargs)
         return explain(self, Sample(id=post_id, label=None, text=text, image=image), options, neighbour_samples)
 
@@ -137,6 +150,7 @@ class Predictor:
         return results
 
 
-def load_model(path: str | Path, device: str = "auto") -> Predictor:
-    """Load a trained model (a model directory or a training run directory) for prediction."""
-    return Predictor.from_pretrained(path, device)
+def load_model(path: str | Path, device: str = "auto", backend: str = "torch") -> Predictor:
+    """Load a trained model (a model directory or a training run directory) for prediction; ``backend="onnx"``
+    loads its ONNX export instead (see :meth:`Predictor.from_pretrained`)."""
+    return Predictor.from_pretrained(path, device, backend)

@@ -22,13 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(model_dir: str | Path, settings: ServeSettings | None = None, predictor: Predictor | None = None,
-               device: str = "auto") -> FastAPI:
-    """The service of the model in ``model_dir`` (a model or run directory).
+               device: str = "auto", backend: str = "torch") -> FastAPI:
+    """The service of the model in ``model_dir`` (a model or run directory; with ``backend="onnx"`` an export).
 
     Args:
         settings: limits and options (default :class:`ServeSettings`).
         predictor: an already loaded model (else it is loaded when the app starts).
         device: where to load it.
+        backend: ``"torch"`` or ``"onnx"`` (onnxruntime running the model's ONNX export).
     """
     settings = settings or ServeSettings()
 
@@ -36,7 +37,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None, pre
     async def lifespan(app: FastAPI):
         from starlette.concurrency import run_in_threadpool
 
-        pred = predictor or await run_in_threadpool(Predictor.from_pretrained, model_dir, device)
+        pred = predictor or await run_in_threadpool(Predictor.from_pretrained, model_dir, device, backend)
         service = Service(pred, settings, model_dir)
         await service.start()
         app.state.service = service

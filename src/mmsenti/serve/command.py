@@ -32,6 +32,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--image-formats", default=",".join(d.image_formats), help="accepted image formats (PIL names)")
     s.add_argument("--model-name", help="name shown in answers (default: the run directory's name)")
     s.add_argument("--device", default="auto")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: serve the model's ONNX export (RUN_DIR = the export folder, or a run holding RUN/onnx) "
+                        "with onnxruntime")
     s.set_defaults(func=cmd_serve)
 
 
@@ -62,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise DataError(f"mmsenti serve needs FastAPI and uvicorn ({e}): pip install 'mmsenti[serve]'") from None
     from mmsenti.inference import load_model
 
-    predictor = load_model(args.run_dir, args.device)  # before listening: a bad model directory is a clear error
+    # Before listening: a bad model directory is a clear error.
+    predictor = load_model(args.run_dir, args.device, backend=args.backend)
     if settings.allow_missing_modality:
         try:
             predictor.allow_missing()

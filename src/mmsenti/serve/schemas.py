@@ -54,6 +54,7 @@ class ErrorResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
+    backend: str = Field(..., description="torch, or onnx (onnxruntime running the model's ONNX export)")
     task: str
     labels: list[str] | None
     modalities: list[str]

@@ -25,15 +25,16 @@ log = logging.getLogger(__name__)
 class Service:
     def __init__(self, predictor: Predictor, settings: ServeSettings, model_dir: str | Path):
         self.predictor, self.settings = predictor, settings
-        self.model_dir = resolve_model_dir(model_dir)
+        export = getattr(predictor.backend, "meta", None)  # an ONNX export: its own folder and copy of the metrics
+        self.model_dir = predictor.backend.directory if export else resolve_model_dir(model_dir)
         if settings.allow_missing_modality:
             predictor.allow_missing()  # ValueError for a model that cannot hide a modality
             if getattr(predictor.config.model, "modality_dropout", 0.0) == 0.0:
                 log.warning("--allow-missing-modality: this model was not trained with modality dropout; "
                             "its predictions from one modality are untested")
-        run_dir = self.model_dir.parent if self.model_dir.name == "model" else self.model_dir
-        self.name = settings.model_name or run_dir.name
-        self.version = file_sha256(self.model_dir / "model.safetensors")[:12]
+        run_dir = self.model_dir.parent if self.model_dir.name == "model" and not export else self.model_dir
+        self.name = settings.model_name or (export["source"]["name"] if export else run_dir.name)
+        self.version = file_sha256(predictor.backend.path if export else self.model_dir / "model.safetensors")[:12]
         metrics_path = run_dir / "metrics.json"
         self.metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
         self.batcher = MicroBatcher(self._predict_batch, settings.max_batch_size, settings.max_wait_ms)
@@ -69,7 +70,8 @@ class Service:
     def card(self) -> dict:
         cfg = self.predictor.config
         backbones = {m: getattr(cfg.model, f"{m}_encoder").name for m in ("text", "image") if m in self.modalities}
-        return {**self.model_ref(), "task": self.predictor.info.task, "labels": self.predictor.label_names,
+        return {**self.model_ref(), "backend": self.predictor.backend.name,
+                "task": self.predictor.info.task, "labels": self.predictor.label_names,
                 "modalities": self.modalities, "model": cfg.model.name, "backbones": backbones,
                 "dataset": cfg.data.name, "metrics": self.metrics,
                 "allow_missing_modality": self.settings.allow_missing_modality, "limits": self.settings.limits()}

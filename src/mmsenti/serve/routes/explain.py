@@ -63,6 +63,9 @@ async def explain(
     image_baseline: Annotated[Literal[IMAGE_BASELINES], Query(
         description="neutral image: the mean colour, or the image blurred")] = _D.image_baseline,
 ) -> Response | dict:
+    if service.predictor.model is None:
+        raise ServeError(501, None, "explanations need the PyTorch model; this service runs an ONNX export "
+                                    "(start it with --backend torch)")
     wanted = [f.strip() for f in figures.split(",") if f.strip()] if figures else []
     bad = [f for f in wanted if f not in FIGURES]
     if bad:

@@ -1,0 +1,248 @@
+"""Parity of an exported graph with the PyTorch model it came from.
+
+The inputs are the run's dev split when its data can be loaded (real posts, in batches of the export's batch
+size), followed by a few generated batches whose shapes probe the dynamic axes (batch 1, 2 and 7; sequence lengths
+from 2 up to the preprocessing's maximum; uneven padding; for feature sequences also empty ones; for models that can
+hide a modality, posts without one). Both models see exactly the same tensors. The figures:
+
+* ``max_abs_diff``: the largest |Δ| of any logit (or score) of any post;
+* ``agreement``: the fraction of posts with the same predicted label (regression: the same sign, as Acc-2);
+* for RAHP with a memory bank, ``neighbours_agreement``: the fraction of retrieved bank rows that are the same;
+* with labels (the dev split) the selection metric of both (``metric``), e.g. the int8 model's change in weighted F1.
+
+Everything is rebuilt from a *recipe* stored in ``export.json``, so ``mmsenti export --check`` recomputes the same
+figures later.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmsenti.export.format import PRESENT_KEYS, ExportError, ParityError, TensorSpec
+
+log = logging.getLogger(__name__)
+
+PROBE_SHAPES = ((1, 2), (2, 5), (7, None))  # (batch, sequence length; None = the longest the model reads)
+
+
+@dataclass
+class ParityInputs:
+    batches: list[dict[str, Any]]  # model inputs (torch tensors), dev batches first
+    labels: np.ndarray | None  # the dev posts' labels, in order (they are the first rows), or None
+    recipe: dict[str, Any]  # how to build the same inputs again (stored in export.json)
+    description: str
+    dev_posts: int = 0
+    generated_posts: int = field(default=0)
+
+    @property
+    def posts(self) -> int:
+        return self.dev_posts + self.generated_posts
+
+
+# ----------------------------------------------------------------------------------------------------- inputs
+def build_inputs(model, processor, config, specs: list[TensorSpec], *, posts: int = 512, batch_size: int = 16,
+                 seed: int = 0, root: str | None = None, use_dev: bool = True, require_dev: bool = False
+                 ) -> ParityInputs:
+    """The dev split (up to ``posts`` posts, when its data can be loaded) + generated shape probes.
+
+    Args:
+        root: the dataset directory, if it moved since training.
+        use_dev: read the dev split at all (False: generated inputs only).
+        require_dev: a dev split that cannot be loaded is an error instead of a fallback (``--check`` of an export
+            whose figures came from the dev split).
+    """
+    batches: list[dict[str, Any]] = []
+    labels = None
+    recipe: dict[str, Any] = {"dev": None, "generated": {"seed": seed, "shapes": [list(s) for s in PROBE_SHAPES]}}
+    dev_text = "no dev split"
+    n_dev = 0
+    if use_dev:
+        try:
+            samples, dataset = _dev_samples(config, root)
+        except Exception as e:  # noqa: BLE001 - any failure to load the data means: parity on generated inputs
+            if require_dev:
+                raise ExportError(f"the dev split the figures were computed on cannot be loaded ({e}); "
+                                  "give its directory with --root") from None
+            log.info("parity: the dev split is not available (%s); generated inputs only", str(e).splitlines()[0])
+            dev_text = f"dev split not available ({str(e).splitlines()[0][:120]})"
+        else:
+            samples = samples[:posts]
+            n_dev = len(samples)
+            batches += [processor(samples[i:i + batch_size], training=False) for i in range(0, n_dev, batch_size)]
+            if all(s.label is not None for s in samples) and samples:
+                labels = np.asarray([s.label for s in samples])
+            recipe["dev"] = {"dataset": dataset, "posts": n_dev, "batch_size": batch_size}
+            dev_text = f"{n_dev} posts of the {dataset} dev split in batches of {batch_size}"
+    probes = generated_batches(model, processor, specs, seed)
+    n_gen = sum(_batch_size(b) for b in probes)
+    sizes = ", ".join(str(_batch_size(b)) for b in probes)
+    return ParityInputs(batches + probes, labels, recipe, f"{dev_text} + {n_gen} generated posts (batches of {sizes})",
+                        n_dev, n_gen)
+
+
+def _dev_samples(config, root: str | None):
+    from mmsenti.train.setup import build_dataset
+
+    cfg = copy.deepcopy(config)
+    if root:
+        cfg.data.root = root
+    bundle = build_dataset(cfg)
+    samples = bundle.split("dev")
+    if not samples:
+        raise ExportError(f"dataset '{bundle.name}' has an empty dev split")
+    return samples, bundle.name
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def generated_batches(model, processor, specs: list[TensorSpec], seed: int = 0,
+                      shapes=PROBE_SHAPES) -> list[dict[str, Any]]:
+    """Random inputs of ``shapes`` ((batch, sequence length) pairs): valid token ids, uneven padding, random pixels
+    and features (some feature sequences empty), and for models that can hide a modality some posts without one."""
+    g = torch.Generator().manual_seed(seed)
+    by_name = {s.name: s for s in specs}
+    tok = processor.tokenizer
+    out = []
+    for b, length in shapes:
+        batch: dict[str, Any] = {"ids": [f"generated-{b}-{i}" for i in range(b)]}
+        if "input_ids" in by_name:
+            s = length or processor.max_length
+            ids = torch.randint(0, len(tok), (b, s), generator=g)
+            real = _lengths(b, s, 1, g)
+            mask = (torch.arange(s)[None] < real[:, None]).long()
+            batch["input_ids"] = ids.masked_fill(mask == 0, tok.pad_token_id or 0)
+            batch["attention_mask"] = mask
+        if "pixel_values" in by_name:
+            batch["pixel_values"] = torch.randn(b, *by_name["pixel_values"].shape[1:], generator=g)
+        for name, spec in by_name.items():
+            if name.endswith("_features"):
+                m = name[: -len("_features")]
+                t = length or 24
+                batch[name] = torch.randn(b, t, int(spec.shape[2]), generator=g)
+                batch[f"{m}_mask"] = (torch.arange(t)[None] < _lengths(b, t, 0, g)[:, None]).long()
+        if PRESENT_KEYS[0] in by_name:
+            image = torch.rand(b, generator=g) < 0.7
+            text = ~image | (torch.rand(b, generator=g) < 0.7)  # never both missing
+            image[0] = text[0] = True
+            batch.update(zip(PRESENT_KEYS, (image, text), strict=True))
+        out.append(batch)
+    return out
+
+
+def _lengths(b: int, s: int, low: int, g: torch.Generator) -> torch.Tensor:
+    """Per-row lengths in [low, s], the first row full (so the batch is as long as the axis)."""
+    lengths = torch.randint(low, s + 1, (b,), generator=g)
+    lengths[0] = s
+    return lengths
+
+
+# ----------------------------------------------------------------------------------------------------- running
+def torch_outputs(model, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits of every post, retrieved bank rows (B, targets, sources, k) or None) of the eager model."""
+    from mmsenti.export.graph import uses_bank
+
+    logits, rows = [], []
+    with torch.inference_mode():
+        for batch in inputs.batches:
+            logits.append(model(batch)["logits"].float().numpy())
+            if uses_bank(model):
+                found = model.retrieve(model.encode(batch), list(batch["ids"]))
+                mods = model.modalities
+                rows.append(torch.stack([torch.stack([found[t][s].rows for s in mods], 1) for t in mods], 1).numpy())
+    return np.concatenate(logits), (np.concatenate(rows) if rows else None)
+
+
+def onnx_outputs(backend, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray | None]:
+    logits, rows = [], []
+    with_rows = "neighbours" in backend.output_names
+    for batch in inputs.batches:
+        try:
+            out = backend.run_outputs(batch, ["logits", "neighbours"] if with_rows else ["logits"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types: a graph that breaks on these shapes
+            shapes = ", ".join(f"{k} {tuple(batch[k].shape)}" for k, _ in backend.inputs if k in batch)
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ParityError(f"onnxruntime cannot run the exported graph on inputs {shapes}: {first[:300]}") from None
+        logits.append(out[0])
+        if with_rows:
+            rows.append(out[1])
+    return np.concatenate(logits), (np.concatenate(rows) if rows else None)
+
+
+# ----------------------------------------------------------------------------------------------------- figures
+def predictions(task: str, logits: np.ndarray) -> np.ndarray:
+    """Predicted class, or the sign class of a regression score (Acc-2: non-negative vs negative)."""
+    return logits.argmax(-1) if task == "classification" else (logits[:, 0] >= 0).astype(np.int64)
+
+
+def compare(task: str, reference: np.ndarray, exported: np.ndarray, *, labels: np.ndarray | None = None,
+            metric: str | None = None, label_names=None, rows_ref: np.ndarray | None = None,
+            rows_exported: np.ndarray | None = None) -> dict[str, Any]:
+    """The parity figures of ``exported`` against ``reference`` (see the module docstring)."""
+    diff = np.abs(exported.astype(np.float64) - reference.astype(np.float64))
+    out: dict[str, Any] = {"posts": int(len(reference)), "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+                           "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+                           "agreement": float((predictions(task, exported) == predictions(task, reference)).mean())}
+    if rows_ref is not None and rows_exported is not None:
+        out["neighbours_agreement"] = float((rows_ref == rows_exported).mean())
+    if labels is not None and metric:
+        from mmsenti.metrics import compute_metrics
+
+        n = len(labels)
+        ref_m = compute_metrics(task, labels, _scores(task, reference[:n]), label_names)
+        exp_m = compute_metrics(task, labels, _scores(task, exported[:n]), label_names)
+        out["metric"] = {"name": metric, "split": "dev", "posts": n, "reference": float(ref_m[metric]),
+                         "exported": float(exp_m[metric]), "delta": float(exp_m[metric] - ref_m[metric])}
+    return out
+
+
+def _scores(task: str, logits: np.ndarray) -> np.ndarray:
+    return logits if task == "classification" else logits[:, 0]
+
+
+def passes(figures: dict[str, Any], tolerance: float) -> bool:
+    """The fp32 rule: every logit within ``tolerance``, every prediction (and retrieved neighbour) the same."""
+    return (figures["max_abs_diff"] <= tolerance and figures["agreement"] == 1.0
+            and figures.get("neighbours_agreement", 1.0) == 1.0)
+
+
+def describe(figures: dict[str, Any]) -> str:
+    text = (f"max |Δlogit| {figures['max_abs_diff']:.2e}, agreement {100 * figures['agreement']:.2f} % "
+            f"over {figures['posts']} posts")
+    if "neighbours_agreement" in figures:
+        text += f", neighbours {100 * figures['neighbours_agreement']:.2f} % the same"
+    if "metric" in figures:
+        m = figures["metric"]
+        text += f"; dev {m['name']} {m['reference']:.4f} → {m['exported']:.4f} ({m['delta']:+.4f})"
+    return text
+
+
+# Figures recomputed by `--check` must equal the recorded ones: agreement and metrics exactly (they are counts),
+# differences up to the run-to-run jitter of float sums (thread scheduling may reorder them).
+_DIFF_SLACK = (1e-6, 0.05)  # absolute, relative
+
+
+def mismatches(recorded: dict[str, Any], recomputed: dict[str, Any], prefix: str = "") -> list[str]:
+    """Names (with both values) of the figures of ``recorded`` that ``recomputed`` does not reproduce."""
+    bad = []
+    for key, want in recorded.items():
+        got = recomputed.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(want, dict):
+            bad += mismatches(want, got if isinstance(got, dict) else {}, f"{name}.")
+        elif key in ("max_abs_diff", "mean_abs_diff"):
+            if got is None or abs(got - want) > _DIFF_SLACK[0] + _DIFF_SLACK[1] * abs(want):
+                bad.append(f"{name}: recorded {want:.3e}, recomputed {got if got is None else f'{got:.3e}'}")
+        elif isinstance(want, float):
+            if got is None or abs(got - want) > 1e-9:
+                bad.append(f"{name}: recorded {want!r}, recomputed {got!r}")
+        elif want != got:
+            bad.append(f"{name}: recorded {want!r}, recomputed {got!r}")
+    return bad
