@@ -31,6 +31,7 @@ from mmsenti.models.base import MultimodalModel, TaskInfo, build_model, save_pre
 from mmsenti.train.checkpoint import atomic_save, load_checkpoint
 from mmsenti.train.evaluate import evaluate, move
 from mmsenti.train.optim import build_optimizer, build_scheduler
+from mmsenti.train.sampler import EpochBatchSampler, build_batch_sampler, sample_lengths  # noqa: F401 (re-export)
 from mmsenti.utils import (
     autocast,
     autocast_dtype,
@@ -59,28 +60,6 @@ class ListDataset(Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         return self.samples[i]
-
-
-class EpochBatchSampler:
-    """Shuffled batches whose order depends only on (seed, epoch), optionally starting at batch ``start``.
-
-    Resuming mid-epoch therefore replays exactly the batches the killed run had not yet seen, without
-    touching the global RNG.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
-        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-
-    def batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        return [perm[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches()[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, math.ceil(self.n / self.batch_size) - self.start)
 
 
 def build_dataset(cfg: Config) -> DatasetBundle:
@@ -174,11 +153,16 @@ class Trainer:
             self.processor = build_processor(cfg.model, [s.text or "" for s in train], self.info.task)
             self.processor.save(proc_dir)
         self.model: MultimodalModel = build_model(cfg.model, self.info, self.processor).to(self.device)
+        if cfg.run.compile:
+            from mmsenti.train.compile import compile_model
+
+            compile_model(self.model)  # in place (state_dict keys unchanged); eager with a warning if unavailable
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("model %s: %.2fM trainable parameters; data %s: %s", cfg.model.name, n_params / 1e6,
                  self.bundle.name, ", ".join(f"{k} {len(v)}" for k, v in self.bundle.splits.items()))
 
         self.feature_cache: dict[str, object] = {}  # split → FeatureStore, built on first use
+        self._lengths: dict[str, list[int] | None] = {}  # split → sample lengths, for length bucketing
         self.use_cache = bool(cfg.run.feature_cache and self.model.cache_spec())
         self.batches_per_epoch = math.ceil(len(train) / cfg.data.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.optim.grad_accum)
@@ -205,7 +189,14 @@ class Trainer:
                   "generator": torch.Generator(), "pin_memory": self.device.type == "cuda"}
         if epoch is None:
             return DataLoader(samples, batch_size=self.cfg.data.eval_batch_size, shuffle=False, **common)
-        sampler = EpochBatchSampler(len(samples), self.cfg.data.batch_size, self.cfg.run.seed, epoch, start)
+        data = self.cfg.data
+        lengths = None
+        if data.bucket_by_length:  # tokenized once per split; the order stays a function of (seed, epoch)
+            if split not in self._lengths:
+                self._lengths[split] = sample_lengths(self.processor, samples.samples)
+            lengths = self._lengths[split]
+        sampler = build_batch_sampler(len(samples), data.batch_size, self.cfg.run.seed, epoch, start, lengths,
+                                      data.bucket_pool)
         return DataLoader(samples, batch_sampler=sampler, **common)
 
     def collate_fn(self, split: str):
@@ -275,7 +266,7 @@ class Trainer:
         accum = cfg.optim.grad_accum
         n = self.batches_per_epoch
         self.model.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per batch (read at the epoch's end)
         count = 0
         bar = tqdm(total=n, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.optim.epochs}", leave=False,
                    disable=not show_progress(cfg.run.quiet), dynamic_ncols=True)
@@ -291,15 +282,16 @@ class Trainer:
                                          + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
             scaled = loss / group
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in (*terms.items(), ("loss", loss)):
+                v = v.detach().double()
+                sums[k] = sums[k] + v if k in sums else v
             count += 1
             st.batch += 1
             bar.update(1)
             if st.batch % accum == 0 or st.batch == n:
                 self._optimizer_step()
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                if not bar.disable:  # reading the loss is a host sync: only for a visible progress bar
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 if st.step % cfg.run.log_every == 0:
                     self._log_step(terms, loss.detach())
                 if st.batch < n and cfg.run.checkpoint_every and st.step % cfg.run.checkpoint_every == 0:
@@ -308,7 +300,7 @@ class Trainer:
                     bar.close()
                     raise TrainingInterrupted(f"interrupted after step {st.step}")
         bar.close()
-        return {k: v / max(1, count) for k, v in sums.items()}
+        return {k: float(v) / max(1, count) for k, v in sums.items()}
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg
