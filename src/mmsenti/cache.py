@@ -230,7 +230,8 @@ class FeatureStore:
                                  f"cached tokens but tokenizes to {n[j]}; run `mmsenti cache clear`")
             # One read of every real token's row, scattered into the padded batch in one go: the mask's True
             # positions in row-major order are each sample's tokens in order, as the build stored them.
-            index = np.concatenate([np.arange(self.offsets[r], self.offsets[r] + m) for r, m in zip(rows, n, strict=True)])
+            index = np.concatenate([np.arange(self.offsets[r], self.offsets[r] + m)
+                                    for r, m in zip(rows, n, strict=True)])
             t = torch.zeros(len(rows), attention_mask.shape[1], arr.shape[1])
             t[real] = torch.from_numpy(np.asarray(arr[index], dtype=np.float32))
             out[k] = t

@@ -1,4 +1,5 @@
-"""Building blocks shared by the fusion models: multi-head attention, a pre-norm transformer block, attention pooling."""
+"""Building blocks shared by the fusion models: multi-head attention, a pre-norm transformer block, attention
+pooling."""
 
 from __future__ import annotations
 
