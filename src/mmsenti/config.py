@@ -112,7 +112,8 @@ class RunConfig:
     seed: int = 0
     out: str | None = None  # run directory; default runs/<config-stem>-<timestamp>
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    # auto = bf16 on CUDA, fp32 on CPU; bf16 on CPU when asked (fast only with AVX512-BF16/AMX; docs/performance.md)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     select_metric: str = "auto"  # dev metric for model selection; auto = f1_weighted (classification) / mae
     patience: int = 0  # epochs without dev improvement before stopping; 0 = never stop early
     checkpoint_every: int = 0  # also write `last` every N optimiser steps (0 = at epoch ends only)
