@@ -66,7 +66,7 @@ class RahpConfig(ModelConfig):
     max_positions: int = 512  # learned positions; longer feature sequences are truncated
     k: int = 8  # neighbours per (target modality, searched index)
     retrieval: Literal["bank", "in-batch", "none"] = "bank"
-    index: str = "auto"  # MemoryBank index kind: auto = FAISS flat if importable, else exact torch search
+    index: str = "auto"  # MemoryBank index kind; auto = chosen by a timing at each bank build (saved with the bank)
     neighbour_labels: bool = True  # bank mode: neighbour tokens carry the neighbours' training labels
     use_modality_prompts: bool = True
     use_sample_prompts: bool = True
