@@ -25,26 +25,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def run_epoch(model, opt, collate, batches, grad_clip: float) -> tuple[float, float]:
-    """Seconds for one epoch (data loading included) and the mean loss."""
+def run_epochs(paths: dict, batches, grad_clip: float) -> dict[str, tuple[float, float]]:
+    """One epoch per path, interleaved batch by batch (so a change in the machine's load hits every path alike).
+
+    ``paths``: name → (model, optimizer, collate). Returns name → (seconds, data loading included; mean loss).
+    """
     import torch
 
     from mmsenti.losses import total_loss
 
-    torch.manual_seed(0)
-    model.train()
-    losses = []
-    t0 = time.perf_counter()
+    seconds = dict.fromkeys(paths, 0.0)
+    losses: dict[str, list] = {name: [] for name in paths}
+    for model, _, _ in paths.values():
+        model.train()
+    rng = {name: torch.Generator().manual_seed(0).get_state() for name in paths}
     for samples in batches:
-        batch = collate(samples)
-        loss = total_loss(model.compute_loss(model(batch), batch))
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return time.perf_counter() - t0, float(torch.stack(losses).mean())
+        for name, (model, opt, collate) in paths.items():
+            torch.set_rng_state(rng[name])  # each path sees its own, identical stream of dropout masks
+            t0 = time.perf_counter()
+            batch = collate(samples)
+            loss = total_loss(model.compute_loss(model(batch), batch))
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seconds[name] += time.perf_counter() - t0
+            rng[name] = torch.get_rng_state()
+            losses[name].append(loss.detach())
+    return {name: (seconds[name], float(torch.stack(losses[name]).mean())) for name in paths}
 
 
 def main() -> None:
@@ -90,24 +99,24 @@ def main() -> None:
           f"AdamW={cfg.optim.implementation}")
     print(f"cached features: {', '.join(model.cache_spec()) or 'none (nothing frozen)'}")
 
-    opt = build_optimizer(model, cfg.optim)
-    t_plain, loss_plain = run_epoch(model, opt, proc, batches, cfg.optim.grad_clip)
-    print(f"epoch without cache: {t_plain:7.1f} s   mean loss {loss_plain:.6f}")
-
-    rows = []
+    paths = {"none": (model, build_optimizer(model, cfg.optim), proc)}
+    builds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
-            model.load_state_dict(init)
-            opt = build_optimizer(model, cfg.optim)
+            m = build_model(cfg.model, TaskInfo(bundle.task, bundle.label_names), proc)
+            m.load_state_dict(init)
             t0 = time.perf_counter()
-            store = open_or_build(tmp, model, proc, samples, sources=bundle.sources, batch_size=64, dtype=dtype)
-            t_build = time.perf_counter() - t0
-            collate = CachedCollator(proc, store, model.cache_replaces())
+            store = open_or_build(tmp, m, proc, samples, sources=bundle.sources, batch_size=64, dtype=dtype)
             size = sum(f.stat().st_size for f in store.directory.iterdir()) / 2**20
-            t_cached, loss_cached = run_epoch(model, opt, collate, batches, cfg.optim.grad_clip)
-            rows.append((dtype, t_build, size, t_cached, loss_cached))
-            print(f"{dtype} cache: build (once) {t_build:6.1f} s, {size:.0f} MB on disk; epoch {t_cached:7.1f} s   "
-                  f"mean loss {loss_cached:.6f}")
+            builds[dtype] = (time.perf_counter() - t0, size)
+            print(f"{dtype} cache build (once): {builds[dtype][0]:.1f} s, {size:.0f} MB on disk", flush=True)
+            paths[dtype] = (m, build_optimizer(m, cfg.optim), CachedCollator(proc, store, m.cache_replaces()))
+        epochs = run_epochs(paths, batches, cfg.optim.grad_clip)
+    t_plain, loss_plain = epochs["none"]
+    rows = [(dtype, *builds[dtype], *epochs[dtype]) for dtype in args.dtypes]
+    print(f"epoch without cache: {t_plain:.1f} s, mean loss {loss_plain:.6f}")
+    for dtype, _, _, t_cached, loss_cached in rows:
+        print(f"epoch with the {dtype} cache: {t_cached:.1f} s, mean loss {loss_cached:.6f}")
     print("\n| cache entry | epoch without cache | epoch with cache | speed-up | build (once) | size | "
           "loss difference |")
     print("|---|---|---|---|---|---|---|")
