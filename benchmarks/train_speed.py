@@ -195,8 +195,6 @@ class Variant:
             if wl.lengths is None:
                 wl.lengths = sample_lengths(wl.processor, wl.samples)
             lengths = wl.lengths
-        sampler = build_batch_sampler(len(wl.samples), cfg.data.batch_size, cfg.run.seed, 0, 0, lengths,
-                                      cfg.data.bucket_pool)
         self.compiled = []
         self.warmup = wl.args.warmup
         if cfg.run.compile:
@@ -204,7 +202,13 @@ class Variant:
 
             self.compiled = compile_model(self.model)
             self.warmup = wl.args.compile_warmup
-        self.batches = [[wl.samples[i] for i in b] for b in list(sampler)[: self.warmup + wl.args.steps]]
+        batches: list[list[int]] = []
+        for epoch in range(1000):  # epochs 0, 1, ... until there are enough batches (small datasets)
+            if len(batches) >= self.warmup + wl.args.steps:
+                break
+            batches += list(build_batch_sampler(len(wl.samples), cfg.data.batch_size, cfg.run.seed, epoch, 0,
+                                                lengths, cfg.data.bucket_pool))
+        self.batches = [[wl.samples[i] for i in b] for b in batches[: self.warmup + wl.args.steps]]
 
     def step(self, samples) -> dict[str, float]:
         """One training step; seconds per phase."""
