@@ -13,7 +13,8 @@ image+text with GAM + HFAM; the generated scenes data when ../shared/data is abs
   frozen-feature cache off. Every row starts from the same weights and runs the first batches of epoch 0 of the
   same samples; rows with length bucketing see other batches of the same epoch (a random draw of them), which is
   what their training would see.
-* the **FLOPs** of those steps, forward + backward, counted with ``torch.utils.flop_counter.FlopCounterMode``
+* the **FLOPs** per sample of those steps (on the first ``--flop-batches`` timed batches), forward + backward,
+  counted with ``torch.utils.flop_counter.FlopCounterMode``
   (plus a formula for CPU flash attention, which it does not count by itself), and the **useful FLOPs**: the same
   model on each sample's real tokens alone, through the layers a cached run must execute (the trainable layers,
   GAM's momentum encoders included). The batch-level losses are taken from the batch: HFAM's token-similarity
@@ -317,12 +318,15 @@ class Useful:
 
     def of(self, batches) -> int:
         total = 0
+        batch_losses = hasattr(self.model, "hfam_loss") or hasattr(self.model, "gam_loss")
         for b in batches:
             for s in b:
                 if s.id not in self.per_sample:
                     flops, per_module, _ = self._run([s])
                     self.per_sample[s.id] = flops - sum(self._losses(per_module))
                 total += self.per_sample[s.id]
+            if not batch_losses:
+                continue
             _, per_module, batch = self._run(b)
             hfam, gam = self._losses(per_module)
             if hfam:  # its similarity tensor is linear in the padded text length: keep the real tokens' share
@@ -447,28 +451,32 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> float:
     if args.uncached:
         rows.append(("today's path, cache off", today, False))
 
-    variants = [Variant(wl, label, overrides, cache) for label, overrides, cache in rows]
-    for v in variants:
-        v.warm()
+    variants = []
+    for label, overrides, cache in rows:
+        progress(f"{name}: building and warming up '{label}'")
+        variants.append(Variant(wl, label, overrides, cache))
+        variants[-1].warm()
     # Rows take turns, a few steps at a time (in a rotating order), so a change in the machine's load during the
     # run slows every row alike and the ratios stay fair; the matmul peak is measured between rounds too.
     per_round = -(-args.steps // args.rounds)
     for r in range(args.rounds):
+        progress(f"{name}: timing round {r + 1}/{args.rounds}")
         for v in variants[r % len(variants):] + variants[: r % len(variants)]:
             v.timed(per_round)
         peak = max(peak, matmul_peak(seconds=1.0))
     results = []
-    flops_of: dict[tuple, int] = {}
+    flops_of: dict[tuple, tuple[float, float]] = {}  # (cached, batches) → (raw, useful) FLOPs per sample
     useful = None
     for v in variants:
         r = v.result()
-        key = (v.cached, tuple(tuple(s.id for s in b) for b in r["batches"]))
+        counted = r["batches"][: args.flop_batches]  # FLOPs per sample, estimated on the first timed batches
+        key = (v.cached, tuple(tuple(s.id for s in b) for b in counted))
         if key not in flops_of:
-            flops_of[key] = batch_flops(v, r["batches"])
-        if useful is None:
-            useful = Useful(v)
-        r["flops"] = flops_of[key]
-        r["useful"] = useful.of(r["batches"])
+            progress(f"{name}: counting FLOPs of '{v.label}' ({len(counted)} batches)")
+            useful = useful or Useful(v)
+            n = sum(len(b) for b in counted)
+            flops_of[key] = (batch_flops(v, counted) / n, useful.of(counted) / n)
+        r["flops"], r["useful"] = (f * r["samples"] for f in flops_of[key])
         r["label"], r["overrides"], r["variant"] = v.label, v.overrides, v
         results.append(r)
 
@@ -496,6 +504,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> float:
     optimised = next(x for x in results if x["label"].endswith("(shipped defaults)"))
     for r in [results[0]] + ([optimised] if optimised is not results[0] else []):
         v = r["variant"]
+        progress(f"{name}: breakdown of '{r['label']}'")
         print(f"\nbreakdown of '{r['label']}' ({r['ms_step']:.0f} ms/step):\n")
         print("| part | ms/step | share |")
         print("|---|---|---|")
@@ -506,6 +515,10 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> float:
         for k, share in sorted(op_profile(v).items(), key=lambda kv: -kv[1]):
             print(f"| (profiler) {k} | {share * r['ms_step']:.1f} | {share:.0%} |")
     return peak
+
+
+def progress(msg: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _get(cfg, key: str):
@@ -528,6 +541,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4, help="rows take turns in this many rounds")
     p.add_argument("--compile-warmup", type=int, default=12, help="warm-up steps of the torch.compile row")
+    p.add_argument("--flop-batches", type=int, default=6, help="timed batches whose FLOPs are counted per row")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: physical cores)")
     p.add_argument("--cache-dir", default=None, help="feature-cache directory (default: the trainer's)")
     p.add_argument("--no-extras", dest="extras", action="store_false", help="skip the compile and bf16 rows")
