@@ -199,7 +199,11 @@ class Variant:
         self.compiled = []
         self.warmup = wl.args.warmup
         if cfg.run.compile:
+            import torch._inductor.config
+
             from mmsenti.train.compile import compile_model
+
+            torch._inductor.config.compile_threads = 1  # no compile workers left running beside the other rows
 
             self.compiled = compile_model(self.model)
             self.warmup = wl.args.compile_warmup
@@ -458,12 +462,19 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> float:
         variants[-1].warm()
     # Rows take turns, a few steps at a time (in a rotating order), so a change in the machine's load during the
     # run slows every row alike and the ratios stay fair; the matmul peak is measured between rounds too.
+    # Compiled rows are timed on their own afterwards: inductor compiles (and recompiles, as lengths vary) in worker
+    # processes that would slow the rows timed beside them.
+    eager = [v for v in variants if not v.compiled]
     per_round = -(-args.steps // args.rounds)
     for r in range(args.rounds):
         progress(f"{name}: timing round {r + 1}/{args.rounds}")
-        for v in variants[r % len(variants):] + variants[: r % len(variants)]:
+        for v in eager[r % len(eager):] + eager[: r % len(eager)]:
             v.timed(per_round)
         peak = max(peak, matmul_peak(seconds=1.0))
+    for v in variants:
+        if v.compiled:
+            progress(f"{name}: timing '{v.label}'")
+            v.timed(args.steps)
     results = []
     flops_of: dict[tuple, tuple[float, float]] = {}  # (cached, batches) → (raw, useful) FLOPs per sample
     useful = None
@@ -485,7 +496,7 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> float:
     print("|---|---|---|---|---|---|---|")
     for r in results:
         v = r["variant"]
-        comp = f"{r['warm_s']:.0f} (warm-up incl.)" if v.compiled else "–"
+        comp = f"{r['warm_s']:.0f} (its {v.warmup} warm-up steps)" if v.compiled else "–"
         cache = "" if v.cached else " feature_cache=false"
         print(f"| {r['label']} | {fmt_switches(r['overrides'])}{cache} | {r['samples_s']:.1f} | {r['ms_step']:.0f} | "
               f"{r['samples_s'] / base:.2f}× | {r['padded_tokens']:.1f} | {comp} |")
