@@ -465,12 +465,14 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> float:
     # Compiled rows are timed on their own afterwards: inductor compiles (and recompiles, as lengths vary) in worker
     # processes that would slow the rows timed beside them.
     eager = [v for v in variants if not v.compiled]
-    per_round = -(-args.steps // args.rounds)
-    for r in range(args.rounds):
-        progress(f"{name}: timing round {r + 1}/{args.rounds}")
+    rounds = args.rounds or args.steps
+    per_round = -(-args.steps // rounds)
+    for r in range(rounds):
+        progress(f"{name}: timing round {r + 1}/{rounds}")
         for v in eager[r % len(eager):] + eager[: r % len(eager)]:
             v.timed(per_round)
-        peak = max(peak, matmul_peak(seconds=1.0))
+        if r % 4 == 3:
+            peak = max(peak, matmul_peak(seconds=1.0))
     for v in variants:
         if v.compiled:
             progress(f"{name}: timing '{v.label}'")
@@ -550,7 +552,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2048, help="training samples used (and cached)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=4, help="rows take turns in this many rounds")
+    p.add_argument("--rounds", type=int, default=0, help="rows take turns in this many rounds (0: one step each)")
     p.add_argument("--compile-warmup", type=int, default=12, help="warm-up steps of the torch.compile row")
     p.add_argument("--flop-batches", type=int, default=6, help="timed batches whose FLOPs are counted per row")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: physical cores)")
