@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def run_epochs(paths: dict, batches, grad_clip: float) -> dict[str, tuple[float, float]]:
+def run_epochs(paths: dict, batches, grad_clip: float, amp=None) -> dict[str, tuple[float, float]]:
     """One epoch per path, interleaved batch by batch (so a change in the machine's load hits every path alike).
 
     ``paths``: name → (model, optimizer, collate). Returns name → (seconds, data loading included; mean loss).
@@ -33,6 +33,7 @@ def run_epochs(paths: dict, batches, grad_clip: float) -> dict[str, tuple[float,
     import torch
 
     from mmsenti.losses import total_loss
+    from mmsenti.utils import autocast
 
     seconds = dict.fromkeys(paths, 0.0)
     losses: dict[str, list] = {name: [] for name in paths}
@@ -44,7 +45,8 @@ def run_epochs(paths: dict, batches, grad_clip: float) -> dict[str, tuple[float,
             torch.set_rng_state(rng[name])  # each path sees its own, identical stream of dropout masks
             t0 = time.perf_counter()
             batch = collate(samples)
-            loss = total_loss(model.compute_loss(model(batch), batch))
+            with autocast(torch.device("cpu"), amp):
+                loss = total_loss(model.compute_loss(model(batch), batch))
             loss.backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -77,6 +79,7 @@ def main() -> None:
     from mmsenti.registry import DATASETS
     from mmsenti.train.optim import build_optimizer
     from mmsenti.train.sampler import build_batch_sampler, sample_lengths
+    from mmsenti.utils import autocast_dtype
 
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -96,7 +99,7 @@ def main() -> None:
           f"threads; text {cfg.model.text_encoder.name} (top {cfg.model.text_encoder.trainable_layers} layers "
           f"trained), image {cfg.model.image_encoder.name} (frozen={cfg.model.image_encoder.freeze})")
     print(f"settings: bucket_by_length={cfg.data.bucket_by_length}, attention={cfg.model.attention}, "
-          f"AdamW={cfg.optim.implementation}")
+          f"AdamW={cfg.optim.implementation}, precision={cfg.run.precision}")
     print(f"cached features: {', '.join(model.cache_spec()) or 'none (nothing frozen)'}")
 
     paths = {"none": (model, build_optimizer(model, cfg.optim), proc)}
@@ -111,7 +114,7 @@ def main() -> None:
             builds[dtype] = (time.perf_counter() - t0, size)
             print(f"{dtype} cache build (once): {builds[dtype][0]:.1f} s, {size:.0f} MB on disk", flush=True)
             paths[dtype] = (m, build_optimizer(m, cfg.optim), CachedCollator(proc, store, m.cache_replaces()))
-        epochs = run_epochs(paths, batches, cfg.optim.grad_clip)
+        epochs = run_epochs(paths, batches, cfg.optim.grad_clip, autocast_dtype(cfg.run.precision, torch.device("cpu")))
     t_plain, loss_plain = epochs["none"]
     rows = [(dtype, *builds[dtype], *epochs[dtype]) for dtype in args.dtypes]
     print(f"epoch without cache: {t_plain:.1f} s, mean loss {loss_plain:.6f}")
