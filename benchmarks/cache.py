@@ -114,7 +114,8 @@ def main() -> None:
             builds[dtype] = (time.perf_counter() - t0, size)
             print(f"{dtype} cache build (once): {builds[dtype][0]:.1f} s, {size:.0f} MB on disk", flush=True)
             paths[dtype] = (m, build_optimizer(m, cfg.optim), CachedCollator(proc, store, m.cache_replaces()))
-        epochs = run_epochs(paths, batches, cfg.optim.grad_clip, autocast_dtype(cfg.run.precision, torch.device("cpu")))
+        amp = autocast_dtype(cfg.run.precision, torch.device("cpu"))
+        epochs = run_epochs(paths, batches, cfg.optim.grad_clip, amp)
     t_plain, loss_plain = epochs["none"]
     rows = [(dtype, *builds[dtype], *epochs[dtype]) for dtype in args.dtypes]
     print(f"epoch without cache: {t_plain:.1f} s, mean loss {loss_plain:.6f}")
