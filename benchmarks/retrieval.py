@@ -1,7 +1,7 @@
 """Time top-k retrieval from a memory bank: FAISS exact, FAISS approximate (IVF, HNSW), torch brute force, and what
 ``index: auto`` chooses.
 
-    PYTHONPATH=src python benchmarks/retrieval.py                         # banks of 10k and 100k; random, clustered, real
+    PYTHONPATH=src python benchmarks/retrieval.py                  # banks of 10k and 100k: random, clustered, real
     PYTHONPATH=src python benchmarks/retrieval.py --size 1000000 --data real   # the 1M x 128 real-embedding bank
     PYTHONPATH=src python benchmarks/retrieval.py --device cuda           # the torch index on a GPU
 
@@ -181,7 +181,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", type=int, default=10, help="timed batches per index")
     p.add_argument("--recall-queries", type=int, default=1000)
-    p.add_argument("--data", nargs="+", choices=["random", "clustered", "real"], default=["random", "clustered", "real"])
+    p.add_argument("--data", nargs="+", choices=["random", "clustered", "real"],
+                   default=["random", "clustered", "real"])
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--real-sources", nargs="+", default=["mosei", "mvsa_single", "mvsa_multiple"],
                    choices=["mosei", "mvsa_single", "mvsa_multiple"], help="texts of the real-embedding bank")

@@ -7,7 +7,7 @@
 For each workload (INFIG-lite on HFM text with MiniLM's top 2 layers fine-tuned; INFIG-lite on CM-Off-Meme
 image+text with GAM + HFAM; the generated scenes data when ../shared/data is absent) it measures, in one process:
 
-* **samples/s** of a training step (collate → forward → loss → backward → clip → AdamW → zero_grad) along a ladder:
+* **samples/s** of a training step (collate, forward, loss, backward, clip, AdamW, zero_grad) along a ladder:
   "today's path" (every optimisation switched off), then each switch turned on in turn up to the shipped
   defaults, then opt-in extras (``run.compile``, ``run.precision=bf16``) and, for reference, today's path with the
   frozen-feature cache off. Every row starts from the same weights and runs the first batches of epoch 0 of the

@@ -402,10 +402,10 @@ def _recall(rows: torch.Tensor, exact: torch.Tensor) -> float:
     return hits / max(1, int((exact >= 0).sum()))
 
 
-def choose_index(vectors: torch.Tensor, dim: int, metric: Metric = "cosine", *, device: str | torch.device | None = None,
-                 k: int = 10, num_queries: int = 128, min_recall: float = 0.95, ann_min_size: int = 100_000,
-                 ann_min_speedup: float = 1.5, chunk_size: int = 65536, nlist: int | None = None
-                 ) -> tuple[VectorIndex, dict[str, Any]]:
+def choose_index(vectors: torch.Tensor, dim: int, metric: Metric = "cosine", *,
+                 device: str | torch.device | None = None, k: int = 10, num_queries: int = 128,
+                 min_recall: float = 0.95, ann_min_size: int = 100_000, ann_min_speedup: float = 1.5,
+                 chunk_size: int = 65536, nlist: int | None = None) -> tuple[VectorIndex, dict[str, Any]]:
     """The fastest suitable index for ``vectors``, filled with them, and a record of how it was chosen.
 
     A short timing on this machine: ``num_queries`` of the bank's own rows (each excluding itself, as a training
@@ -458,7 +458,7 @@ def choose_index(vectors: torch.Tensor, dim: int, metric: Metric = "cosine", *, 
                                  f"{timings[exact_name] / timings[name]:.1f}x the exact speed)")
     elif n < ann_min_size:
         record["reason"] += f"; below {ann_min_size} vectors no approximate index is tried"
-    for name, index in candidates.items():
+    for index in candidates.values():
         if index is not chosen:
             index.reset()
     log.info("retrieval index auto: %s (%s; query ms %s)", record["chosen"], record["reason"],
