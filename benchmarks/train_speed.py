@@ -13,8 +13,7 @@ image+text with GAM + HFAM; the generated scenes data when ../shared/data is abs
   frozen-feature cache off. Every row starts from the same weights and runs the first batches of epoch 0 of the
   same samples; rows with length bucketing see other batches of the same epoch (a random draw of them), which is
   what their training would see.
-* the **FLOPs** per sample of those steps (on the first ``--flop-batches`` timed batches), forward + backward,
-  counted with ``torch.utils.flop_counter.FlopCounterMode``
+* the **FLOPs** of those steps, forward + backward, counted with ``torch.utils.flop_counter.FlopCounterMode``
   (plus a formula for CPU flash attention, which it does not count by itself), and the **useful FLOPs**: the same
   model on each sample's real tokens alone, through the layers a cached run must execute (the trainable layers,
   GAM's momentum encoders included). The batch-level losses are taken from the batch: HFAM's token-similarity
@@ -267,23 +266,38 @@ class Variant:
                 "batches": timed}
 
 
-def batch_flops(v: Variant, batches) -> int:
-    """FLOPs (forward + backward) of ``batches`` on ``v``'s path, counted eagerly on a copy of its model."""
-    from mmsenti.losses import total_loss
+def _shape(processor, samples) -> tuple[int, int]:
+    """What a batch's FLOPs depend on: its size and padded text length (images all have one size)."""
+    if "text" not in processor.modalities:
+        return len(samples), 0
+    return len(samples), int(processor(samples, load_images=False)["attention_mask"].shape[1])
 
-    model = copy.deepcopy(v.model)
-    model.train()
-    total = 0
-    for b in batches:
-        batch = v.collate(b)
 
-        def fn(batch=batch):
-            loss = total_loss(model.compute_loss(model(batch), batch))
-            loss.backward()
+class RawFlops:
+    """FLOPs (forward + backward) of batches on a row's path, counted eagerly on a copy of its model; memoised by
+    batch shape (FlopCounterMode counts by shapes alone)."""
 
-        total += count_flops(fn)[0]
-        model.zero_grad(set_to_none=True)
-    return total
+    def __init__(self, v: Variant):
+        self.v, self.model, self.memo = v, copy.deepcopy(v.model), {}
+        self.model.train()
+
+    def of(self, batches) -> int:
+        from mmsenti.losses import total_loss
+
+        total = 0
+        for b in batches:
+            key = _shape(self.v.wl.processor, b)
+            if key not in self.memo:
+                batch = self.v.collate(b)
+
+                def fn(batch=batch):
+                    loss = total_loss(self.model.compute_loss(self.model(batch), batch))
+                    loss.backward()
+
+                self.memo[key] = count_flops(fn)[0]
+                self.model.zero_grad(set_to_none=True)
+            total += self.memo[key]
+        return total
 
 
 class Useful:
@@ -301,7 +315,9 @@ class Useful:
             store = open_or_build(wl.args.cache_dir or default_cache_dir(v.cfg.run.cache_dir), self.model,
                                   wl.processor, wl.samples, sources=wl.bundle.sources, dtype="float32")
             self.collate = CachedCollator(wl.processor, store, self.model.cache_replaces())
-        self.per_sample: dict[str, int] = {}
+        self.processor = wl.processor
+        self.per_sample: dict[tuple[int, int], int] = {}  # by shape: (1, real length)
+        self.batch_losses: dict[tuple[int, int], tuple[int, int]] = {}  # by batch shape: (HFAM, GAM) FLOPs
 
     def _losses(self, per_module: dict[str, int]) -> tuple[int, int]:
         return (_module_flops(per_module, "hfam_loss", "FineGrainedAlignmentLoss"),
@@ -325,16 +341,19 @@ class Useful:
         batch_losses = hasattr(self.model, "hfam_loss") or hasattr(self.model, "gam_loss")
         for b in batches:
             for s in b:
-                if s.id not in self.per_sample:
+                key = _shape(self.processor, [s])
+                if key not in self.per_sample:
                     flops, per_module, _ = self._run([s])
-                    self.per_sample[s.id] = flops - sum(self._losses(per_module))
-                total += self.per_sample[s.id]
+                    self.per_sample[key] = flops - sum(self._losses(per_module))
+                total += self.per_sample[key]
             if not batch_losses:
                 continue
-            _, per_module, batch = self._run(b)
-            hfam, gam = self._losses(per_module)
+            key = _shape(self.processor, b)
+            if key not in self.batch_losses:
+                self.batch_losses[key] = self._losses(self._run(b)[1])
+            hfam, gam = self.batch_losses[key]
             if hfam:  # its similarity tensor is linear in the padded text length: keep the real tokens' share
-                mask = batch["attention_mask"][:, 1:]
+                mask = self.processor(b, load_images=False)["attention_mask"][:, 1:]
                 hfam = hfam * float(mask.sum()) / mask.numel()
             total += int(hfam) + gam
         return total
@@ -478,18 +497,14 @@ def bench(name: str, args: argparse.Namespace, peak: float) -> float:
             progress(f"{name}: timing '{v.label}'")
             v.timed(args.steps)
     results = []
-    flops_of: dict[tuple, tuple[float, float]] = {}  # (cached, batches) → (raw, useful) FLOPs per sample
+    raw: dict[bool, RawFlops] = {}  # cached path or not → counter
     useful = None
     for v in variants:
+        progress(f"{name}: counting FLOPs of '{v.label}'")
         r = v.result()
-        counted = r["batches"][: args.flop_batches]  # FLOPs per sample, estimated on the first timed batches
-        key = (v.cached, tuple(tuple(s.id for s in b) for b in counted))
-        if key not in flops_of:
-            progress(f"{name}: counting FLOPs of '{v.label}' ({len(counted)} batches)")
-            useful = useful or Useful(v)
-            n = sum(len(b) for b in counted)
-            flops_of[key] = (batch_flops(v, counted) / n, useful.of(counted) / n)
-        r["flops"], r["useful"] = (f * r["samples"] for f in flops_of[key])
+        raw.setdefault(v.cached, RawFlops(v))
+        useful = useful or Useful(v)
+        r["flops"], r["useful"] = raw[v.cached].of(r["batches"]), useful.of(r["batches"])
         r["label"], r["overrides"], r["variant"] = v.label, v.overrides, v
         results.append(r)
 
@@ -554,7 +569,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=0, help="rows take turns in this many rounds (0: one step each)")
     p.add_argument("--compile-warmup", type=int, default=12, help="warm-up steps of the torch.compile row")
-    p.add_argument("--flop-batches", type=int, default=6, help="timed batches whose FLOPs are counted per row")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: physical cores)")
     p.add_argument("--cache-dir", default=None, help="feature-cache directory (default: the trainer's)")
     p.add_argument("--no-extras", dest="extras", action="store_false", help="skip the compile and bf16 rows")
