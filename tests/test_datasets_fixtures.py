@@ -20,7 +20,7 @@ from mmsenti.data.formats.common import carve_split, random_splits, read_csv
 from mmsenti.data.formats.hfm import FILTER_WORDS, HFMConfig, build_hfm
 from mmsenti.data.formats.images import BLANK_RGB, inspect_image
 from mmsenti.data.formats.memes import MemesConfig, build_memes
-from mmsenti.data.formats.mmsa import MMSAConfig, build_mmsa
+from mmsenti.data.formats.mmsa import MMSAConfig, build_mmsa, convert_pickle
 from mmsenti.data.formats.mvsa import MVSAConfig, MVSAMultipleConfig, build_mvsa, majority, merge_labels, merge_pair
 from mmsenti.data.formats.text import normalize_tweet
 from mmsenti.data.formats.tumemo import TumEmoConfig, build_tumemo
@@ -211,7 +211,7 @@ def test_missing_image_policy(tmp_path, policy, caplog):
         assert set(every) == {str(i) for i in range(12)} - {"5", "9"}
         assert "dropped 2 post(s)" in caplog.text and "dev 1, test 1" in caplog.text
     else:
-        assert len(every) == 12 and "2 post(s) have no image file" in caplog.text
+        assert len(every) == 12 and "2 post(s) have no usable image file" in caplog.text
         for sid in ("5", "9"):
             assert every[sid].extra["image_missing"] is True
             assert isinstance(every[sid].image, Image.Image)
@@ -344,8 +344,15 @@ def test_mmsa_pickle_round_trip(tmp_path, caplog):
     data = {"train": _mmsa_part(5, 0, rng), "valid": _mmsa_part(3, 100, rng), "test": _mmsa_part(4, 200, rng)}
     with open(tmp_path / "unaligned_50.pkl", "wb") as f:
         pickle.dump(data, f)
+    # A pickle is read only when trusted; converted once, the .npz beside it is read instead (no trust needed).
+    with pytest.raises(DataError, match=r"unaligned_50\.pkl is a Python pickle.*mmsenti data convert.*trust_pickle"):
+        build_mmsa(MMSAConfig(root=str(tmp_path)))
+    trusted = build_mmsa(MMSAConfig(root=str(tmp_path), trust_pickle=True))
+    assert convert_pickle(tmp_path / "unaligned_50.pkl") == tmp_path / "unaligned_50.npz"
     with caplog.at_level(logging.WARNING):
         b = build_mmsa(MMSAConfig(root=str(tmp_path)))
+    assert b.sources == [tmp_path / "unaligned_50.npz"]
+    assert [(s.id, s.text, s.label) for s in b.splits["train"]] == [(s.id, s.text, s.label) for s in trusted.splits["train"]]
     assert "set 1 non-finite value(s) of train audio to 0" in caplog.text
     assert b.task == "regression" and b.label_names is None and b.modalities == ("text", "audio", "vision")
     assert {k: len(v) for k, v in b.splits.items()} == {"train": 5, "dev": 3, "test": 4}
@@ -414,7 +421,10 @@ def test_user_jsonl_single_file(tmp_path):
     ]
     f = tmp_path / "mine.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    b = build_jsonl(UserDataConfig(root=str(f)))
+    # Three posts are too few to read the classes off the data: the names must be declared.
+    with pytest.raises(DataError, match=r"labels read off the data .* look wrong.*data\.label_names=\[neg,pos\]"):
+        build_jsonl(UserDataConfig(root=str(f)))
+    b = build_jsonl(UserDataConfig(root=str(f), label_names=["neg", "pos"]))
     assert b.label_names == ["neg", "pos"] and b.modalities == ("text", "image")
     assert [(s.id, s.label) for s in b.splits["train"]] == [("a", 1), ("mine:3", 0)]
     assert ids(b.splits["dev"]) == ["b"] and Path(b.splits["dev"][0].image) == tmp_path / "img" / "b.jpg"
@@ -441,7 +451,7 @@ def test_user_bad_json_line_names_file_and_line(tmp_path):
 def test_user_csv_directory_and_bad_row(tmp_path):
     (tmp_path / "train.csv").write_text('text,label\n"two\nlines",1\nplain,0\nthird,2\nfourth,1\n')
     (tmp_path / "test.csv").write_text("text,label\nt,0\n")
-    b = build_csv(CsvDataConfig(root=str(tmp_path), dev_fraction=0.25, seed=0))
+    b = build_csv(CsvDataConfig(root=str(tmp_path), dev_fraction=0.25, seed=0, label_names=["0", "1", "2"]))
     assert b.label_names == ["0", "1", "2"] and b.modalities == ("text",)
     assert {k: len(v) for k, v in b.splits.items()} == {"train": 3, "dev": 1, "test": 1}
     every = {s.id: s for v in b.splits.values() for s in v}
@@ -500,7 +510,7 @@ def test_doctor_report_numbers(tmp_path):
     f.write_text("".join(json.dumps({"id": i, "text": t, "image": im, "label": y, "split": s}) + "\n"
                          for i, t, im, y, s in rows))
     cfg = UserDataConfig(root=str(f))
-    with pytest.raises(DataError, match="1 of 8 images missing"):
+    with pytest.raises(DataError, match=r"3 of 8 images missing or unusable \(missing 1, unreadable 1, truncated 1\)"):
         build_jsonl(cfg)
     r = doctor.check(cfg)
     assert r.label_names == ["neg", "pos"]

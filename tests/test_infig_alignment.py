@@ -47,14 +47,14 @@ def naive_similarity(img, txt, mask, j):
     return s_p2q, s_q2p
 
 
-def naive_infonce(logits: torch.Tensor) -> float:
-    """Mean over rows of -log softmax(row)[row index], with logsumexp written out."""
+def naive_infonce(logits: torch.Tensor, offset: int = 0) -> float:
+    """Mean over rows of -log softmax(row)[offset + row index], with logsumexp written out."""
     total = 0.0
     for r in range(logits.shape[0]):
         row = [float(x) for x in logits[r]]
         top = max(row)
         lse = top + math.log(sum(math.exp(x - top) for x in row))
-        total += lse - row[r]
+        total += lse - row[offset + r]
     return total / logits.shape[0]
 
 
@@ -193,27 +193,29 @@ def test_fine_grained_loss_gradients():
 
 
 def test_fine_grained_loss_gather_hook():
-    """A gather that returns this process's rows first, then another process's, adds those as negatives."""
+    """The gather contract: rows of all processes in rank order, this one's at its offset. As rank 1 after a
+    process with 3 pairs, the other process's pairs are extra negatives and the positives sit at 3 + i."""
     img_layers, txt_layers, mask = _layers(n_layers=2)
     other_img, other_txt, other_mask = _tokens(bi=3, bt=3, seed=9, lengths=(2, 8, 4))
-    extra = {id(m): o for m, o in [(mask, other_mask)]}
-    for i, t in zip(img_layers, txt_layers, strict=True):
-        extra[id(i)], extra[id(t)] = other_img, other_txt
 
-    def gather(x):
-        return torch.cat([x, extra[id(x)].to(x.dtype)])
+    def gather(x):  # the mask (B, N_t), or every layer's image (B, M, 7, D) / text (B, M, 8, D) tokens
+        if x.ndim == 2:
+            other = other_mask
+        else:
+            other = torch.stack([other_img if x.shape[2] == 7 else other_txt] * x.shape[1], 1)
+        return torch.cat([other.to(x.dtype), x]), 3
 
     tau = 0.2
     out = FineGrainedAlignmentLoss(top_j=2, gather=gather)(img_layers, txt_layers, mask, tau)
     per_layer = []
     for img, txt in zip(img_layers, txt_layers, strict=True):
-        s_p2q, _ = naive_similarity(img, torch.cat([txt, other_txt]), torch.cat([mask, other_mask]), 2)
-        _, s_q2p = naive_similarity(torch.cat([img, other_img]), txt, mask, 2)
-        per_layer.append(0.5 * (naive_infonce(s_p2q / tau) + naive_infonce(s_q2p.T / tau)))
+        s_p2q, _ = naive_similarity(img, torch.cat([other_txt, txt]), torch.cat([other_mask, mask]), 2)
+        _, s_q2p = naive_similarity(torch.cat([other_img, img]), txt, mask, 2)
+        per_layer.append(0.5 * (naive_infonce(s_p2q / tau, 3) + naive_infonce(s_q2p.T / tau, 3)))
     assert out["loss_f"].item() == pytest.approx(sum(per_layer) / 2, abs=1e-10)
     # An identity gather (a single process) is the same as no hook.
     no_hook = FineGrainedAlignmentLoss(top_j=2)(img_layers, txt_layers, mask, tau)["loss_f"]
-    identity = FineGrainedAlignmentLoss(top_j=2, gather=lambda x: x)(img_layers, txt_layers, mask, tau)["loss_f"]
+    identity = FineGrainedAlignmentLoss(top_j=2, gather=lambda x: (x, 0))(img_layers, txt_layers, mask, tau)["loss_f"]
     torch.testing.assert_close(identity, no_hook)
 
 
@@ -445,14 +447,21 @@ def test_global_loss_momentum_distillation():
 def test_global_loss_gather_hook_and_shared_temperature():
     other = _unit(torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
     temp = LearnableTemperature(0.1).double()
-    loss_fn = GlobalAlignmentLoss(5, 20, temperature=temp, gather=lambda x: torch.cat([x, other])).double()
+    # This process is rank 1, after a process with 3 pairs: keys in rank order, positives at 3 + i.
+    def gather(x):  # the momentum image and text keys side by side, (B, 2·D)
+        return torch.cat([torch.cat([other, other], 1), x]), 3
+
+    loss_fn = GlobalAlignmentLoss(5, 20, temperature=temp, gather=gather).double()
     assert loss_fn.temperature is temp
     img, txt, img_m, txt_m = _global_feats()
     out = loss_fn(img, txt, img_m, txt_m)
     empty = torch.zeros(0, 5, dtype=torch.float64)
-    # The other process's momentum features are extra negatives, and are enqueued too.
-    expect, _ = naive_global(img, txt, img_m, txt_m, other, other, _tau(loss_fn))
+    # The other process's momentum features are extra negatives, and are enqueued too, in rank order.
+    positives = [[3 + r] for r in range(4)]
+    expect, _ = naive_global(img, txt, torch.cat([other, img_m]), torch.cat([other, txt_m]), empty, empty,
+                             _tau(loss_fn), positives)
     assert out["loss_g"].item() == pytest.approx(expect, abs=1e-10)
     assert naive_global(img, txt, img_m, txt_m, empty, empty, _tau(loss_fn))[0] != pytest.approx(expect)
     assert loss_fn.image_queue.size == 7
-    torch.testing.assert_close(loss_fn.image_queue.features()[4:], other)
+    torch.testing.assert_close(loss_fn.image_queue.features()[:3], other)
+    torch.testing.assert_close(loss_fn.image_queue.features()[3:], _unit(img_m))

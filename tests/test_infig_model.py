@@ -94,13 +94,16 @@ def test_momentum_encoders_are_an_ema_without_gradients(data):
     online = dict(model.image_encoder.named_parameters())
     momentum = dict(model.image_encoder_m.named_parameters())
     assert all(not p.requires_grad for p in momentum.values())
-    with torch.no_grad():  # make online and momentum differ, then one forward applies one EMA step
+    with torch.no_grad():  # make online and momentum differ
         for p in online.values():
             p.add_(0.5)
     before = {k: v.detach().clone() for k, v in momentum.items()}
     model.train()
     terms = model.compute_loss(model(batch), batch)
     total_loss(terms).backward()
+    for k, p in momentum.items():  # a forward never moves them (it may be one of several micro-batches) ...
+        assert torch.equal(p, before[k]) and p.grad is None
+    model.on_optimizer_step()  # ... one EMA step per optimiser step does
     for k, p in momentum.items():
         torch.testing.assert_close(p, 0.9 * before[k] + 0.1 * online[k].detach())
         assert p.grad is None

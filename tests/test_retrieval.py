@@ -342,23 +342,38 @@ def test_supcon_skips_anchors_without_positives_and_has_gradients():
     assert out.item() == 0.0 and z2.grad is not None
 
 
-def test_supcon_gather_hook_reproduces_full_batch():
-    """Two simulated ranks that see each other's embeddings through `gather` give the full-batch loss."""
+@pytest.mark.parametrize("present", [None, "missing"])
+def test_supcon_gather_hook_reproduces_full_batch(present):
+    """Two simulated ranks (3 and 5 samples) that see each other's embeddings through `gather`: weighted by their
+    sample counts (as the trainer weights processes), their terms sum to the full-batch loss, also when the ranks
+    hold different numbers of anchors (missing modalities)."""
     g = torch.Generator().manual_seed(7)
     z, labels = torch.randn(8, 2, 5, generator=g), torch.tensor([0, 1, 0, 1, 1, 0, 0, 1])
-    full = CrossModalSupConLoss(temperature=0.2)(z, labels)["loss_ret"]
-    halves = [(slice(0, 3), 0), (slice(3, 8), 6)]  # rank 0: samples 0-2 (6 anchors), rank 1: samples 3-7
-    flat = {"z": F.normalize(z.reshape(16, 5), dim=1), "cls": labels.repeat_interleave(2),
-            "valid": torch.ones(16, dtype=torch.bool)}
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    if present:
+        mask[0, 1] = mask[1, 0] = mask[6, 1] = False
+    full = CrossModalSupConLoss(temperature=0.2)(z, labels, mask)["loss_ret"]
+    halves = [(slice(0, 3), 0), (slice(3, 8), 6)]  # rank 0: samples 0-2 (6 rows), rank 1: samples 3-7
+    flat = {"z": F.normalize(z.reshape(16, 5), dim=1), "cls": labels.repeat_interleave(2), "valid": mask.reshape(16)}
 
+    def flat_for(x):
+        return next(v for v in flat.values() if v.dtype == x.dtype and v.shape[1:] == x.shape[1:])
+
+    def anchors(rows):  # valid rows with a positive: another valid row of the same class
+        return sum(bool(flat["valid"][r]) and any(bool(flat["valid"][k]) and k != r and flat["cls"][k] == flat["cls"][r]
+                                                  for k in range(16)) for r in rows)
+
+    per_rank = torch.tensor([[anchors(range(0, 6)), 3], [anchors(range(6, 16)), 5]])
+    assert present is None or per_rank[0, 0] != 6  # the ranks' anchor counts are not proportional to their samples
     total = 0.0
     for sl, offset in halves:
         def gather(x, offset=offset):
-            key = next(k for k, v in flat.items() if v.dtype == x.dtype and v.shape[1:] == x.shape[1:])
-            return flat[key], offset
-        part = CrossModalSupConLoss(temperature=0.2, gather=gather)(z[sl], labels[sl])["loss_ret"]
-        total = total + part * (sl.stop - sl.start) * 2  # every anchor has positives here: weight by count
-    torch.testing.assert_close(total / 16, full, atol=1e-6, rtol=1e-6)
+            if x.shape == (1, 2):  # the anchor / sample counts of both ranks
+                return per_rank, offset // 6
+            return flat_for(x), offset
+        part = CrossModalSupConLoss(temperature=0.2, gather=gather)(z[sl], labels[sl], mask[sl])["loss_ret"]
+        total = total + part * (sl.stop - sl.start) / 8
+    torch.testing.assert_close(total, full, atol=1e-6, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ synthetic MMSA

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from mmsenti.compat import ensure_torchvision_importable as _ensure_torchvision_importable
+from mmsenti.compat import install_import_hook as _install_import_hook
 
 # transformers, timm and open_clip import torchvision whenever it is installed; on a CPU-only torch with a
-# mismatched torchvision build that import fails unless the compatibility shim runs first, so run it here, once.
-_ensure_torchvision_importable()
+# mismatched torchvision build that import fails unless the compatibility shim runs first. The hook runs the shim
+# on the first `import torchvision` of the process, wherever it happens; `import mmsenti` itself stays light
+# (no torch), so `mmsenti --help` starts in a fraction of a second.
+_install_import_hook()
 
 __all__ = ["__version__", "load_model", "load_config", "MODELS", "DATASETS"]
 

@@ -23,6 +23,7 @@ Text features are ragged: one row per real (non-padding) token, so the cache hol
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -317,6 +318,31 @@ def open_or_build(root: str | os.PathLike, model, processor, samples: Sequence[S
     spec = model.cache_spec()
     key, parts = cache_key(model, processor, samples, sources, dtype)
     directory = Path(root) / key
+    with _build_lock(directory):  # runs side by side (`mmsenti experiment run --lanes`) wait for one builder
+        return _open_or_build(directory, model, processor, samples, spec, parts, meta, dtype, device, batch_size,
+                              progress)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """An exclusive lock on ``<directory>.lock`` (POSIX; elsewhere none): one process checks and builds an entry
+    while others wait, instead of deleting each other's partial builds."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open_or_build(directory: Path, model, processor, samples, spec, parts, meta, dtype, device, batch_size,
+                   progress) -> FeatureStore:
     if directory.exists():
         problem = verify_entry(directory)
         if problem is None:

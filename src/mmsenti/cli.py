@@ -1,4 +1,4 @@
-"""``mmsenti`` command line: train, evaluate, predict, list, data, cache.
+"""``mmsenti`` command line: train, evaluate, predict, serve, list, data, cache, experiment.
 
 User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
 """
@@ -24,46 +24,81 @@ def _default_run_dir(config: str | None) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmsenti.config import load_config
+    from mmsenti.distributed import Distributed, launch
+    from mmsenti.train.lock import check_run_dir_free
     from mmsenti.train.trainer import Trainer
 
-    if args.resume:
-        if not args.out:
-            raise _UsageError("--resume needs --out RUN_DIR (the run to continue)")
-        trainer = Trainer(None, args.out, resume=True)  # type: ignore[arg-type]
-    else:
-        overrides = list(args.set or [])
-        if args.quiet:
-            overrides.append("run.quiet=true")
-        cfg = load_config(args.config, overrides)
-        out = Path(args.out or cfg.run.out or _default_run_dir(args.config))
-        if (out / "checkpoints" / "last.pt").exists():
-            raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
-        trainer = Trainer(cfg, out)
-    trainer.fit()
-    print(trainer.run_dir)
+    if args.resume and not args.out:
+        raise _UsageError("--resume needs --out RUN_DIR (the run to continue)")
+    overrides = list(args.set or []) + (["run.quiet=true"] if args.quiet else [])
+    if args.nproc is not None:  # one machine, N processes: torchrun's launcher re-runs this command without --nproc
+        if args.nproc < 1:
+            raise _UsageError(f"--nproc must be >= 1, got {args.nproc}")
+        if not args.resume:
+            load_config(args.config, overrides)  # a bad config fails here, before any process starts
+        return launch(args.nproc, _without_nproc(args.argv))
+    dist = Distributed.from_env()
+    ok = False
+    try:
+        if args.resume:
+            trainer = Trainer.from_run_dir(args.out, dist=dist)
+            trainer.fit()
+            out = trainer.run_dir
+        else:
+            cfg = load_config(args.config, overrides)
+            # Rank 0's directory for every process (the default name holds the time).
+            out = Path(dist.broadcast_object(str(args.out or cfg.run.out or _default_run_dir(args.config))))
+            if (out / "checkpoints" / "last.pt").exists():
+                check_run_dir_free(out)  # a live run's folder: name its holder rather than suggest --resume
+                raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+            if cfg.run.cv_folds and cfg.run.cv_fold is None:  # cross-validation: every fold, then the mean over folds
+                from mmsenti.experiment.cv import train_folds
+
+                train_folds(cfg, out, dist=dist)
+            else:
+                Trainer(cfg, out, dist=dist).fit()
+        ok = True
+    finally:
+        dist.close(clean=ok)
+    if dist.is_main:
+        print(out)
     return 0
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
+    from mmsenti.distributed import Distributed
     from mmsenti.metrics import format_table
-    from mmsenti.models.base import load_pretrained
-    from mmsenti.train.evaluate import evaluate
-    from mmsenti.train.trainer import ListDataset, build_dataset
-    from mmsenti.utils import resolve_device
+    from mmsenti.train.setup import load_setup
 
-    device = resolve_device(args.device)
-    model, processor, cfg = load_pretrained(args.run_dir, device)
-    if args.root:
-        cfg.data.root = args.root
-    bundle = build_dataset(cfg)
-    results = {}
-    for split in args.split:
-        loader = DataLoader(ListDataset(bundle.split(split)), batch_size=cfg.data.eval_batch_size,
-                            collate_fn=processor)
-        results[split] = evaluate(model, loader, device)
+    keep = Path(args.predictions or args.plots) if (args.predictions or args.plots) else None
+    dist = Distributed.from_env()  # under torchrun the splits' batches are spread over the processes
+    ok = False
+    try:
+        setup = load_setup(args.run_dir, device=args.device, dist=dist, root=args.root)
+        results = {split: setup.evaluate(split, save_predictions=keep / f"{split}.npz" if keep else None)
+                   for split in args.split}
+        ok = True
+    finally:
+        dist.close(clean=ok)
+    if not dist.is_main:
+        return 0
     print(format_table(results))
+    if args.plots:
+        from mmsenti.experiment.plots import write_evaluation_plots
+
+        write_evaluation_plots(keep, args.split, args.plots)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -71,18 +106,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mmsenti.data.base import Sample
-    from mmsenti.inference import load_model, read_prediction_file, write_jsonl
+    from mmsenti.inference import load_model
+    from mmsenti.utils import show_progress
 
     predictor = load_model(args.run_dir, args.device)
     if args.input:
-        samples = read_prediction_file(args.input, predictor.modalities)
-        rows = predictor.predict_samples(samples)
-        if args.output:
-            write_jsonl(rows, args.output)
-            log.info("wrote %d predictions to %s", len(rows), args.output)
-        else:
-            for row in rows:
-                print(json.dumps(row, ensure_ascii=False))
+        from mmsenti.batch_predict import predict_file
+
+        stats = predict_file(predictor, args.input, args.output, batch_size=args.batch_size, workers=args.workers,
+                             resume=args.resume, strict=args.strict, progress=show_progress(args.quiet))
+        print(stats.summary(args.output), file=sys.stderr)
         return 0
     if args.text is None and args.image is None:
         raise _UsageError("give --text and/or --image, or --input FILE")
@@ -116,7 +149,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     overrides = [f"data.name={args.name}"] + ([f"data.root={args.root}"] if args.root else []) + list(args.set or [])
     cfg = load_config(None, overrides)
-    report = doctor.check(cfg.data) if args.action == "check" else doctor.stats(cfg.data)
+    if args.action == "convert":
+        from mmsenti.data.formats.mmsa import MMSAConfig, convert_dataset
+
+        if not isinstance(cfg.data, MMSAConfig):
+            raise _UsageError(f"data convert: dataset '{args.name}' has no pickle format to convert (mosi, mosei)")
+        for path in convert_dataset(cfg.data):
+            print(path)
+        return 0
+    report = doctor.check(cfg.data, decode_images=args.decode) if args.action == "check" else doctor.stats(cfg.data)
     print(doctor.format_report(report))
     return 1 if args.action == "check" and getattr(report, "has_errors", False) else 0
 
@@ -125,29 +166,28 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from mmsenti.cache import clear_entries, default_cache_dir, list_entries
 
     if args.action == "build":
-        import torch
-
         from mmsenti.config import load_config
-        from mmsenti.models.base import TaskInfo, build_model
-        from mmsenti.models.encoders import build_processor
-        from mmsenti.train.trainer import build_dataset, open_split_cache
-        from mmsenti.utils import resolve_device, seed_everything
+        from mmsenti.distributed import Distributed
+        from mmsenti.train.setup import build_setup
 
         if not args.config:
             raise _UsageError("cache build needs --config (the training config whose frozen features to cache)")
         cfg = load_config(args.config, list(args.set or []) + ([f"run.cache_dir={args.dir}"] if args.dir else []))
-        seed_everything(cfg.run.seed)  # randomly initialised frozen parts must match the training run's
-        bundle = build_dataset(cfg)
-        processor = build_processor(cfg.model, [s.text or "" for s in bundle.split("train")], bundle.task)
-        device = resolve_device(cfg.run.device)
-        model = build_model(cfg.model, TaskInfo(bundle.task, bundle.label_names), processor).to(device)
-        if not model.cache_spec():
-            raise _UsageError(f"{args.config}: nothing to cache (no frozen image backbone and "
-                              "model.text_encoder.trainable_layers = -1)")
-        with torch.no_grad():
-            for split in args.split or list(bundle.splits):
-                store = open_split_cache(cfg, model, processor, bundle, split, device)
-                print(f"{split}: {len(store)} samples → {store.directory}")
+        dist = Distributed.from_env()
+        ok = False
+        try:
+            # The training run's build path: randomly initialised frozen parts match the training run's.
+            setup = build_setup(cfg, dist=dist, feature_cache=True)
+            if not setup.model.cache_spec():
+                raise _UsageError(f"{args.config}: nothing to cache (no frozen image backbone and "
+                                  "model.text_encoder.trainable_layers = -1)")
+            for split in args.split or list(setup.bundle.splits):
+                store = setup.feature_store(split)
+                if dist.is_main:
+                    print(f"{split}: {len(store)} samples → {store.directory}")
+            ok = True
+        finally:
+            dist.close(clean=ok)
         return 0
     root = default_cache_dir(args.dir)
     if args.action == "info":
@@ -163,13 +203,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from mmsenti.experiment.commands import run
+
+    return run(args)
+
+
 class _UsageError(Exception):
     pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmsenti.registry import DATASETS
-
+    # Imports nothing heavy: `mmsenti --help` must not import torch (names are checked when a command runs).
     p = argparse.ArgumentParser(prog="mmsenti", description="Multimodal sentiment analysis.")
     p.add_argument("--version", action="version", version=f"mmsenti {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -181,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<config>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the killed run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (torchrun's launcher; one GPU each on CUDA)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="score a trained model on a split")
@@ -189,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", help="dataset directory, if it moved since training")
     e.add_argument("--output", help="also write the metrics as JSON here")
     e.add_argument("--device", default="auto")
+    e.add_argument("--predictions", metavar="DIR", help="also write per-post predictions (DIR/<split>.npz)")
+    e.add_argument("--plots", metavar="DIR", help="also write a confusion matrix and a reliability diagram (PNG)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict with a trained model")
@@ -196,20 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text")
     pr.add_argument("--image")
     pr.add_argument("--input", help="a .jsonl or .csv file with text/image columns (image paths relative to it)")
-    pr.add_argument("--output", help="predictions as JSON lines (default: stdout)")
+    pr.add_argument("--output", help="predictions as JSON lines, written as they come (default: stdout)")
+    pr.add_argument("--batch-size", type=int, default=32, help="posts per model call (default 32)")
+    pr.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0: this one)")
+    pr.add_argument("--resume", action="store_true", help="continue an interrupted --output file")
+    pr.add_argument("--strict", action="store_true",
+                    help="stop at the first bad row (default: write it with an \"error\" field and go on)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=cmd_predict)
+
+    from mmsenti.serve.command import add_serve_parser
+
+    add_serve_parser(sub)
 
     li = sub.add_parser("list", help="list registered models and datasets")
     li.add_argument("kind", nargs="?", choices=["models", "datasets"])
     li.add_argument("--markdown", action="store_true", help="as Markdown tables (for the docs)")
     li.set_defaults(func=cmd_list)
 
-    d = sub.add_parser("data", help="check or describe a dataset")
-    d.add_argument("action", choices=["check", "stats"])
-    d.add_argument("name", choices=DATASETS.names())
+    d = sub.add_parser("data", help="check, describe or convert a dataset")
+    d.add_argument("action", choices=["check", "stats", "convert"],
+                   help="check: problems (exit 1 if any); stats: distributions; convert: MMSA pickles → safe .npz")
+    d.add_argument("name", help="a registered dataset (`mmsenti list datasets`)")
     d.add_argument("--root", help="dataset directory")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="data option, e.g. --set data.format=raw")
+    d.add_argument("--decode", action="store_true", help="check: decode every image fully (slower, thorough)")
     d.set_defaults(func=cmd_data)
 
     c = sub.add_parser("cache", help="build, inspect or clear the frozen-feature cache")
@@ -221,22 +282,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dir", help="cache directory (default run.cache_dir, $MMSENTI_CACHE_DIR, ~/.cache/mmsenti/features)")
     c.add_argument("--all", action="store_true", help="clear: remove every entry")
     c.set_defaults(func=cmd_cache)
+
+    from mmsenti.experiment.commands import add_parser as add_experiment_parser
+
+    add_experiment_parser(sub).set_defaults(func=cmd_experiment)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)  # before any heavy import: --help and usage errors exit here
+    args.argv = argv  # `train --nproc N` re-runs this command line in N processes
+
     from mmsenti.config import ConfigError
     from mmsenti.data.base import DataError
     from mmsenti.registry import RegistryError
     from mmsenti.utils import setup_logging
 
-    args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except (ConfigError, DataError, RegistryError, _UsageError) as e:
         print(f"mmsenti: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # Another training process died: the message says how to resume. (Looked up lazily: no torch import here.)
+        pg = sys.modules.get("mmsenti.distributed")
+        if pg is None or not isinstance(e, pg.ProcessGroupError):
+            raise
+        print(f"mmsenti: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mmsenti: interrupted", file=sys.stderr)
         return 130

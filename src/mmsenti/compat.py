@@ -11,7 +11,11 @@ torchvision, so they fail too, although mmsenti needs none of the compiled ops (
 calling one of those ops fails with a message that says why, rather than with a dispatcher error. When
 torchvision's ops load fine, nothing is defined and all three functions are plain imports.
 
-Every mmsenti module that needs torchvision, timm or open_clip imports them through this module.
+Every mmsenti module that needs torchvision, timm or open_clip imports them through this module, and
+``import mmsenti`` installs :func:`install_import_hook`: a ``sys.meta_path`` finder that routes the process's first
+``import torchvision`` (by transformers, timm, open_clip or user code) through :func:`import_torchvision`. So the
+shim runs exactly when something first needs torchvision, and ``import mmsenti`` itself imports neither torch nor
+torchvision (start-up stays fast for ``mmsenti --help`` and ``mmsenti list``).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import logging
 import re
 import sys
 import threading
+from importlib.machinery import ModuleSpec, PathFinder
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,8 @@ class TorchvisionOpsUnavailable(RuntimeError):
 
 def _unavailable_kernel(op: str):
     def kernel(*args, **kwargs):
+        import torch
+
         raise TorchvisionOpsUnavailable(
             f"torchvision::{op} has no kernel: torchvision's compiled ops (torchvision/_C) could not be loaded, "
             f"usually because torchvision {_torchvision_version()} was built for a different torch "
@@ -71,6 +80,8 @@ def _torchvision_version() -> str:
 
 def _define_stub(op: str) -> None:
     global _stub_lib
+    import torch
+
     schema = _TORCHVISION_SCHEMAS.get(op)
     if schema is None:
         raise ImportError(
@@ -104,18 +115,66 @@ def import_torchvision() -> ModuleType:
     if "torchvision" in sys.modules and getattr(sys.modules["torchvision"], "__version__", None) is not None:
         return sys.modules["torchvision"]
     with _lock:
-        for _ in range(len(_TORCHVISION_SCHEMAS) + 1):
-            try:
-                return importlib.import_module("torchvision")
-            except RuntimeError as e:
-                match = _MISSING_OP.search(str(e))
-                if match is None or match.group(1) in _stubbed_ops:
-                    raise
-                _forget_partial_import()
-                log.debug("torchvision's compiled ops are unavailable; defining a stand-in for torchvision::%s",
-                          match.group(1))
-                _define_stub(match.group(1))
-        raise ImportError("torchvision failed to import after defining stand-ins for its compiled ops")
+        _in_shim.active = True  # the import hook steps aside for the real import below
+        try:
+            for _ in range(len(_TORCHVISION_SCHEMAS) + 1):
+                try:
+                    return importlib.import_module("torchvision")
+                except RuntimeError as e:
+                    match = _MISSING_OP.search(str(e))
+                    if match is None or match.group(1) in _stubbed_ops:
+                        raise
+                    _forget_partial_import()
+                    log.debug("torchvision's compiled ops are unavailable; defining a stand-in for torchvision::%s",
+                              match.group(1))
+                    _define_stub(match.group(1))
+            raise ImportError("torchvision failed to import after defining stand-ins for its compiled ops")
+        finally:
+            _in_shim.active = False
+
+
+# ------------------------------------------------------------------------------------------- import hook
+_in_shim = threading.local()
+
+
+class _ShimLoader:
+    """Loads ``torchvision`` by running :func:`import_torchvision`, then hands back the module it imported."""
+
+    def __init__(self, real: ModuleSpec):
+        self.real = real
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType:
+        return import_torchvision()
+
+    def exec_module(self, module: ModuleType) -> None:
+        # importlib set __spec__ to the hook's spec; give the module back the spec of the file it came from.
+        module.__spec__ = self.real
+
+
+class _TorchvisionFinder:
+    """``sys.meta_path`` entry: the first ``import torchvision`` anywhere goes through the compatibility shim.
+
+    ``find_spec`` imports nothing (``importlib.util.find_spec("torchvision")``, which transformers calls to ask
+    whether torchvision is installed, stays cheap); the shim runs when the module is actually loaded.
+    """
+
+    def find_spec(self, name: str, path=None, target=None) -> ModuleSpec | None:
+        if name != "torchvision" or getattr(_in_shim, "active", False):
+            return None
+        real = PathFinder.find_spec(name, path)
+        if real is None:
+            return None
+        spec = ModuleSpec(name, _ShimLoader(real), origin=real.origin, is_package=True)  # type: ignore[arg-type]
+        spec.submodule_search_locations = real.submodule_search_locations
+        spec.has_location = real.has_location
+        return spec
+
+
+def install_import_hook() -> None:
+    """Route the first ``import torchvision`` of this process through :func:`import_torchvision` (idempotent)."""
+    if "torchvision" in sys.modules or any(isinstance(f, _TorchvisionFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _TorchvisionFinder())
 
 
 def ensure_torchvision_importable() -> bool:

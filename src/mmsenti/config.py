@@ -73,6 +73,13 @@ class ModelConfig:
     # mha = torch.nn.MultiheadAttention (the earlier path). Same parameters, so weights load into either.
     attention: Literal["sdpa", "mha"] = "sdpa"
 
+    def batch_inputs(self, training: bool) -> list[str]:
+        """The batch keys the model reads in training or in evaluation/prediction; the processor builds only
+        these (see :class:`mmsenti.data.processing.Processor`). A model with other inputs overrides this."""
+        from mmsenti.data.processing import default_batch_inputs
+
+        return default_batch_inputs(self.modalities)
+
 
 @dataclass
 class DataConfig:
@@ -87,7 +94,14 @@ class DataConfig:
     # sorted by length, then the batches are shuffled. Same samples per epoch; order a function of (seed, epoch).
     bucket_by_length: bool = False
     bucket_pool: int = 64
+    # Image files that are absent or cannot be used (unreadable, truncated, over max_image_pixels): error = stop
+    # and list them, drop = leave those posts out, blank = give them a blank image; counted and logged either way.
+    # Every image file is checked when the dataset loads, so a bad test image cannot stop a run after training.
     missing_images: Literal["error", "drop", "blank"] = "error"
+    # header: format, size, end marker and PNG checksums (fast); decode: every pixel of every image (thorough, slow).
+    image_check: Literal["header", "decode"] = "header"
+    max_image_pixels: int = 89_478_485  # larger images are refused (decompression bombs); sets PIL's limit
+    encoding: str = "utf-8"  # of text, CSV and JSON files; bytes that are not are an error naming file and line
 
 
 @dataclass
@@ -128,6 +142,18 @@ class RunConfig:
     feature_cache: bool = True
     cache_dir: str | None = None
     cache_dtype: Literal["float32", "float16"] = "float32"
+    # Cross-validation (mmsenti/experiment/cv.py): with cv_folds = K >= 2, train+dev are pooled and cut into K
+    # stratified folds (fixed by cv_seed, not by the training seed); fold cv_fold is the dev split, the other
+    # folds the train split, and the test split is not loaded. `mmsenti train` with cv_fold unset trains every
+    # fold (into <out>/fold<i>) and writes the mean dev metrics over folds to <out>/cv.json.
+    cv_folds: int = 0
+    cv_fold: int | None = None
+    cv_seed: int = 0
+    # Several processes (torchrun; see README "Training on several GPUs or machines"): let DDP tolerate trainable
+    # parameters that get no gradient, at the cost of one autograd-graph walk per step (the trainer stops at the
+    # first step, naming them, when they exist and this is off).
+    find_unused_parameters: bool = False
+    sync_batchnorm: bool = False  # CUDA only: batch norm over the global batch (SyncBatchNorm) instead of per process
 
 
 @dataclass
@@ -314,7 +340,17 @@ def config_from_json(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    return build_config(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f":{e.lineno}:{e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"{path}{where}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    try:
+        return build_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

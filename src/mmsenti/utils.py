@@ -1,4 +1,7 @@
-"""Small shared utilities: seeding, RNG state, devices, precision, git revision, logging set-up."""
+"""Small shared utilities: seeding, RNG state, devices, precision, git revision, logging set-up.
+
+torch is imported by the functions that use it, so the CLI can set up logging without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +12,61 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("mmsenti")
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every RNG (python, numpy, torch, CUDA) as tensors and plain values.
+
+    Tensors, ints, floats, strings and None only, so a checkpoint holding it loads with ``torch.load(...,
+    weights_only=True)``: reading a run folder never needs the full unpickler (which can run code).
+    """
+    import torch
+
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned."""
+    import torch
+
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -46,6 +75,8 @@ def resolve_device(name: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision: ``auto`` is bf16/fp16 on CUDA and fp32 on CPU, where bf16 runs only when asked for: it is
     fast on CPUs with bf16 dot-product instructions (AVX512-BF16, AMX) and far slower than fp32 on plain AVX2."""
+    import torch
+
     if device.type != "cuda":
         return torch.bfloat16 if precision == "bf16" else None
     if precision == "fp32":
@@ -56,6 +87,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
+    import torch
+
     if dtype is None:
         return contextlib.nullcontext()
     if device.type == "cpu":
@@ -94,6 +127,8 @@ def setup_logging(level: int = logging.INFO, logfile: Path | None = None) -> Non
     if not any(getattr(h, "_mmsenti", None) == "stream" for h in root.handlers):
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
+        # Records logged with extra={"file_only": True} (an error the CLI prints itself) go to the log file only.
+        sh.addFilter(lambda record: not getattr(record, "file_only", False))
         sh._mmsenti = "stream"  # type: ignore[attr-defined]
         root.addHandler(sh)
     if logfile is not None:

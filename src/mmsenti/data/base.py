@@ -47,6 +47,7 @@ class DatasetBundle:
     label_names: list[str] | None  # None for regression
     modalities: tuple[str, ...]  # what the data actually holds: "text", "image", "audio", "vision"
     sources: list[Path] = field(default_factory=list)  # files read, for cache keys and reports
+    inferred_labels: bool = False  # label_names were read off the data (the doctor then checks them for typos)
 
     @property
     def num_labels(self) -> int:

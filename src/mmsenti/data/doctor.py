@@ -1,8 +1,9 @@
 """The data doctor: what ``mmsenti data check`` and ``mmsenti data stats`` report.
 
-:func:`check` loads a dataset leniently (duplicate ids and missing images are kept, not raised) and reports
-counts per split and label, missing / unreadable / truncated images, empty texts, unlabelled samples,
-duplicate ids within a split and ids shared between splits. :func:`stats` describes text lengths, label
+:func:`check` loads a dataset leniently (duplicate ids, missing images and suspect labels are kept, not raised) and
+reports counts per split and label, missing / unreadable / truncated / too large images (``decode_images``:
+every pixel decoded, with a progress bar), labels read off the data that look like typos, empty texts,
+unlabelled samples, duplicate ids within a split and ids shared between splits. :func:`stats` describes text lengths, label
 balance and feature sequence lengths. :func:`format_report` renders either as plain text.
 """
 
@@ -11,18 +12,18 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DatasetBundle, Sample
-from mmsenti.data.formats.common import duplicate_ids, lenient
-from mmsenti.data.formats.images import inspect_image
+from mmsenti.data.formats.common import duplicate_ids, label_problems, lenient
+from mmsenti.data.formats.images import IMAGE_PROBLEMS, check_images, set_max_image_pixels
 
-IMAGE_PROBLEMS = ("missing", "unreadable", "truncated")
 _SHOW = 5  # ids shown per problem
 
 
@@ -69,13 +70,16 @@ class Report:
     shared_ids: dict[str, list[str]]  # "train/test" → ids in both splits
     images_checked: int = 0
     decoded: bool = False
+    label_problems: list[str] = field(default_factory=list)  # classes read off the data that look like typos
 
     def errors(self) -> list[str]:
-        out = []
+        out = [f"label {p} (set data.label_names if it is a real class)" for p in self.label_problems]
         for split, c in self.splits.items():
             for problem, ids in c.images.items():
                 if ids:
-                    out.append(f"{split}: {len(ids)} {problem} image(s) (first: {', '.join(ids[:_SHOW])})")
+                    limit = f", over {Image.MAX_IMAGE_PIXELS} pixels (data.max_image_pixels)" \
+                        if problem == "too large" else ""
+                    out.append(f"{split}: {len(ids)} {problem} image(s) (first: {', '.join(ids[:_SHOW])}{limit})")
             if c.unlabelled:
                 out.append(f"{split}: {len(c.unlabelled)} unlabelled sample(s) (first: "
                            f"{', '.join(c.unlabelled[:_SHOW])})")
@@ -103,25 +107,15 @@ class Report:
         return bool(self.errors())
 
 
-def _image_problems(samples: list[Sample], decode: bool, workers: int) -> tuple[dict[str, list[str]], int, int]:
-    """``(problem → ids, files checked, blank count)``; reading is I/O bound, so threads help."""
-    problems: dict[str, list[str]] = {p: [] for p in IMAGE_PROBLEMS}
-    paths: list[tuple[str, Path]] = []
-    blank = 0
-    for s in samples:
-        if s.extra.get("image_missing"):
-            blank += 1
-            problems["missing"].append(s.id)
-        elif s.image is None:
-            problems["missing"].append(s.id)
-        elif isinstance(s.image, (str, Path)):
-            paths.append((s.id, Path(s.image)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda p: inspect_image(p, decode=decode), [p for _, p in paths])
-        for (sid, _), problem in zip(paths, results, strict=True):
-            if problem:
-                problems[problem].append(sid)
-    return {k: v for k, v in problems.items() if v}, len(paths), blank
+def _image_problems(samples: list[Sample], decode: bool, workers: int, desc: str
+                    ) -> tuple[dict[str, list[str]], int, int]:
+    """``(problem → ids, files checked, blank count)``."""
+    problems: dict[str, list[str]] = {}
+    for s, problem, _ in check_images(samples, decode=decode, workers=workers, progress=decode, desc=desc):
+        problems.setdefault(problem, []).append(s.id)
+    files = sum(isinstance(s.image, (str, Path)) and not s.extra.get("image_missing") for s in samples)
+    blank = sum(bool(s.extra.get("image_missing")) for s in samples)
+    return {p: problems[p] for p in IMAGE_PROBLEMS if p in problems}, files, blank
 
 
 def check(data: DatasetBundle | DataConfig, *, images: bool = True, decode_images: bool = False,
@@ -131,9 +125,11 @@ def check(data: DatasetBundle | DataConfig, *, images: bool = True, decode_image
     Args:
         data: the bundle or the dataset's config.
         images: check the image files (when the data has images).
-        decode_images: decode every image fully instead of the header + end-marker check.
+        decode_images: decode every image fully instead of the fast check (header, size, end marker, PNG CRCs).
         workers: threads reading image files.
     """
+    if isinstance(data, DataConfig):
+        set_max_image_pixels(data.max_image_pixels)
     bundle = load_bundle(data)
     splits: dict[str, SplitCheck] = {}
     checked = 0
@@ -143,7 +139,8 @@ def check(data: DatasetBundle | DataConfig, *, images: bool = True, decode_image
                        empty_texts=[s.id for s in samples if s.text is not None and not s.text.strip()],
                        unlabelled=[s.id for s in samples if s.label is None])
         if images and "image" in bundle.modalities:
-            c.images, n, c.blank_images = _image_problems(samples, decode_images, workers)
+            c.images, n, c.blank_images = _image_problems(samples, decode_images, workers,
+                                                          f"{split}: {'decoding' if decode_images else 'checking'}")
             checked += n
         splits[split] = c
     dups = {k: duplicate_ids(v) for k, v in bundle.splits.items()}
@@ -153,7 +150,9 @@ def check(data: DatasetBundle | DataConfig, *, images: bool = True, decode_image
                   modalities=bundle.modalities, splits=splits,
                   duplicate_ids={k: v for k, v in dups.items() if v},
                   shared_ids={k: v for k, v in shared.items() if v}, images_checked=checked,
-                  decoded=decode_images)
+                  decoded=decode_images,
+                  label_problems=label_problems(bundle.splits, bundle.label_names or [])
+                  if bundle.inferred_labels else [])
 
 
 # ------------------------------------------------------------------------------------------------ stats
@@ -261,7 +260,7 @@ def format_report(report: Report | Stats) -> str:
     else:
         lines.append("  " + ", ".join(f"{k} {s.size}" for k, s in report.splits.items()))
     if "image" in report.modalities:
-        how = "decoded" if report.decoded else "header + end marker"
+        how = "decoded" if report.decoded else "header, size, end marker, PNG checksums"
         lines.append(f"images: {report.images_checked} file(s) checked ({how})")
     errors, warnings = report.errors(), report.warnings()
     lines += [f"ERROR   {e}" for e in errors] + [f"warning {w}" for w in warnings]

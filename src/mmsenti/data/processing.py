@@ -96,11 +96,21 @@ def open_image(image: Any, sample_id: str = "?") -> Image.Image:
         return image
     if image is None:
         raise DataError(f"sample {sample_id}: no image, but the model reads images (set model.modalities)")
+    from mmsenti.data.formats.images import image_size_text
+
+    size = None
     try:
         with Image.open(image) as im:
+            # Refused before decoding: a decompression bomb is a small file that decodes to gigabytes.
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                size = im.size
+                raise Image.DecompressionBombError("over the limit")
             return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"sample {sample_id}: image file not found: {image}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"sample {sample_id}: image {image} is too large ({image_size_text(e, size)}; the limit is "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels, data.max_image_pixels): refused") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"sample {sample_id}: cannot read image {image}: {e}") from None
 
@@ -129,48 +139,102 @@ def collate_sequences(samples: Sequence[Sample], modality: str) -> tuple[torch.T
     return out, mask
 
 
+TEXT_KEYS = ("input_ids", "attention_mask")
+CLIP_TEXT_KEYS = ("clip_input_ids", "clip_attention_mask")
+
+
+def default_batch_inputs(modalities: Sequence[str]) -> list[str]:
+    """Batch keys of the usual text (token ids + mask) and image (pixel values) inputs of ``modalities``."""
+    return [*(TEXT_KEYS if "text" in modalities else ()), *(("pixel_values",) if "image" in modalities else ())]
+
+
 class Processor:
-    """Collate samples into a batch dict: ``input_ids``/``attention_mask``, ``pixel_values``, ``labels``, ``ids``."""
+    """Collate samples into a batch dict: ``input_ids``/``attention_mask``, ``pixel_values``, ``labels``, ``ids``.
+
+    It builds only the keys the model declared (``inputs``: ``{"train": [...], "eval": [...]}``, from the model
+    config's ``batch_inputs``): a training batch may carry inputs that only the training losses read (INFIG's
+    CLIP inputs), an evaluation / prediction batch never does. Keys it knows how to build: ``input_ids`` +
+    ``attention_mask`` (the tokenizer), ``pixel_values`` (the image transform), ``clip_input_ids`` +
+    ``clip_attention_mask`` and ``clip_pixel_values`` (the CLIP tokenizer and transform), ``<m>_features`` +
+    ``<m>_mask`` (``Sample.features[m]`` sequences).
+
+    A sample's ``image`` may be a path, a PIL image, or the already transformed ``pixel_values`` of that sample
+    (a (3, H, W) tensor, from :meth:`image_tensor` in a DataLoader worker or a service's decoding thread).
+    With ``allow_missing`` a sample may lack its text or image: it gets an empty text / a zero image and the batch
+    says which are real in ``text_present`` / ``image_present`` ((B,) bool), for models that can mask a modality.
+    """
 
     def __init__(self, modalities: Sequence[str], tokenizer=None, max_length: int = 40,
                  image_transform: ImageTransform | None = None, task: str = "classification",
                  clip_tokenizer=None, clip_transform: ImageTransform | None = None, clip_max_length: int = 77,
-                 feature_modalities: Sequence[str] = ()):
+                 feature_modalities: Sequence[str] = (), inputs: dict[str, Sequence[str]] | None = None):
         self.modalities = list(modalities)
-        # Modalities read from ``Sample.features`` as (T, D) sequences (MMSA audio/vision, or text features).
-        self.feature_modalities = list(feature_modalities)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.image_transform = image_transform
         self.task = task
-        # A CLIP prior reads its own tokenization and image preprocessing (INFIG's GAM).
+        # A CLIP prior reads its own tokenization and image preprocessing (INFIG's GAM, training only).
+        if clip_tokenizer is not None and not hasattr(clip_tokenizer, "save"):  # a bare HF tokenizer
+            from mmsenti.backbones.clip import HFClipTokenizer
+
+            clip_tokenizer = HFClipTokenizer(clip_tokenizer, clip_max_length)
         self.clip_tokenizer = clip_tokenizer
         self.clip_transform = clip_transform
         self.clip_max_length = clip_max_length
-        if "text" in self.modalities and tokenizer is None:
-            raise ValueError("a text model needs a tokenizer")
-        if "image" in self.modalities and image_transform is None:
-            raise ValueError("an image model needs an image transform")
+        if inputs is None:  # preprocessing saved before models declared their inputs
+            keys = default_batch_inputs(self.modalities) + [k for m in feature_modalities
+                                                            for k in (f"{m}_features", f"{m}_mask")]
+            clip = ([*CLIP_TEXT_KEYS] if clip_tokenizer is not None else []) + (
+                ["clip_pixel_values"] if clip_transform is not None else [])
+            inputs = {"train": keys + clip, "eval": keys}
+        self.inputs = {mode: list(inputs[mode]) for mode in ("train", "eval")}
+        self.allow_missing = False
+        # Modalities read from ``Sample.features`` as (T, D) sequences (MMSA audio/vision, or text features).
+        self.feature_modalities = [k[: -len("_features")] for k in self.inputs["train"] if k.endswith("_features")]
+        needs = set(self.inputs["train"]) | set(self.inputs["eval"])
+        for keys, what, have in ((TEXT_KEYS, "a tokenizer", tokenizer), (("pixel_values",), "an image transform",
+                                 image_transform), (CLIP_TEXT_KEYS, "a CLIP tokenizer", clip_tokenizer),
+                                 (("clip_pixel_values",), "a CLIP image transform", clip_transform)):
+            if needs & set(keys) and have is None:
+                raise ValueError(f"inputs {sorted(needs & set(keys))} need {what}")
 
-    def __call__(self, samples: Sequence[Sample], load_images: bool = True) -> dict[str, Any]:
-        """The batch dict; ``load_images=False`` skips reading images (their features come from a cache)."""
+    def keys(self, training: bool = True) -> list[str]:
+        """The batch keys built for training (default, a superset) or for evaluation/prediction."""
+        return self.inputs["train" if training else "eval"]
+
+    @property
+    def reads_images(self) -> bool:
+        return any(k in self.inputs[mode] for mode in ("train", "eval") for k in ("pixel_values", "clip_pixel_values"))
+
+    def image_tensor(self, image: Any, sample_id: str = "?") -> torch.Tensor:
+        """One sample's ``pixel_values`` (3, H, W): decode (a path or PIL image) + transform."""
+        return self.image_transform(open_image(image, sample_id))
+
+    def __call__(self, samples: Sequence[Sample], load_images: bool = True, training: bool = True) -> dict[str, Any]:
+        """The batch dict.
+
+        Args:
+            load_images: False skips reading images (their features come from the frozen-feature cache).
+            training: build the training inputs (default) or only those evaluation and prediction read.
+        """
+        keys = set(self.keys(training))
         batch: dict[str, Any] = {"ids": [s.id for s in samples]}
-        if "text" in self.modalities:
+        if "input_ids" in keys:
             texts = [s.text if s.text is not None else "" for s in samples]
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
             batch["input_ids"] = enc["input_ids"]
             batch["attention_mask"] = enc["attention_mask"]
-        if "image" in self.modalities and load_images:
-            images = [open_image(s.image, s.id) for s in samples]
-            batch["pixel_values"] = torch.stack([self.image_transform(im) for im in images])
-            if self.clip_transform is not None:
-                batch["clip_pixel_values"] = torch.stack([self.clip_transform(im) for im in images])
+            if self.allow_missing:
+                batch["text_present"] = torch.tensor([s.text is not None for s in samples])
+        want_clip_pixels = "clip_pixel_values" in keys
+        if load_images and ("pixel_values" in keys or want_clip_pixels):
+            self._images(samples, batch, "pixel_values" in keys, want_clip_pixels)
         for m in self.feature_modalities:
-            batch[f"{m}_features"], batch[f"{m}_mask"] = collate_sequences(samples, m)
-        if self.clip_tokenizer is not None:
-            enc = self.clip_tokenizer([s.text or "" for s in samples], padding=True, truncation=True,
-                                      max_length=self.clip_max_length, return_tensors="pt")
+            if f"{m}_features" in keys:
+                batch[f"{m}_features"], batch[f"{m}_mask"] = collate_sequences(samples, m)
+        if "clip_input_ids" in keys:
+            enc = self.clip_tokenizer([s.text or "" for s in samples])
             batch["clip_input_ids"] = enc["input_ids"]
             batch["clip_attention_mask"] = enc["attention_mask"]
         labels = [s.label for s in samples]
@@ -179,6 +243,39 @@ class Processor:
             batch["labels"] = torch.tensor(labels, dtype=dtype)
         return batch
 
+    def _images(self, samples: Sequence[Sample], batch: dict[str, Any], pixels: bool, clip: bool) -> None:
+        present = [s.image is not None for s in samples]
+        if self.allow_missing:
+            batch["image_present"] = torch.tensor(present)
+        pix, clip_pix = [], []
+        for s, here in zip(samples, present, strict=True):
+            if isinstance(s.image, torch.Tensor):  # already decoded and transformed
+                if clip:
+                    raise DataError(f"sample {s.id}: CLIP inputs need the image itself, not its pixel values")
+                pix.append(s.image)
+                continue
+            if not here and self.allow_missing:
+                size = self.image_transform.size
+                pix.append(torch.zeros(3, size, size))  # masked out by the model (image_present)
+                continue
+            im = open_image(s.image, s.id)
+            if pixels:
+                pix.append(self.image_transform(im))
+            if clip:
+                clip_pix.append(self.clip_transform(im))
+        if pixels:
+            batch["pixel_values"] = torch.stack(pix)
+        if clip:
+            batch["clip_pixel_values"] = torch.stack(clip_pix)
+
+    def for_inference(self) -> Processor:
+        """A copy that builds (and saves) only the evaluation inputs: no CLIP tokenizer or transform."""
+        eval_keys = self.inputs["eval"]
+        clip = any(k.startswith("clip_") for k in eval_keys)
+        return Processor(self.modalities, self.tokenizer, self.max_length, self.image_transform, self.task,
+                         self.clip_tokenizer if clip else None, self.clip_transform if clip else None,
+                         self.clip_max_length, inputs={"train": eval_keys, "eval": eval_keys})
+
     # ------------------------------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -186,28 +283,50 @@ class Processor:
         meta = {"modalities": self.modalities, "max_length": self.max_length, "task": self.task,
                 "image_transform": asdict(self.image_transform) if self.image_transform else None,
                 "clip_transform": asdict(self.clip_transform) if self.clip_transform else None,
-                "clip_max_length": self.clip_max_length, "feature_modalities": self.feature_modalities}
+                "clip_max_length": self.clip_max_length, "feature_modalities": self.feature_modalities,
+                "inputs": self.inputs}
         (directory / "preprocessing.json").write_text(json.dumps(meta, indent=2) + "\n")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory / "tokenizer"))
         if self.clip_tokenizer is not None:
-            self.clip_tokenizer.save_pretrained(str(directory / "clip_tokenizer"))
+            self.clip_tokenizer.save(directory / "clip_tokenizer")
 
     @classmethod
     def load(cls, directory: str | Path) -> Processor:
         from transformers import AutoTokenizer
 
+        from mmsenti.backbones.clip import ClipTokenizer
+        from mmsenti.models.files import ModelFileError, read_json
+
         directory = Path(directory)
         path = directory / "preprocessing.json"
         if not path.is_file():
-            raise DataError(f"not a saved mmsenti model: {path} is missing")
-        meta = json.loads(path.read_text())
-        def tok(name: str):
-            return AutoTokenizer.from_pretrained(str(directory / name)) if (directory / name).is_dir() else None
+            raise ModelFileError(f"not a saved mmsenti model: {path} is missing")
+        meta = read_json(path, "preprocessing description")
+        if not isinstance(meta, dict) or not isinstance(meta.get("modalities"), list):
+            raise ModelFileError(f"{path}: expected an object with 'modalities'")
+        inputs = meta.get("inputs")
+        reads_tokens = ("input_ids" in inputs.get("train", []) + inputs.get("eval", []) if isinstance(inputs, dict)
+                        else "text" in meta["modalities"] and "text" not in meta.get("feature_modalities", ()))
+        if reads_tokens and not (directory / "tokenizer").is_dir():
+            raise ModelFileError(f"{directory / 'tokenizer'}/: missing (this model reads text; the folder is incomplete)")
+
+        def loaded(name: str, load):
+            if not (directory / name).is_dir():
+                return None
+            try:
+                return load(directory / name)
+            except Exception as e:  # noqa: BLE001 - transformers raises many types for a damaged tokenizer folder
+                raise ModelFileError(f"{directory / name}/: cannot load the tokenizer ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); the folder is damaged") from None
+
+        tok = loaded("tokenizer", lambda d: AutoTokenizer.from_pretrained(str(d)))
+        clip_max_length = meta.get("clip_max_length", 77)
+        clip_tok = loaded("clip_tokenizer", lambda d: ClipTokenizer.load(d, clip_max_length))
 
         def transform(key: str) -> ImageTransform | None:
             return ImageTransform(**meta[key]) if meta.get(key) else None
 
-        return cls(meta["modalities"], tok("tokenizer"), meta["max_length"], transform("image_transform"),
-                   meta.get("task", "classification"), tok("clip_tokenizer"), transform("clip_transform"),
-                   meta.get("clip_max_length", 77), meta.get("feature_modalities", ()))
+        return cls(meta["modalities"], tok, meta["max_length"], transform("image_transform"),
+                   meta.get("task", "classification"), clip_tok, transform("clip_transform"), clip_max_length,
+                   meta.get("feature_modalities", ()), inputs=meta.get("inputs"))

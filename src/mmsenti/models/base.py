@@ -4,9 +4,10 @@ A trained model is a directory::
 
     config.json          the full resolved config (data, model, optim, run) it was trained with
     labels.json          task and label names
-    model.safetensors    weights
+    model.safetensors    weights: only what eval-mode ``forward`` reads (training checkpoints keep the rest)
     preprocessing.json   + tokenizer/   what turns raw text/images into inputs
     text_backbone/       the HF config of a pretrained text encoder (its architecture; weights are in the above)
+    manifest.json        size and SHA-256 of every file above, verified at load (:mod:`mmsenti.models.files`)
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmsenti.config import Config, ModelConfig, build_config
-from mmsenti.data.base import DataError
+from mmsenti.config import Config, ModelConfig
 from mmsenti.losses import task_loss
+from mmsenti.models.files import ModelFileError, read_config, read_labels, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,40 @@ class MultimodalModel(nn.Module):
 
     Subclasses set ``backbone_prefixes`` (parameter-name prefixes of pretrained backbones, trained at
     ``optim.backbone_lr``) and may extend ``no_weight_decay`` (names of tokens/embeddings never decayed).
+
+    A model with parts only training reads (momentum encoders, queues, a frozen teacher) names them in
+    :meth:`training_only_modules` and does not build them when built with ``inference=True``: the saved model
+    (``model.safetensors``) holds only what ``forward`` reads in eval mode, and loads strictly into such a build.
+    Training checkpoints keep the whole state.
     """
 
     backbone_prefixes: tuple[str, ...] = ()
 
-    def __init__(self, cfg: ModelConfig, info: TaskInfo):
+    def __init__(self, cfg: ModelConfig, info: TaskInfo, inference: bool = False):
         super().__init__()
         self.config = cfg
         self.info = info
+        self.inference = inference  # built for prediction only (no training-only parts)
         self.criterion = task_loss(info.task, cfg.label_smoothing)
+
+    def training_only_modules(self) -> tuple[str, ...]:
+        """Names of submodules that only training reads: left out of the saved model and of an inference build."""
+        return ()
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state ``forward`` reads in eval mode: the state dict without :meth:`training_only_modules`."""
+        drop = tuple(f"{name}." for name in self.training_only_modules())
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(drop)}
+
+    @property
+    def supports_missing_modality(self) -> bool:
+        """Whether ``forward`` honours ``image_present`` / ``text_present`` batch masks (a post lacking one)."""
+        return False
+
+    def _check_trainable(self) -> None:
+        if self.inference:
+            raise RuntimeError(f"{type(self).__name__} was built for inference (no training-only parts); "
+                               "build it with inference=False to train it")
 
     def compute_loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.criterion(outputs, batch)
@@ -108,56 +134,110 @@ class MultimodalModel(nn.Module):
         return out
 
 
-def build_model(cfg: ModelConfig, info: TaskInfo, processor, load_weights: bool = True) -> MultimodalModel:
+def build_model(cfg: ModelConfig, info: TaskInfo, processor, load_weights: bool = True,
+                inference: bool = False) -> MultimodalModel:
     """Instantiate the registered model ``cfg.name``.
 
     Args:
         load_weights: fetch pretrained backbone weights; False when a checkpoint is loaded right after.
+        inference: build only what eval-mode ``forward`` reads (see :meth:`MultimodalModel.training_only_modules`).
     """
     from mmsenti.registry import MODELS
 
-    return MODELS.get(cfg.name).builder(cfg, info, processor, load_weights=load_weights)
+    builder = MODELS.get(cfg.name).builder
+    return builder(cfg, info, processor, load_weights=load_weights, **({"inference": True} if inference else {}))
 
 
 def save_pretrained(directory: str | Path, model: MultimodalModel, processor, config: Config) -> None:
-    from safetensors.torch import save_model
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     (directory / "labels.json").write_text(
         json.dumps({"task": model.info.task, "label_names": model.info.label_names}, indent=2) + "\n")
-    processor.save(directory)
+    processor.for_inference().save(directory)
     text = getattr(model, "text_encoder", None)
     if text is not None and config.model.text_encoder.name != "tiny-bert":
         # The exact architecture, so loading needs neither the pretrained weights nor the hub.
         text.backbone.config.save_pretrained(str(directory / TEXT_BACKBONE_DIR))
-    save_model(model, str(directory / "model.safetensors"))
+    save_inference_weights(model, directory / "model.safetensors")
+    write_manifest(directory)  # last: it records the checksums of whatever was written above
+
+
+def save_inference_weights(model: MultimodalModel, path: str | Path) -> None:
+    """Write :meth:`MultimodalModel.inference_state_dict` as safetensors (tensors that share memory stored once,
+    as ``safetensors.torch.save_model`` does, so ``load_model`` reads them back strictly)."""
+    from safetensors.torch import _remove_duplicate_names, save_file
+
+    state = model.inference_state_dict()
+    metadata: dict[str, str] = {}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata[name] = kept
+            del state[name]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata or None)
+
+
+def load_inference_weights(model: MultimodalModel, path: str | Path, device: str | torch.device = "cpu") -> None:
+    """Load saved weights strictly: every key of ``model`` present, nothing unexpected. A file written before
+    saved models were lean also holds the training-only modules; those tensors (and only those) are skipped."""
+    from safetensors import SafetensorError
+    from safetensors.torch import _remove_duplicate_names, load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing (the model folder is incomplete)")
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ModelFileError(f"{path}: not a readable safetensors file ({e}); the weights are damaged") from None
+    drop = tuple(f"{name}." for name in model.training_only_modules())
+    skipped = [k for k in state if drop and k.startswith(drop)]
+    if skipped:
+        log.info("%s: skipping %d training-only tensors (saved before models were lean)", path, len(skipped))
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing)
+    unexpected = list(unexpected)
+    # Tensors that share memory are stored once (see save_inference_weights): their other names are not missing.
+    for group in _remove_duplicate_names(model.state_dict(), preferred_names=list(state)).values():
+        for name in group:
+            if name in missing:
+                missing.remove(name)
+            else:
+                unexpected.append(name)
+    if missing or unexpected:
+        raise ModelFileError(f"{path}: the weights do not fit the model config.json describes (missing keys "
+                             f"{sorted(missing)[:10]}, unexpected keys {sorted(unexpected)[:10]})")
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """Accept a model directory or a run directory (whose exported model lives in ``RUN_DIR/model``)."""
     path = Path(path)
     for cand in (path, path / "model"):
-        if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
+        # config.json + any other file of the format: a model folder, whose missing files are then named
+        if (cand / "config.json").is_file() and any((cand / f).is_file() for f in (
+                "model.safetensors", "labels.json", "preprocessing.json", "manifest.json")):
             return cand
-    raise DataError(f"{path}: not a trained mmsenti model or run directory (no model.safetensors + config.json)")
+    raise ModelFileError(f"{path}: not a trained mmsenti model or run directory (no model.safetensors + "
+                         f"config.json)")
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Load ``(model, processor, config)`` from a model or run directory; weights are loaded strictly."""
-    from safetensors.torch import load_model
+    """Load ``(model, processor, config)`` from a model or run directory; weights are loaded strictly.
 
+    The files' checksums are verified first; a damaged or missing file is a :class:`ModelFileError` naming it.
+    """
     from mmsenti.data.processing import Processor
 
     directory = resolve_model_dir(path)
-    cfg = build_config(json.loads((directory / "config.json").read_text()))
-    labels = json.loads((directory / "labels.json").read_text())
+    verify_manifest(directory)
+    cfg = read_config(directory)
+    task, label_names = read_labels(directory)
     processor = Processor.load(directory)
     model_cfg = cfg.model
     if (directory / TEXT_BACKBONE_DIR / "config.json").is_file():
         model_cfg = copy.deepcopy(cfg.model)
         model_cfg.text_encoder.pretrained = str(directory / TEXT_BACKBONE_DIR)  # architecture only (no weights read)
-    model = build_model(model_cfg, TaskInfo(labels["task"], labels["label_names"]), processor, load_weights=False)
-    load_model(model, str(directory / "model.safetensors"), strict=True, device=str(device))
+    model = build_model(model_cfg, TaskInfo(task, label_names), processor, load_weights=False, inference=True)
+    load_inference_weights(model, directory / "model.safetensors", device)
     return model.to(device).eval(), processor, cfg

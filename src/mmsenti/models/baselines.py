@@ -36,8 +36,9 @@ class LateFusion(MultimodalModel):
 
     backbone_prefixes = ("text_encoder.backbone.", "image_encoder.")
 
-    def __init__(self, cfg: LateFusionConfig, info: TaskInfo, processor, load_weights: bool = True):
-        super().__init__(cfg, info)
+    def __init__(self, cfg: LateFusionConfig, info: TaskInfo, processor, load_weights: bool = True,
+                 inference: bool = False):
+        super().__init__(cfg, info, inference)
         unknown = set(cfg.modalities) - {"text", "image"}
         if unknown or not cfg.modalities:
             raise ConfigError(f"model.modalities: {cfg.name} reads text and/or image, got {cfg.modalities}")
@@ -70,17 +71,17 @@ def _check_modalities(cfg: ModelConfig, expected: list[str]) -> None:
 
 
 @MODELS.register("late-fusion", config=LateFusionConfig, description="pooled text ‖ pooled image → MLP")
-def late_fusion(cfg: LateFusionConfig, info: TaskInfo, processor, load_weights: bool = True) -> LateFusion:
-    return LateFusion(cfg, info, processor, load_weights)
+def late_fusion(cfg: LateFusionConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> LateFusion:
+    return LateFusion(cfg, info, processor, load_weights, inference)
 
 
 @MODELS.register("text-only", config=TextOnlyConfig, description="unimodal baseline: pooled text → MLP")
-def text_only(cfg: TextOnlyConfig, info: TaskInfo, processor, load_weights: bool = True) -> LateFusion:
+def text_only(cfg: TextOnlyConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> LateFusion:
     _check_modalities(cfg, ["text"])
-    return LateFusion(cfg, info, processor, load_weights)
+    return LateFusion(cfg, info, processor, load_weights, inference)
 
 
 @MODELS.register("image-only", config=ImageOnlyConfig, description="unimodal baseline: pooled image → MLP")
-def image_only(cfg: ImageOnlyConfig, info: TaskInfo, processor, load_weights: bool = True) -> LateFusion:
+def image_only(cfg: ImageOnlyConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> LateFusion:
     _check_modalities(cfg, ["image"])
-    return LateFusion(cfg, info, processor, load_weights)
+    return LateFusion(cfg, info, processor, load_weights, inference)

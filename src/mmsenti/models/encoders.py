@@ -240,16 +240,27 @@ class SmallCNN(ImageEncoder):
 
 
 class TimmImageEncoder(ImageEncoder):
-    """A timm CNN (``forward_features`` → last (B, C, H, W) map) as an encoder with one token sequence."""
+    """A timm CNN (``forward_features`` → last (B, C, H, W) map) as an encoder with one token sequence.
+
+    Weights are kept channels-last. In eval mode on CPU, images go through in chunks of ``eval_chunk``, channels-last:
+    a CNN's large early activations then stay in cache (EfficientNet-Lite0 here: 4.9 ms/image instead of 22.5 ms as
+    one contiguous batch of 32). Each image's features are computed on their own either way.
+    """
+
+    eval_chunk = 4
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.backbone = model
+        self.backbone = model.to(memory_format=torch.channels_last)
         self.width = int(model.num_features)
         self.num_layers = 1
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        return self.from_feature_map(self.backbone.forward_features(pixel_values))
+        if self.training or pixel_values.device.type != "cpu":
+            return self.from_feature_map(self.backbone.forward_features(pixel_values))
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        fmap = torch.cat([self.backbone.forward_features(c) for c in x.split(self.eval_chunk)])
+        return self.from_feature_map(fmap.contiguous())
 
 
 # ------------------------------------------------------------------------------------------------- building
@@ -278,11 +289,12 @@ def build_text_encoder(cfg: TextEncoderConfig, tokenizer, load_weights: bool = T
     if is_tiny_text(cfg):
         from transformers import BertConfig, BertModel
 
-        hf_cfg = BertConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.width, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, intermediate_size=4 * cfg.width,
-            max_position_embeddings=max(64, text_max_length(cfg)), pad_token_id=tokenizer.pad_token_id,
-        )
+        hf_cfg = BertConfig(**{
+            "vocab_size": len(tokenizer), "hidden_size": cfg.width, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "intermediate_size": 4 * cfg.width,
+            "max_position_embeddings": max(64, text_max_length(cfg)), "pad_token_id": tokenizer.pad_token_id,
+            **cfg.arch,  # e.g. {hidden_dropout_prob: 0, attention_probs_dropout_prob: 0}
+        })
         return TextEncoder(BertModel(hf_cfg, add_pooling_layer=False), cfg.trainable_layers)
     from mmsenti.backbones import load_text_backbone
 
@@ -345,30 +357,52 @@ def build_tokenizer(cfg: TextEncoderConfig, train_texts):
 
 
 def build_processor(cfg, train_texts, task: str):
-    """The preprocessing that matches ``cfg`` (a ModelConfig): tokenizer and image transform.
+    """The preprocessing that matches ``cfg`` (a ModelConfig): it builds the batch inputs the model declares
+    (``cfg.batch_inputs``, for training and for evaluation) with the tokenizer, image transform and, for a CLIP
+    prior, CLIP's own tokenizer and transform.
 
     From-scratch text encoders learn their word-piece vocabulary on ``train_texts`` here; the result is saved
     with the model so prediction tokenizes exactly as training did.
     """
-    from mmsenti.data.processing import ImageTransform, Processor
+    from mmsenti.data.processing import TEXT_KEYS, Processor
 
-    tokenizer = build_tokenizer(cfg.text_encoder, train_texts) if "text" in cfg.modalities else None
-    transform = image_transform(cfg.image_encoder) if "image" in cfg.modalities else None
+    inputs = {"train": list(cfg.batch_inputs(True)), "eval": list(cfg.batch_inputs(False))}
+    needs = set(inputs["train"]) | set(inputs["eval"])
+    tokenizer = build_tokenizer(cfg.text_encoder, train_texts) if needs & set(TEXT_KEYS) else None
+    transform = image_transform(cfg.image_encoder) if "pixel_values" in needs else None
     clip_tokenizer = clip_transform = None
-    if getattr(cfg, "clip_active", False):
-        if cfg.clip.name == "tiny-random":  # a random stand-in reads the main tokenizer's ids
-            clip_tokenizer = tokenizer
-            clip_transform = ImageTransform(size=cfg.clip.image_size, mean=list(CLIP_MEAN), std=list(CLIP_STD),
-                                            resize="shorter", interpolation="bicubic")
-        else:
-            from mmsenti.backbones import clip_preprocessing
-
-            clip_tokenizer, clip_transform = clip_preprocessing(cfg.clip.name, cfg.clip.pretrained,
-                                                                config_key="model.clip.pretrained")
-            if not cfg.clip.pretrained:
-                clip_tokenizer = tokenizer  # a random stand-in has no tokenizer of its own (see infig.build_clip)
+    if any(k.startswith("clip_") for k in needs):
+        clip_tokenizer, clip_transform = _clip_preprocessing(cfg, tokenizer)
     return Processor(cfg.modalities, tokenizer, text_max_length(cfg.text_encoder), transform, task,
-                     clip_tokenizer, clip_transform, feature_modalities=getattr(cfg, "feature_modalities", ()))
+                     clip_tokenizer, clip_transform, clip_tokenizer.max_length if clip_tokenizer else 77, inputs=inputs)
+
+
+def _clip_preprocessing(cfg, tokenizer):
+    """(ClipTokenizer, ImageTransform) of ``cfg.clip``; see ``infig.build_clip`` for which ids each CLIP reads."""
+    from mmsenti.backbones.clip import HFClipTokenizer, OpenClipTokenizer
+    from mmsenti.data.processing import ImageTransform
+
+    max_length = 77
+    if cfg.clip.name == "tiny-random":  # a random stand-in reads the main tokenizer's ids
+        return HFClipTokenizer(tokenizer, max_length), ImageTransform(
+            size=cfg.clip.image_size, mean=list(CLIP_MEAN), std=list(CLIP_STD), resize="shorter",
+            interpolation="bicubic")
+    from mmsenti.backbones import clip_preprocessing, clip_preset
+
+    preset = clip_preset(cfg.clip.name)
+    if preset.impl == "open_clip":  # its tokenizer ships with open_clip: the same with or without weights
+        context = (cfg.clip.arch.get("text_cfg") or {}).get("context_length", preset.max_length)
+        _, transform = clip_preprocessing(cfg.clip.name, False)
+        image_size = (cfg.clip.arch.get("vision_cfg") or {}).get("image_size")
+        if image_size:  # a custom (e.g. tiny random) architecture reads its own image size
+            from dataclasses import replace
+
+            transform = replace(transform, size=int(image_size))
+        return OpenClipTokenizer.from_name(preset.model_id, int(context)), transform
+    clip_tok, transform = clip_preprocessing(cfg.clip.name, cfg.clip.pretrained, config_key="model.clip.pretrained")
+    if not cfg.clip.pretrained:
+        clip_tok = tokenizer  # a random stand-in has no tokenizer of its own (see infig.build_clip)
+    return HFClipTokenizer(clip_tok, preset.max_length or max_length), transform
 
 
 class ImageTransformerEncoder(ImageEncoder):

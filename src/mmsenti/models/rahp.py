@@ -20,12 +20,15 @@ Retrieval modes (``retrieval``):
 
 * ``"bank"`` (default): a :class:`~mmsenti.retrieval.MemoryBank` over the training set, refreshed from the
   current encoders by the trainer hooks (before each epoch if stale, and after each epoch, before dev
-  evaluation). A sample never retrieves itself (its bank row is excluded by id). The bank is part of the
+  evaluation). In training a sample never retrieves itself (its bank row is excluded by id); in evaluation nothing
+  is excluded, so a prediction never depends on the id a post is given. The bank is part of the
   model's ``state_dict`` (keys ``bank.*``), so checkpoints and ``model.safetensors`` carry it and a loaded
-  model predicts without the training data, deterministically and independently of the batch.
-* ``"in-batch"``: the authors' behaviour: neighbours are the other samples of the current batch, in training
-  *and* evaluation, so a prediction depends on the batch it comes in. Labels are never read in this mode
-  (at test time they would be the test labels).
+  model predicts without the training data, deterministically and independently of the batch. With several
+  processes each encodes a share of the training set and every process builds the same bank from all shares.
+* ``"in-batch"``: the authors' retrieval source: neighbours are the other samples of the current batch, in
+  training *and* evaluation, so a prediction depends on the batch it comes in. Labels are never read in this
+  mode (at test time they would be the test labels); unlike the authors' code, training does not partition the
+  batch by the sign of the query's label (docs/rahp.md).
 * ``"none"``: no retrieval and no contrastive loss (the sample-level context holds only its prompts).
 """
 
@@ -86,6 +89,12 @@ class RahpConfig(ModelConfig):
         """Modalities read from ``Sample.features`` (what ``build_processor`` passes to the Processor)."""
         return [m for m in self.modalities
                 if m not in ("text", "image") or (m == "text" and self.text_input == "features")]
+
+    def batch_inputs(self, training: bool) -> list[str]:
+        keys = [k for m in self.feature_modalities for k in (f"{m}_features", f"{m}_mask")]
+        if "text" in self.modalities and self.text_input == "tokens":
+            keys += ["input_ids", "attention_mask"]
+        return keys + (["pixel_values"] if "image" in self.modalities else [])
 
 
 def validate(cfg: RahpConfig, check_dims: bool = True) -> None:
@@ -196,8 +205,9 @@ class Rahp(MultimodalModel):
 
     backbone_prefixes = ("text_encoder.backbone.", "image_encoder.")
 
-    def __init__(self, cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True):
-        super().__init__(cfg, info)
+    def __init__(self, cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True,
+                 inference: bool = False):
+        super().__init__(cfg, info, inference)
         validate(cfg)
         d, mods = cfg.width, list(cfg.modalities)
         self.modalities = mods
@@ -301,8 +311,10 @@ class Rahp(MultimodalModel):
     def retrieve(self, enc: dict[str, Encoded], ids: list[str]) -> dict[str, dict[str, Neighbours]]:
         """``{target: {source: Neighbours}}``: top-k for each target modality's embedding in each source index.
 
-        Bank mode searches the training bank, excluding each sample's own row (by id); in-batch mode searches a
-        bank of the current batch, excluding the sample itself. Empty for ``retrieval: none``.
+        Bank mode searches the training bank; while training it excludes each sample's own row (by id), so a
+        training sample never finds itself. In eval mode nothing is excluded: a prediction depends on the input
+        only, never on the id its caller gave it. In-batch mode searches a bank of the current batch, excluding the
+        sample itself. Empty for ``retrieval: none``.
         """
         mode = self.config.retrieval
         if mode == "none":
@@ -311,7 +323,8 @@ class Rahp(MultimodalModel):
             if not self.bank.is_built:
                 raise RuntimeError("rahp: the memory bank is empty; train the model (the trainer builds it) "
                                    "or call refresh_bank(batches)")
-            bank, exclude = self.bank, self.bank.rows_for_ids(ids)
+            bank = self.bank
+            exclude = self.bank.rows_for_ids(ids) if self.training else torch.full((len(ids),), -1, dtype=torch.long)
         else:
             bank = MemoryBank(self.modalities, self.config.width, index="torch", device=enc[self.modalities[0]].embedding.device)
             bank.refresh({m: e.embedding for m, e in enc.items()},
@@ -412,38 +425,43 @@ class Rahp(MultimodalModel):
 
     # ------------------------------------------------------------------------------------------ memory bank
     @torch.no_grad()
-    def refresh_bank(self, batches, device: torch.device | str | None = None) -> None:
-        """Rebuild the bank from ``batches`` (the training set, in eval mode) with the current weights."""
+    def refresh_bank(self, batches, device: torch.device | str | None = None, dist=None) -> None:
+        """Rebuild the bank from ``batches`` (the training set, in eval mode) with the current weights.
+
+        Multi-process (``dist``, a :class:`mmsenti.distributed.Distributed`): each process encodes its
+        round-robin share of the batches, the shares are gathered back into the global order, and every process
+        builds the same bank, equal to a single process's.
+        """
         from mmsenti.train.evaluate import move
 
         device = torch.device(device) if device is not None else next(self.parameters()).device
         was_training = self.training
         self.eval()
-        embs: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
-        feats: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
-        labels, ids = [], []
+        rows = []  # per batch: (embeddings, pooled features, labels, ids) on the CPU
         try:
             for batch in batches:
                 batch = move(batch, device)
-                for m, e in self.encode(batch).items():
-                    embs[m].append(e.embedding.float().cpu())
-                    feats[m].append(e.pooled.float().cpu())
-                ids += [str(i) for i in batch["ids"]]
-                if self.use_labels:
-                    labels.append(batch["labels"].cpu())
+                enc = self.encode(batch)
+                rows.append(({m: e.embedding.float().cpu() for m, e in enc.items()},
+                             {m: e.pooled.float().cpu() for m, e in enc.items()},
+                             batch["labels"].cpu() if self.use_labels else None,
+                             [str(i) for i in batch["ids"]]))
         finally:
             self.train(was_training)
-        payload = {f"feat.{m}": torch.cat(v) for m, v in feats.items()}
+        if dist is not None:
+            rows = dist.gather_interleaved(rows)
+        payload = {f"feat.{m}": torch.cat([r[1][m] for r in rows]) for m in self.modalities}
         if self.use_labels:
-            payload["labels"] = torch.cat(labels)
+            payload["labels"] = torch.cat([r[2] for r in rows])
         bank = MemoryBank(self.modalities, self.config.width, index=self.config.index)
-        bank.refresh({m: torch.cat(v) for m, v in embs.items()}, payload=payload, ids=ids)
+        bank.refresh({m: torch.cat([r[0][m] for r in rows]) for m in self.modalities}, payload=payload,
+                     ids=[i for r in rows for i in r[3]])
         self.bank, self._bank_stale = bank, False
         log.debug("rahp: memory bank refreshed with %d samples", len(bank))
 
     def _refresh_from(self, trainer) -> None:
         if self.config.retrieval == "bank":
-            self.refresh_bank(trainer.loader("train", None), trainer.device)
+            self.refresh_bank(trainer.loader("train", None), trainer.device, getattr(trainer, "dist", None))
 
     def on_train_epoch_start(self, trainer) -> None:
         # After an epoch-end refresh (or a resume, which loads that bank) the weights have not changed.
@@ -480,5 +498,5 @@ class Rahp(MultimodalModel):
 
 @MODELS.register("rahp", config=RahpConfig,
                  description="retrieval-augmented hierarchical prompts with a saved training-set memory bank")
-def rahp(cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True) -> Rahp:
-    return Rahp(cfg, info, processor, load_weights)
+def rahp(cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> Rahp:
+    return Rahp(cfg, info, processor, load_weights, inference)

@@ -11,6 +11,13 @@ other modalities. The objective is the supervised contrastive loss of Khosla et 
 with z the L2-normalised embeddings, A all anchors of the batch (of all ranks, with a ``gather`` hook) and t
 the temperature. Unlike the authors' hinge terms it needs no hand-set margins.
 
+Multi-process training: with the gather hook of :data:`mmsenti.distributed.GatherFn` each process's anchors are
+contrasted with the embeddings of the whole global batch (gathered differentiably, so gradients reach every
+process's encoders), and the mean runs over the anchors of *all* processes. The returned term is this process's
+share of that mean, scaled per local sample (see :meth:`CrossModalSupConLoss.forward`), so the trainer's weighting
+of processes by their sample counts gives exactly the single-process loss, even when processes hold different
+numbers of anchors (missing modalities, anchors without positives).
+
 Sentiment classes: the class index for classification; for regression the *sign* of the score, with 0 counted
 as non-negative by default (the "has-0" Acc-2 convention of MOSI/MOSEI: negative < 0 <= non-negative), or as
 its own class (``zero="separate"``: a neutral clip is a positive only for other neutral clips). Sign classes
@@ -21,15 +28,14 @@ rounded) instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: ``gather(x) -> (x of all ranks concatenated along dim 0, offset of this rank's rows in it)``.
-GatherFn = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+from mmsenti.distributed import GatherFn
 
 
 def sentiment_classes(labels: torch.Tensor, task: str, zero: str = "non-negative",
@@ -59,9 +65,8 @@ class CrossModalSupConLoss(nn.Module):
         zero: regression sign classes only: ``"non-negative"`` (0 groups with positive scores) or ``"separate"``.
         regression_classes: ``"sign"`` or ``"rounded"`` (the 7 integer scores of Acc-7).
         weight: multiplies the term (the trainer sums the ``loss*`` keys as they are).
-        gather: multi-GPU hook (:data:`GatherFn`): contrast this rank's anchors with the embeddings of all
-            ranks. Use a differentiable all-gather (``torch.distributed.nn.all_gather``) for gradients to flow
-            to other ranks' embeddings; with a plain one each rank's loss still trains its own anchors.
+        gather: multi-process hook (:data:`mmsenti.distributed.GatherFn`, set by the trainer): contrast this
+            rank's anchors with the embeddings of all ranks (see the module docstring).
         normalize: L2-normalise the embeddings first (turn off if the model already does).
     """
 
@@ -87,7 +92,10 @@ class CrossModalSupConLoss(nn.Module):
             present: optional ``(B, M)`` bool, False where a sample lacks a modality (neither anchor nor key).
 
         Returns:
-            ``{"loss_ret": weighted loss}`` (0, still attached to the graph, when no anchor has a positive).
+            ``{"loss_ret": weighted loss}`` (0, still attached to the graph, when no anchor has a positive). With a
+            gather hook, this process's share: ``(sum of its anchors' losses) / (anchors of all processes) ·
+            (samples of all processes) / (its samples)``, so that averaging the processes weighted by their
+            sample counts gives the global mean over anchors.
         """
         z = torch.stack(list(embeddings.values()), 1) if isinstance(embeddings, Mapping) else embeddings
         if z.ndim != 3 or z.shape[0] != labels.shape[0]:
@@ -113,6 +121,14 @@ class CrossModalSupConLoss(nn.Module):
         pos = others & (cls[:, None] == key_cls[None, :])
         n_pos = pos.sum(1)
         anchors = valid & (n_pos > 0)
+        n_anchors = anchors.sum()
+        scale = None
+        if self.gather is not None:  # every process takes part in this gather, whatever its anchors
+            counts, _ = self.gather(torch.stack([n_anchors, torch.tensor(b, device=z.device)]).reshape(1, 2))
+            total_anchors, total_samples = counts.sum(0).tolist()
+            if total_anchors == 0:
+                return {"loss_ret": z.sum() * 0.0}
+            scale = total_samples / (total_anchors * b)
         if not bool(anchors.any()):
             return {"loss_ret": z.sum() * 0.0}
         # Only anchors with a positive: each has a finite log-sum-exp, so no NaN reaches the gradients.
@@ -121,4 +137,5 @@ class CrossModalSupConLoss(nn.Module):
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
         # masked_fill, not a product: log_prob is -inf on the excluded keys and -inf * 0 would be NaN.
         per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(1) / n_pos
-        return {"loss_ret": self.weight * per_anchor.mean()}
+        loss = per_anchor.mean() if scale is None else per_anchor.sum() * scale
+        return {"loss_ret": self.weight * loss}

@@ -1,14 +1,22 @@
-"""The one trainer every model uses.
+"""The one trainer every model uses, on one process or several (``torchrun``, DistributedDataParallel).
 
 Model selection and early stopping read the **dev** split only; the test split is scored once, at the end, with
 the selected weights. ``last`` and ``best`` checkpoints are written atomically and hold everything a resumed
 run needs to continue exactly where a killed one stopped, mid-epoch included: the order of every epoch's
-batches is a function of (seed, epoch), and the RNG states are restored, so a resumed run ends with the same
-metrics as an uninterrupted one.
+batches is a function of (seed, epoch), and the RNG states (of every process) are restored, so a resumed run
+ends with the same metrics as an uninterrupted one.
+
+Structure: :func:`~mmsenti.train.setup.build_setup` builds data, processor and model (the path ``evaluate`` and
+``cache`` share); :meth:`Trainer.prepare` adds the run directory, optimiser, schedule, checkpoint and the DDP
+wrapper; :meth:`Trainer.fit` runs the loop. With several processes each takes its shard of every global batch
+(:class:`~mmsenti.distributed.ShardedBatchSampler`), the losses share negatives through the gather hook, and rank
+0 alone writes the run directory. The trainer talks to the unwrapped model (``self.model``) for losses,
+``info`` and hooks; only the training forward goes through ``self.train_step`` (DDP when distributed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -20,25 +28,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmsenti.config import Config, config_from_json, save_config
-from mmsenti.data.base import DataError, DatasetBundle, Sample
+from mmsenti.config import Config, ConfigError, config_from_json, save_config
+from mmsenti.data.base import DataError
+from mmsenti.distributed import (
+    Distributed,
+    ProcessGroupError,
+    ShardedBatchSampler,
+    describe_failure,
+    is_process_failure,
+    no_sync,
+)
 from mmsenti.losses import total_loss
 from mmsenti.metrics import format_table, higher_is_better
-from mmsenti.models.base import MultimodalModel, TaskInfo, build_model, save_pretrained
+from mmsenti.models.base import MultimodalModel, save_pretrained
 from mmsenti.train.checkpoint import atomic_save, load_checkpoint
-from mmsenti.train.evaluate import evaluate, move
+from mmsenti.train.evaluate import move
+from mmsenti.train.lock import hold_run_dir
 from mmsenti.train.optim import build_optimizer, build_scheduler
 from mmsenti.train.sampler import EpochBatchSampler, build_batch_sampler, sample_lengths  # noqa: F401 (re-export)
+from mmsenti.train.setup import (  # noqa: F401 - re-exported: their home was this module
+    ListDataset,
+    Setup,
+    build_dataset,
+    build_setup,
+    open_split_cache,
+    select_metric,
+)
 from mmsenti.utils import (
     autocast,
-    autocast_dtype,
     git_revision,
-    resolve_device,
     rng_state,
-    seed_everything,
     set_rng_state,
     setup_logging,
     show_progress,
@@ -49,48 +72,6 @@ log = logging.getLogger(__name__)
 
 class TrainingInterrupted(RuntimeError):
     """Raised by the test hook ``Trainer.interrupt_after_step`` to simulate a killed run."""
-
-
-class ListDataset(Dataset):
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> Sample:
-        return self.samples[i]
-
-
-def build_dataset(cfg: Config) -> DatasetBundle:
-    from mmsenti.registry import DATASETS
-
-    bundle = DATASETS.get(cfg.data.name).builder(cfg.data)
-    missing = [m for m in cfg.model.modalities if m not in bundle.modalities]
-    if missing:
-        raise DataError(
-            f"dataset '{bundle.name}' has no {', '.join(missing)} (it has: {', '.join(bundle.modalities)}); "
-            f"switch that branch off with --set model.modalities=[{','.join(m for m in cfg.model.modalities if m not in missing)}]"
-        )
-    return bundle
-
-
-def open_split_cache(cfg: Config, model: MultimodalModel, processor, bundle: DatasetBundle, split: str,
-                     device: torch.device | str = "cpu"):
-    """The frozen-feature cache entry of one split (built when missing or broken); see :mod:`mmsenti.cache`."""
-    from mmsenti.cache import default_cache_dir, open_or_build
-
-    return open_or_build(
-        default_cache_dir(cfg.run.cache_dir), model, processor, bundle.split(split), sources=bundle.sources,
-        dtype=cfg.run.cache_dtype, device=device, batch_size=cfg.data.eval_batch_size,
-        progress=show_progress(cfg.run.quiet), meta={"dataset": bundle.name, "split": split, "model": cfg.model.name},
-    )
-
-
-def select_metric(cfg: Config, task: str) -> str:
-    if cfg.run.select_metric != "auto":
-        return cfg.run.select_metric
-    return "f1_weighted" if task == "classification" else "mae"
 
 
 @dataclass
@@ -104,67 +85,109 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
+class TrainStep(nn.Module):
+    """``forward(batch) -> loss terms``: the model's forward and its loss in one module, the unit DDP wraps.
+
+    The losses read parameters the forward does not (e.g. GAM's temperature) and run the cross-process gathers;
+    inside DDP's forward they are part of the graph DDP tracks (unused-parameter detection sees them).
+    """
+
+    def __init__(self, model: MultimodalModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.model.compute_loss(self.model(batch), batch)
+
+
 class Trainer:
-    """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from ``run_dir/checkpoints/last.pt``."""
+    """Train ``cfg`` into ``run_dir``; ``resume=True`` (``cfg`` None) continues from ``run_dir/checkpoints/last.pt``.
+
+    Args:
+        dist: this process's place in the process group (default: a single process); see
+            :meth:`mmsenti.distributed.Distributed.from_env`.
+    """
 
     interrupt_after_step: int | None = None  # test hook: raise TrainingInterrupted after this optimiser step
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+    def __init__(self, cfg: Config | None, run_dir: str | Path, resume: bool = False, dist: Distributed | None = None):
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.dist = dist or Distributed()
         if resume:
             saved = self.run_dir / "config.json"
             if not saved.is_file():
                 raise DataError(f"cannot resume: {saved} not found (was {self.run_dir} a training run?)")
             cfg = config_from_json(saved)  # a resumed run continues with the config it started with
-        self.cfg = cfg
-        self.device = resolve_device(cfg.run.device)
-        self.amp_dtype = autocast_dtype(cfg.run.precision, self.device)
+        elif cfg is None:
+            raise ValueError("Trainer: a new run needs a config (or resume=True)")
+        self.cfg: Config = cfg
+        self.device = self.dist.device(cfg.run.device)
+        self._prepared = False
+        self._saved_step: int | None = None  # optimiser step of the last `last` checkpoint
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, dist: Distributed | None = None) -> Trainer:
+        """Continue the (killed) run in ``run_dir`` with the config it started with."""
+        return cls(None, run_dir, resume=True, dist=dist)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _setup(self) -> None:
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-        setup_logging(logfile=self.run_dir / "train.log")
+    def prepare(self) -> None:
+        """Everything :meth:`fit` needs: run directory, data, model, optimiser, schedule, checkpoint, DDP.
+
+        Idempotent; :meth:`fit` calls it. Rank 0 alone creates and writes the run directory.
+        """
+        if self._prepared:
+            return
+        cfg, dist = self.cfg, self.dist
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            setup_logging(logfile=self.run_dir / "train.log")
+            if not self.resume:
+                save_config(cfg, self.run_dir / "config.json")
+                info = {"git_revision": git_revision(), "command": sys.argv, "python": platform.python_version(),
+                        "torch": torch.__version__, "device": str(self.device), "world_size": dist.world_size,
+                        "started": time.strftime("%F %T")}
+                (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        else:
+            setup_logging(logging.WARNING)  # one log: the other processes only report problems (to stderr)
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
-        if not self.resume:
-            save_config(cfg, self.run_dir / "config.json")
-            info = {"git_revision": git_revision(), "command": sys.argv, "python": platform.python_version(),
-                    "torch": torch.__version__, "device": str(self.device), "started": time.strftime("%F %T")}
-            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        seed_everything(cfg.run.seed)
+        if dist.enabled:
+            log.info("distributed training: %d process%s (%s)", dist.world_size, "es" if dist.world_size > 1 else "",
+                     self.device)
 
-        self.bundle = build_dataset(cfg)
-        self.info = TaskInfo(self.bundle.task, self.bundle.label_names)
-        self.metric = select_metric(cfg, self.info.task)
-        train = self.bundle.split("train")
-        if not train:
-            raise DataError(f"dataset '{self.bundle.name}': the train split is empty")
         proc_dir = self.run_dir / "processor"
+        processor = None
         if self.resume and proc_dir.is_dir():
             from mmsenti.data.processing import Processor
 
-            self.processor = Processor.load(proc_dir)
-        else:
-            from mmsenti.models.encoders import build_processor
-
-            self.processor = build_processor(cfg.model, [s.text or "" for s in train], self.info.task)
-            self.processor.save(proc_dir)
-        self.model: MultimodalModel = build_model(cfg.model, self.info, self.processor).to(self.device)
+            processor = Processor.load(proc_dir)
+        self.setup: Setup = build_setup(cfg, dist=dist, processor=processor)
+        if processor is None and dist.is_main:
+            self.setup.processor.save(proc_dir)
+        self.bundle, self.processor, self.model = self.setup.bundle, self.setup.processor, self.setup.model
         if cfg.run.compile:
             from mmsenti.train.compile import compile_model
 
             compile_model(self.model)  # in place (state_dict keys unchanged); eager with a warning if unavailable
+        self.info, self.metric, self.amp_dtype = self.setup.info, self.setup.metric, self.setup.amp_dtype
+        log.info("device %s, %s", self.device,
+                 f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "fp32")
+        train = self.bundle.split("train")
+        if not train:
+            raise DataError(f"dataset '{self.bundle.name}': the train split is empty")
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("model %s: %.2fM trainable parameters; data %s: %s", cfg.model.name, n_params / 1e6,
                  self.bundle.name, ", ".join(f"{k} {len(v)}" for k, v in self.bundle.splits.items()))
 
-        self.feature_cache: dict[str, object] = {}  # split → FeatureStore, built on first use
-        self._lengths: dict[str, list[int] | None] = {}  # split → sample lengths, for length bucketing
-        self.use_cache = bool(cfg.run.feature_cache and self.model.cache_spec())
-        self.batches_per_epoch = math.ceil(len(train) / cfg.data.batch_size)
+        self._lengths: list[int] | None = None  # training samples' lengths, for length bucketing
+        first = self._train_sampler(0)
+        if first.skipped:
+            log.warning("%d global batch(es) per epoch hold fewer samples than the %d processes and are skipped",
+                        first.skipped, dist.world_size)
+        self.batches_per_epoch = len(first)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.optim.grad_accum)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.optim.epochs * self.steps_per_epoch)
@@ -172,7 +195,10 @@ class Trainer:
         self.state = TrainState()
         if self.resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
-        self.tb = self._tensorboard()
+        # After loading: every process starts from the same weights, and DDP's start-up broadcast agrees.
+        self.train_step = dist.wrap(TrainStep(self.model), self.device, cfg.run.find_unused_parameters)
+        self.tb = self._tensorboard() if dist.is_main else None
+        self._prepared = True
 
     def _tensorboard(self):
         try:
@@ -182,41 +208,50 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tb"))
 
-    def loader(self, split: str, epoch: int | None = None, start: int = 0) -> DataLoader:
-        """Training batches for ``epoch`` (shuffled by seed+epoch) or, with epoch None, ordered eval batches."""
-        samples = ListDataset(self.bundle.split(split))
-        common = {"collate_fn": self.collate_fn(split), "num_workers": self.cfg.data.num_workers,
-                  "generator": torch.Generator(), "pin_memory": self.device.type == "cuda"}
-        if epoch is None:
-            return DataLoader(samples, batch_size=self.cfg.data.eval_batch_size, shuffle=False, **common)
-        data = self.cfg.data
+    def _train_sampler(self, epoch: int, start: int = 0) -> ShardedBatchSampler:
+        """This process's shards of the global batches of ``epoch`` (shuffled by seed + epoch, length-bucketed
+        with ``data.bucket_by_length``), from ``start``."""
+        train, data = self.bundle.split("train"), self.cfg.data
         lengths = None
-        if data.bucket_by_length:  # tokenized once per split; the order stays a function of (seed, epoch)
-            if split not in self._lengths:
-                self._lengths[split] = sample_lengths(self.processor, samples.samples)
-            lengths = self._lengths[split]
-        sampler = build_batch_sampler(len(samples), data.batch_size, self.cfg.run.seed, epoch, start, lengths,
-                                      data.bucket_pool)
-        return DataLoader(samples, batch_sampler=sampler, **common)
+        if data.bucket_by_length:  # tokenized once; every process computes the same lengths, hence batches
+            if self._lengths is None:
+                self._lengths = sample_lengths(self.processor, train)
+            lengths = self._lengths
+        global_batches = build_batch_sampler(len(train), data.batch_size, self.cfg.run.seed, epoch, 0, lengths,
+                                             data.bucket_pool)
+        return ShardedBatchSampler(global_batches, self.dist.rank, self.dist.world_size, start)
 
-    def collate_fn(self, split: str):
-        """The processor, or (model with frozen parts, cache on) a collator reading the split's cached features."""
-        if not self.use_cache:
-            return self.processor
-        from mmsenti.cache import CachedCollator
+    def loader(self, split: str, epoch: int | None = None, start: int = 0) -> DataLoader:
+        """Training batches for ``epoch`` (this process's shards, from batch ``start``) or, with epoch None, this
+        process's share of the ordered evaluation batches."""
+        if epoch is None:
+            return self.setup.eval_loader(split)
+        return self.setup.data_loader(split, self._train_sampler(epoch, start))
 
-        if split not in self.feature_cache:
-            self.feature_cache[split] = open_split_cache(self.cfg, self.model, self.processor, self.bundle, split,
-                                                         self.device)
-        return CachedCollator(self.processor, self.feature_cache[split], self.model.cache_replaces())
+    def collate_fn(self, split: str, training: bool = True):
+        return self.setup.collate_fn(split, training)
+
+    @property
+    def feature_cache(self) -> dict[str, object]:
+        return self.setup.stores
+
+    @property
+    def use_cache(self) -> bool:
+        return self.setup.feature_cache
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _save(self, name: str) -> None:
-        atomic_save({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-            "state": self.state.__dict__, "rng": rng_state(), "config": self.cfg.to_dict(),
-        }, self.run_dir / "checkpoints" / f"{name}.pt")
+        """Every process calls this (the RNG states are gathered); rank 0 writes."""
+        self.dist.average_norm_statistics(self.model)
+        rng = self.dist.all_gather_object(rng_state())
+        if self.dist.is_main:
+            atomic_save({
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "state": self.state.__dict__, "rng": rng, "config": self.cfg.to_dict(),
+            }, self.run_dir / "checkpoints" / f"{name}.pt")
+        if name == "last":
+            self._saved_step = self.state.step
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
@@ -226,22 +261,72 @@ class Trainer:
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
+        self._saved_step = self.state.step
+        rng = ckpt["rng"]
+        rng = [rng] if isinstance(rng, dict) else rng  # one state per process (older checkpoints: one)
+        if len(rng) != self.dist.world_size:
+            log.warning("the checkpoint was written by %d process(es), resuming with %d: training continues, "
+                        "but not bit for bit as the uninterrupted run", len(rng), self.dist.world_size)
+        set_rng_state(rng[min(self.dist.rank, len(rng) - 1)])
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.state.epoch + 1, self.state.batch,
                  self.state.step)
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        """Train, select on dev, score the selected model on dev and test; returns ``metrics.json``'s content."""
-        self._setup()
+        """Train, select on dev, score the selected model on dev and test; returns ``metrics.json``'s content.
+
+        The run directory is locked for the whole run by rank 0 (one writer per run, :mod:`mmsenti.train.lock`),
+        and an error that stops the run is written to its ``train.log`` too, so the folder keeps the evidence.
+
+        Raises:
+            ProcessGroupError: (several processes) another process died or this one was stopped; the message
+                names the last checkpoint and how to continue.
+        """
+        with contextlib.ExitStack() as stack:
+            self._lock_run_dir(stack)
+            try:
+                self.prepare()
+                return self._fit()
+            except BaseException as e:
+                if self.dist.enabled and is_process_failure(e):
+                    reason = describe_failure(e)
+                    where = (f"the last checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'} "
+                             f"(step {self._saved_step})" if self._saved_step is not None
+                             else "no checkpoint was written yet")
+                    msg = (f"rank {self.dist.rank} of {self.dist.world_size}: lost the other training processes "
+                           f"({reason}); {where}: continue with the same command plus --resume")
+                    log.error(msg, extra={"file_only": True})
+                    raise ProcessGroupError(msg) from None
+                if isinstance(e, Exception):
+                    # The CLI prints a data/config error as one line on stderr; the log file gets it once as well.
+                    one_line = isinstance(e, (DataError, ConfigError))
+                    log.error("run stopped: %s", e if one_line else f"{type(e).__name__}: {e}",
+                              exc_info=None if one_line else e, extra={"file_only": True})
+                raise
+
+    def _lock_run_dir(self, stack: contextlib.ExitStack) -> None:
+        """Rank 0 takes the run-directory lock; with several processes all of them stop if it cannot."""
+        error = None
+        if self.dist.is_main:
+            try:
+                stack.enter_context(hold_run_dir(self.run_dir))
+            except DataError as e:  # RunDirLocked: a live run holds the folder
+                error = e
+        if self.dist.enabled:
+            error = self.dist.broadcast_object(error)
+        if error is not None:
+            raise error
+
+    def _fit(self) -> dict:
         cfg, st = self.cfg, self.state
         t0 = time.time()
         while st.epoch < cfg.optim.epochs:
             if st.batch == 0:  # mid-epoch resume: the state the hook built is in the checkpoint already
                 self._hook("on_train_epoch_start")
             train_terms = self._train_epoch()
+            self.dist.average_norm_statistics(self.model)  # every process evaluates (and encodes) with one model
             self._hook("on_train_epoch_end")
-            dev = evaluate(self.model, self.loader("dev"), self.device, self.amp_dtype)
+            dev = self.setup.evaluate("dev")
             self._end_epoch(train_terms, dev)
             if cfg.run.patience and st.bad_epochs >= cfg.run.patience:
                 log.info("early stop: no dev %s improvement for %d epochs", self.metric, st.bad_epochs)
@@ -251,44 +336,55 @@ class Trainer:
         return self._finish()
 
     def _hook(self, name: str) -> None:
-        """Let a model refresh epoch-level state (e.g. a retrieval memory bank) from the training data.
+        """Let a model refresh state from the training data or follow the optimiser.
 
         ``model.on_train_epoch_start(trainer)`` runs before each epoch, ``on_train_epoch_end(trainer)`` after it,
-        before dev evaluation (so selection and the saved model see the state matching the weights). State the
-        hooks build must live in the model's state_dict, so checkpoints and saved models carry it.
+        before dev evaluation (so selection and the saved model see the state matching the weights), and
+        ``on_optimizer_step(trainer)`` after every optimiser step (e.g. INFIG's momentum encoders). State the hooks
+        build must live in the model's state_dict, so checkpoints and saved models carry it. With several
+        processes every process runs every hook (``trainer.dist`` gathers what they build).
         """
         fn = getattr(self.model, name, None)
         if fn is not None:
             fn(self)
 
     def _train_epoch(self) -> dict[str, float]:
-        cfg, st = self.cfg, self.state
+        cfg, st, world = self.cfg, self.state, self.dist.world_size
         accum = cfg.optim.grad_accum
         n = self.batches_per_epoch
         self.model.train()
         sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per batch (read at the epoch's end)
         count = 0
         bar = tqdm(total=n, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.optim.epochs}", leave=False,
-                   disable=not show_progress(cfg.run.quiet), dynamic_ncols=True)
-        for batch in self.loader("train", st.epoch, st.batch):
+                   disable=not (self.dist.is_main and show_progress(cfg.run.quiet)), dynamic_ncols=True)
+        loader = self.loader("train", st.epoch, st.batch)
+        global_sizes = loader.batch_sampler.global_sizes
+        for j, batch in enumerate(loader):
             i = st.batch
             group = min(accum, n - (i // accum) * accum)  # the last accumulation group may be short
+            last_in_group = (i + 1) % accum == 0 or i + 1 == n
+            # Each process's share of the global batch: DDP averages gradients over processes, so the average is
+            # the global batch's gradient also when the shards differ in size.
+            weight = len(batch["ids"]) * world / global_sizes[j]
             batch = move(batch, self.device)
-            with autocast(self.device, self.amp_dtype):
-                terms = self.model.compute_loss(self.model(batch), batch)
-                loss = total_loss(terms)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {st.epoch + 1}, batch {i}: "
-                                         + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
-            scaled = loss / group
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            with no_sync(self.train_step, skip=not last_in_group):  # all-reduce once per optimiser step
+                with autocast(self.device, self.amp_dtype):
+                    terms = self.train_step(batch)
+                    loss = total_loss(terms)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at epoch {st.epoch + 1}, batch {i}: "
+                                             + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+                scaled = loss * weight / group if world > 1 else loss / group
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if count == 0 and self.dist.enabled and not cfg.run.find_unused_parameters:
+                self._check_all_parameters_trained()
             for k, v in (*terms.items(), ("loss", loss)):
                 v = v.detach().double()
                 sums[k] = sums[k] + v if k in sums else v
             count += 1
             st.batch += 1
             bar.update(1)
-            if st.batch % accum == 0 or st.batch == n:
+            if last_in_group:
                 self._optimizer_step()
                 if not bar.disable:  # reading the loss is a host sync: only for a visible progress bar
                     bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
@@ -300,7 +396,18 @@ class Trainer:
                     bar.close()
                     raise TrainingInterrupted(f"interrupted after step {st.step}")
         bar.close()
-        return {k: float(v) / max(1, count) for k, v in sums.items()}
+        # The epoch's mean terms over all processes (each process's mean over its micro-batches).
+        return self.dist.mean({k: float(v) / max(1, count) for k, v in sums.items()})
+
+    def _check_all_parameters_trained(self) -> None:
+        # Without unused-parameter detection DDP waits forever for a gradient that never comes: say so at once.
+        unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            from mmsenti.config import ConfigError
+
+            raise ConfigError(f"run.find_unused_parameters: {len(unused)} trainable parameter(s) get no gradient in "
+                              f"training ({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}); "
+                              "set --set run.find_unused_parameters=true to train with several processes")
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg
@@ -316,6 +423,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        self._hook("on_optimizer_step")
 
     def _log_step(self, terms: dict, loss: torch.Tensor) -> None:
         st = self.state
@@ -352,7 +460,8 @@ class Trainer:
         else:
             st.bad_epochs += 1
         self._save("last")
-        self._write_csv()
+        if self.dist.is_main:
+            self._write_csv()
 
     def _write_csv(self) -> None:
         # Rewritten from the checkpointed history each epoch, so a resumed run's CSV has every epoch once.
@@ -365,15 +474,22 @@ class Trainer:
             w.writerows(self.state.history)
 
     def _finish(self) -> dict:
+        self.dist.barrier()  # rank 0 has written best.pt
         best = self.run_dir / "checkpoints" / "best.pt"
         self.model.load_state_dict(load_checkpoint(best)["model"])
-        results = {split: evaluate(self.model, self.loader(split), self.device, self.amp_dtype)
+        # Saved before scoring: should scoring fail (an image that only fails to decode), the model is kept and
+        # `mmsenti evaluate RUN_DIR` can score it once the data is fixed.
+        if self.dist.is_main:
+            save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
+        # Per-post predictions of the selected model: what paired significance tests (mmsenti experiment) need.
+        results = {split: self.setup.evaluate(split, save_predictions=self.run_dir / "predictions" / f"{split}.npz")
                    for split in ("dev", "test") if split in self.bundle.splits}
-        (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
+        if self.dist.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+            log.info("results (selected on dev %s, epoch %d):\n%s", self.metric, self.state.best_epoch + 1,
+                     format_table(results))
+            log.info("model saved to %s", self.run_dir / "model")
         if self.tb:
             self.tb.close()
-        log.info("results (selected on dev %s, epoch %d):\n%s", self.metric, self.state.best_epoch + 1,
-                 format_table(results))
-        log.info("model saved to %s", self.run_dir / "model")
+        self.dist.barrier()  # the saved model is complete before any process returns
         return results

@@ -7,7 +7,7 @@ Importing this package runs every module's ``@DATASETS.register`` decorator. Eac
 
 from mmsenti.data.formats import hfm, memes, mmsa, mvsa, tumemo, user  # noqa: F401
 from mmsenti.data.formats.common import lenient
-from mmsenti.data.formats.images import apply_missing_images, blank_image, inspect_image
+from mmsenti.data.formats.images import apply_image_policy, blank_image, inspect_image
 from mmsenti.data.formats.text import normalize_tweet
 
-__all__ = ["apply_missing_images", "blank_image", "inspect_image", "lenient", "normalize_tweet"]
+__all__ = ["apply_image_policy", "blank_image", "inspect_image", "lenient", "normalize_tweet"]

@@ -8,12 +8,16 @@ every problem instead of stopping at the first.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import contextvars
 import csv
+import difflib
 import json
 import logging
+import math
 import random
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -91,20 +95,69 @@ def read_text_file(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ readers
-def read_json_list(path: Path) -> list[dict[str, Any]]:
+def _decode_error(path: Path, lineno: int, raw: bytes, err: UnicodeDecodeError, offset: int, encoding: str) -> DataError:
+    return DataError(f"{path}:{lineno}: not {encoding} text: byte 0x{raw[err.start]:02x} at byte offset "
+                     f"{offset + err.start} (column {err.start + 1}); if the file uses another encoding, say which "
+                     f"with data.encoding (e.g. cp1252 or latin-1)")
+
+
+def text_lines(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    """The lines of a text file, decoded, each with its line ending (what :mod:`csv` wants).
+
+    A byte sequence that is not ``encoding`` is a :class:`DataError` naming the file, line and byte offset, never a
+    bare ``UnicodeDecodeError``. A UTF-8 byte-order mark is skipped.
+    """
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
+    if "\n".encode(codec.name) != b"\n":  # UTF-16/32: bytes cannot be split at b"\n"; decode the whole file
+        raw = path.read_bytes()
+        try:
+            text = raw.decode(codec.name)
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].decode(codec.name, errors="replace").count("\n") + 1
+            raise DataError(f"{path}:{line}: not {encoding} text at byte offset {e.start} ({e.reason}); if the file "
+                            f"uses another encoding, say which with data.encoding") from None
+        for line in _LINE_END.split(text):
+            if line:
+                yield from _split_cr(line)
+        return
+    first = "utf-8-sig" if codec.name == "utf-8" else codec.name
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode(first if lineno == 1 else codec.name)
+            except UnicodeDecodeError as e:
+                raise _decode_error(path, lineno, raw, e, offset, encoding) from None
+            yield from _split_cr(text)
+            offset += len(raw)
+
+
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)")
+_LINE_END = re.compile(r"(?<=\n)")
+
+
+def _split_cr(text: str) -> list[str]:
+    """A lone ``\\r`` ends a line too (old Mac / Excel for Mac files), as ``open(newline="")`` reads them for csv."""
+    if "\r" not in text.replace("\r\n", ""):
+        return [text]
+    return [piece for piece in _LONE_CR.split(text) if piece]
+
+
+def read_json_list(path: Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
     """A JSON file holding a list of objects (the CLMLF format); errors name the file, line and column."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads("".join(text_lines(path, encoding)))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
         raise DataError(f"{path}: expected a JSON list of objects")
     return data
 
 
-def read_clmlf_splits(root: Path, split_files: dict[str, Sequence[str]], num_labels: int
+def read_clmlf_splits(root: Path, split_files: dict[str, Sequence[str]], num_labels: int, encoding: str = "utf-8"
                       ) -> tuple[dict[str, list[Sample]], list[Path]]:
     """CLMLF-style json splits (MVSA, HFM): each file a list of ``{"id", "text", "emotion_label"}``.
 
@@ -119,7 +172,7 @@ def read_clmlf_splits(root: Path, split_files: dict[str, Sequence[str]], num_lab
             continue
         sources.append(path)
         samples = []
-        for i, row in enumerate(read_json_list(path)):
+        for i, row in enumerate(read_json_list(path, encoding)):
             try:
                 samples.append(Sample(id=str(row["id"]), label=int(row["emotion_label"]), text=str(row["text"])))
             except (KeyError, TypeError, ValueError) as e:
@@ -131,53 +184,92 @@ def read_clmlf_splits(root: Path, split_files: dict[str, Sequence[str]], num_lab
     return splits, sources
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line of a JSON-lines file."""
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in enumerate(text_lines(path, encoding), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
-def read_csv(path: Path, delimiter: str = ",", required: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, str]]]:
+# A record spanning more lines than this is refused: an unterminated quote makes one field swallow the rows after it.
+MAX_RECORD_LINES = 10
+
+
+class _LineTap:
+    """Passes lines on to :mod:`csv` and remembers those a record was read from."""
+
+    def __init__(self, lines: Iterator[str]):
+        self.lines, self.taken = lines, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.lines)
+        self.taken.append(line)
+        return line
+
+
+def _complete_record(line: str, delimiter: str, width: int) -> bool:
+    """Whether ``line`` on its own, quotes taken literally, has the header's number of fields."""
+    return len(next(csv.reader([line], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])) == width
+
+
+def read_csv(path: Path, delimiter: str = ",", required: Sequence[str] = (), encoding: str = "utf-8",
+             max_record_lines: int = MAX_RECORD_LINES) -> Iterator[tuple[int, dict[str, str]]]:
     """``(line number, row)`` for each data row of a CSV file with a header.
 
-    A row with more or fewer fields than the header is an error naming the file and the row's first line
-    (a quoted field may span lines).
+    A quoted field may span lines, but a field whose quote is never closed swallows the rows after it, which the
+    :mod:`csv` module accepts silently. So these are errors naming the file and the record's first line: a row
+    with more or fewer fields than the header; a record spanning more than ``max_record_lines`` lines (0 = no
+    limit); a record of 3 or more lines each of which is a complete row on its own.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    tap = _LineTap(text_lines(path, encoding))
+    reader = csv.DictReader(tap, delimiter=delimiter)
+    try:
+        header = reader.fieldnames
+    except csv.Error as e:
+        raise DataError(f"{path}:1: bad CSV header ({e})") from None
+    if not header:
+        raise DataError(f"{path}: empty CSV file (no header)")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
+    start = reader.line_num + 1
+    while True:
+        tap.taken = []
         try:
-            header = reader.fieldnames
+            row = next(reader)
+        except StopIteration:
+            return
         except csv.Error as e:
-            raise DataError(f"{path}:1: bad CSV header ({e})") from None
-        if not header:
-            raise DataError(f"{path}: empty CSV file (no header)")
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
-        start = reader.line_num + 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                raise DataError(f"{path}:{start}: bad CSV row ({e})") from None
-            extra = row.pop(None, None) or []  # type: ignore[call-overload]
-            short = sum(v is None for v in row.values())
-            if extra or short:
-                got = len(header) + len(extra) - short
-                raise DataError(f"{path}:{start}: expected {len(header)} fields, got {got}")
-            yield start, row
-            start = reader.line_num + 1
+            raise DataError(f"{path}:{start}: bad CSV row ({e}; an unterminated quote?)") from None
+        blank = next((i for i, line in enumerate(tap.taken) if line.strip("\r\n")), 0)  # empty lines csv skipped
+        start, span, end = start + blank, tap.taken[blank:], reader.line_num
+        extra = row.pop(None, None) or []  # type: ignore[call-overload]
+        short = sum(v is None for v in row.values())
+        if extra or short:
+            got = len(header) + len(extra) - short
+            where = f" (the record runs from line {start} to line {end}: an unterminated quote on line {start}?)" \
+                if end > start else ""
+            raise DataError(f"{path}:{start}: expected {len(header)} fields, got {got}{where}")
+        if end > start and max_record_lines > 0:
+            if len(span) >= 3 and all(_complete_record(line, delimiter, len(header)) for line in span):
+                raise DataError(f"{path}:{start}: an unterminated quote on line {start} swallows lines "
+                                f"{start + 1}-{end}, each of which is a row of its own")
+            if end - start + 1 > max_record_lines:
+                raise DataError(f"{path}:{start}: one record spans lines {start}-{end} ({end - start + 1} lines, "
+                                f"more than {max_record_lines}): an unterminated quote on line {start}? (a longer "
+                                f"quoted field is allowed with a larger data.max_record_lines)")
+        yield start, row
+        start = end + 1
 
 
 def attach_translations(splits: dict[str, list[Sample]], root: Path, name: str) -> Path:
@@ -270,6 +362,53 @@ def label_index(value: Any, label_names: Sequence[str], where: str) -> int:
             raise DataError(f"{where}: label index {value} out of range for {len(label_names)} classes")
         return value
     raise DataError(f"{where}: unknown label {value!r} (known: {', '.join(label_names)})")
+
+
+def label_problems(splits: dict[str, list[Sample]], label_names: Sequence[str]) -> list[str]:
+    """Classes that look like mistakes when the label names were read off the data (no ``data.label_names``).
+
+    A typo (``neutrall``) silently becomes a class of its own; so does a label spelled differently in one file.
+    Suspect are classes with very few posts (fewer than max(3, 1% of all posts)) and classes found in one split
+    only although the other splits are large enough to expect 3 or more of their posts. Returns one description
+    per suspect class (empty: nothing suspect).
+    """
+    per_split = {k: Counter(s.label for s in v if s.label is not None) for k, v in splits.items()}
+    total: Counter = Counter()
+    for c in per_split.values():
+        total.update(c)
+    n = sum(total.values())
+    few = max(3, math.ceil(0.01 * n))
+    sizes = {k: sum(c.values()) for k, c in per_split.items()}
+    out = []
+    for i, name in enumerate(label_names):
+        k = total.get(i, 0)
+        why = [f"{k} post(s)"] if k < few else []
+        present = [split for split, c in per_split.items() if c.get(i)]
+        absent = [split for split in per_split if split not in present and k * sizes[split] / max(1, n) >= 3]
+        if len(present) == 1 and absent:
+            why.append(f"only in {present[0]}, none in {'/'.join(absent)}")
+        if not why:
+            continue
+        close = difflib.get_close_matches(name, [m for m in label_names if m != name], n=1, cutoff=0.75)
+        first = [s.id for v in splits.values() for s in v if s.label == i][:3]
+        out.append(f"{name!r}: {', '.join(why)}" + (f", close to {close[0]!r}" if close else "")
+                   + (f" (ids: {', '.join(first)})" if first else ""))
+    return out
+
+
+def check_inferred_labels(name: str, splits: dict[str, list[Sample]], label_names: Sequence[str],
+                          where: Path | str) -> None:
+    """Refuse labels read off the data that look like mistakes (:func:`label_problems`), listing every class."""
+    problems = label_problems(splits, label_names)
+    if not problems or is_lenient():  # the doctor reports them itself
+        return
+    counts = Counter(s.label for v in splits.values() for s in v)
+    good = [n for n in label_names if not any(p.startswith(f"{n!r}:") for p in problems)] or list(label_names)
+    raise DataError(
+        f"{where}: labels read off the data (data.label_names not set) look wrong: {'; '.join(problems)}. Classes "
+        f"and posts: {', '.join(f'{n} {counts.get(i, 0)}' for i, n in enumerate(label_names))}. Fix those labels, "
+        f"or declare the classes with --set data.label_names=[{','.join(good)}] (any other label is then an error "
+        f"naming its line)")
 
 
 # ------------------------------------------------------------------------------------------------ bundle

@@ -30,6 +30,7 @@ from mmsenti.data.formats.common import (
     finish,
     read_clmlf_splits,
     require_root,
+    text_lines,
 )
 from mmsenti.data.formats.images import attach_images
 from mmsenti.data.formats.text import normalize_tweet
@@ -77,27 +78,25 @@ def is_giveaway(text: str) -> bool:
 def read_raw_split(path: Path, filter_words: bool) -> tuple[list[Sample], int]:
     """``(samples, number filtered out)`` from one raw file; the last element of each line is the label."""
     samples, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = parse_literal_line(line, path, lineno)
-            if len(row) < 3 or not isinstance(row[1], str) or row[-1] not in (0, 1):
-                raise DataError(f"{path}:{lineno}: expected ['id', 'text', ..., 0 or 1]")
-            if filter_words and is_giveaway(row[1]):
-                dropped += 1
-                continue
-            samples.append(Sample(id=str(row[0]), label=int(row[-1]), text=row[1]))
+    for lineno, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        row = parse_literal_line(line, path, lineno)
+        if len(row) < 3 or not isinstance(row[1], str) or row[-1] not in (0, 1):
+            raise DataError(f"{path}:{lineno}: expected ['id', 'text', ..., 0 or 1]")
+        if filter_words and is_giveaway(row[1]):
+            dropped += 1
+            continue
+        samples.append(Sample(id=str(row[0]), label=int(row[-1]), text=row[1]))
     return samples, dropped
 
 
 def read_attributes(path: Path) -> dict[str, list[str]]:
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                row = parse_literal_line(line, path, lineno)
-                out[str(row[0])] = [str(w) for w in row[1:]]
+    for lineno, line in enumerate(text_lines(path), 1):
+        if line.strip():
+            row = parse_literal_line(line, path, lineno)
+            out[str(row[0])] = [str(w) for w in row[1:]]
     return out
 
 
@@ -134,7 +133,7 @@ def build_hfm(cfg: HFMConfig) -> DatasetBundle:
     fmt = cfg.format
     if fmt == "auto":
         fmt = "clmlf" if find_file(root, _JSON["train"] + _JSON["test"]) else "raw"
-    splits, sources = read_clmlf_splits(root, _JSON, 2) if fmt == "clmlf" else _load_raw(root, cfg.filter_train, cfg.name)
+    splits, sources = read_clmlf_splits(root, _JSON, 2, cfg.encoding) if fmt == "clmlf" else _load_raw(root, cfg.filter_train, cfg.name)
     if not splits:
         raise DataError(f"{root}: no HFM json files (train.json, valid.json, test.json)")
     if cfg.use_translation:
@@ -159,6 +158,6 @@ def build_hfm(cfg: HFMConfig) -> DatasetBundle:
                 s.extra["attributes"] = words or []
         if lacking:
             log.warning("%s: %d post(s) have no image attribute words (given an empty list)", cfg.name, lacking)
-    modalities = attach_images(splits, root, cfg.image_dir, IMAGE_DIRS, cfg.missing_images, cfg.name)
+    modalities = attach_images(splits, root, cfg.image_dir, IMAGE_DIRS, cfg)
     return finish(cfg.name, splits, "classification", list(LABELS), modalities, sources,
                   normalize_tweet if cfg.normalize_text else None)

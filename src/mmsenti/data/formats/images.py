@@ -1,26 +1,40 @@
-"""Image files: finding them, checking them (missing / unreadable / truncated) and the missing-image policy.
+"""Image files: finding them, checking them (missing / unreadable / truncated / too large) and the image policy.
 
 Format is read from the file's content, never its name: the CM-Off-Meme release stores JPEG data under ``.png``
-names and that is fine. The fast check reads the header and looks for the format's end marker; only files
-without one are decoded to decide, so checking thousands of images takes seconds.
+names and that is fine. The fast check parses the header (format and size), looks for the format's end marker
+and verifies every PNG chunk's CRC (a PNG with a corrupt body fails it); only files without an end marker are
+decoded to decide, so checking thousands of images takes seconds. ``data.image_check: decode`` decodes every
+pixel instead.
+
+Every image dataset applies :func:`apply_image_policy` when it loads: each split's image files are checked
+before anything trains, and ``data.missing_images`` (``error | drop | blank``) decides what happens to posts
+whose image is absent or cannot be used, counted and logged. Images over ``data.max_image_pixels`` are refused
+before they are decoded (a decompression bomb is a small file that decodes to gigabytes).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import struct
+import sys
+import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, Sample
 from mmsenti.data.formats.common import is_lenient
 
 log = logging.getLogger(__name__)
 
-ImageProblem = Literal["missing", "unreadable", "truncated"]
+ImageProblem = Literal["missing", "unreadable", "truncated", "too large"]
+IMAGE_PROBLEMS: tuple[ImageProblem, ...] = ("missing", "unreadable", "truncated", "too large")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
 # The ImageNet mean colour: after the usual normalisation a blank image is ~0 everywhere, i.e. "no evidence".
@@ -77,8 +91,8 @@ def find_image_dir(root: Path, configured: str | None, candidates: Sequence[str]
 
 
 def attach_images(splits: dict[str, list[Sample]], root: Path, configured: str | None, candidates: Sequence[str],
-                  policy: str, name: str, key: Callable[[Sample], str] = lambda s: s.id) -> tuple[str, ...]:
-    """Point each sample at its image file in the dataset's image folder and enforce the missing-image policy.
+                  cfg: DataConfig, key: Callable[[Sample], str] = lambda s: s.id) -> tuple[str, ...]:
+    """Point each sample at its image file in the dataset's image folder and apply :func:`apply_image_policy`.
 
     Returns the modalities the copy holds: ``("text", "image")`` when an image folder was configured or found
     with images in it, else ``("text",)`` (the images were not downloaded: a text-only copy, not an error).
@@ -90,7 +104,7 @@ def attach_images(splits: dict[str, list[Sample]], root: Path, configured: str |
     for samples in splits.values():
         for s in samples:
             s.image = folder.find(key(s))
-    splits.update(apply_missing_images(splits, policy, name, folder.path))
+    splits.update(apply_image_policy(splits, cfg, folder.path))
     return ("text", "image")
 
 
@@ -109,31 +123,115 @@ def _has_end_marker(path: Path, fmt: str | None) -> bool | None:
     return None
 
 
+def _png_chunks_ok(path: Path) -> bool:
+    """Whether every chunk of a PNG file is complete and matches its CRC, up to IEND (reads, never inflates)."""
+    data = path.read_bytes()
+    pos = 8  # after the signature
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return False
+        if zlib.crc32(data[pos + 4 : end]) != struct.unpack(">I", data[end : end + 4])[0]:
+            return False
+        if kind == b"IEND":
+            return True
+        pos = end + 4
+    return False
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Images above ``limit`` pixels are refused (PIL's process-wide ``Image.MAX_IMAGE_PIXELS``)."""
+    if limit <= 0:
+        raise DataError(f"data.max_image_pixels must be positive, got {limit}")
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+def image_size_text(error: Exception | None = None, size: tuple[int, int] | None = None) -> str:
+    """``"W×H px"``, or the pixel count PIL's own decompression-bomb error gives (it refuses before we see the size)."""
+    if size is not None:
+        return f"{size[0]}×{size[1]} px"
+    match = re.search(r"\((\d+) pixels\)", str(error or ""))
+    return f"{match.group(1)} pixels" if match else "size unknown"
+
+
+def describe_problem(problem: ImageProblem, detail: str | None = None) -> str:
+    if problem == "too large":
+        return f"too large: {detail}, over the limit of {Image.MAX_IMAGE_PIXELS} pixels (data.max_image_pixels)"
+    return problem
+
+
+def check_image(path: str | Path, decode: bool = False) -> tuple[ImageProblem | None, str | None]:
+    """``(problem or None, the image's size as text when known)``; see :func:`inspect_image`."""
+    p = Path(path)
+    if not p.is_file():
+        return "missing", None
+    size = None
+    try:
+        with Image.open(p) as im:
+            fmt, size = im.format, im.size
+            if size[0] * size[1] > Image.MAX_IMAGE_PIXELS:  # refused before decoding a single pixel
+                return "too large", image_size_text(size=size)
+            if not decode:
+                if fmt == "PNG" and not _png_chunks_ok(p):
+                    return ("truncated" if _has_end_marker(p, fmt) is False else "unreadable"), None
+                if _has_end_marker(p, fmt) is not False:
+                    return None, None
+            im.load()  # raises OSError("image file is truncated ...") on a cut-off file
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses it while opening
+        return "too large", image_size_text(e, size)
+    except (UnidentifiedImageError, SyntaxError, ValueError, struct.error, zlib.error):
+        return "unreadable", None
+    except OSError as e:
+        msg = str(e).lower()
+        return ("truncated" if "truncated" in msg or "broken data stream" in msg else "unreadable"), None
+    return None, None
+
+
 def inspect_image(path: str | Path, decode: bool = False) -> ImageProblem | None:
     """What is wrong with an image file, or None when it is fine.
 
     Args:
         path: the file.
-        decode: decode every pixel (slow, thorough). Otherwise the header is parsed and the end marker looked
-            for; a JPEG/PNG/GIF without its end marker is decoded to tell a truncated file from trailing bytes.
+        decode: decode every pixel (slow, thorough). Otherwise the header is parsed (format, size), PNG chunk CRCs
+            are verified and the end marker looked for; a JPEG/PNG/GIF without its end marker is decoded to tell a
+            truncated file from trailing bytes.
     """
-    p = Path(path)
-    if not p.is_file():
-        return "missing"
-    try:
-        with Image.open(p) as im:
-            fmt = im.format
-            if not decode:
-                if _has_end_marker(p, fmt) is not False:
-                    return None
-            im.load()  # raises OSError("image file is truncated ...") on a cut-off file
-    except (UnidentifiedImageError, SyntaxError, ValueError):
-        return "unreadable"
-    except OSError as e:
-        return "truncated" if "truncated" in str(e).lower() or "broken data stream" in str(e).lower() else "unreadable"
-    except Image.DecompressionBombError:
-        return "unreadable"
-    return None
+    return check_image(path, decode)[0]
+
+
+def _progress(total: int, desc: str, force: bool = False):
+    from tqdm.auto import tqdm
+
+    # Shown on a terminal only, and (unless forced) only when the check takes more than a couple of seconds.
+    return tqdm(total=total, desc=desc, unit="img", leave=False, delay=0 if force else 2,
+                disable=not sys.stderr.isatty() or os.environ.get("CI") is not None)
+
+
+def check_images(samples: Sequence[Sample], decode: bool = False, workers: int = 8, progress: bool = False,
+                 desc: str = "checking images") -> list[tuple[Sample, ImageProblem, str]]:
+    """``(sample, problem, description)`` for each sample whose image is absent or cannot be used.
+
+    Samples given a blank image already (``extra["image_missing"]``) count as missing; in-memory images are fine.
+    Reading is I/O bound, so ``workers`` threads read files.
+    """
+    out: list[tuple[Sample, ImageProblem, str]] = []
+    files: list[Sample] = []
+    for s in samples:
+        if s.extra.get("image_missing") or s.image is None:
+            out.append((s, "missing", "missing"))
+        elif isinstance(s.image, (str, Path)):
+            files.append(s)
+    if not files:
+        return out
+    bar = _progress(len(files), desc, force=progress)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for s, (problem, detail) in zip(files, pool.map(lambda s: check_image(s.image, decode), files), strict=True):
+            bar.update(1)
+            if problem:
+                out.append((s, problem, describe_problem(problem, detail)))
+    bar.close()
+    return out
 
 
 def is_missing(s: Sample) -> bool:
@@ -142,36 +240,46 @@ def is_missing(s: Sample) -> bool:
     return isinstance(s.image, (str, Path)) and not os.path.isfile(s.image)
 
 
-def apply_missing_images(splits: dict[str, list[Sample]], policy: str, name: str,
-                         where: Path | str) -> dict[str, list[Sample]]:
-    """Enforce ``data.missing_images`` on samples of an image dataset whose file is absent.
+def apply_image_policy(splits: dict[str, list[Sample]], cfg: DataConfig, where: Path | str) -> dict[str, list[Sample]]:
+    """Check every split's image files and enforce ``data.missing_images`` on those absent or unusable.
 
-    ``error`` lists the count and first ids; ``drop`` leaves those posts out (logged per split); ``blank`` gives
-    them :func:`blank_image` and marks ``extra["image_missing"] = True`` (logged). Never silent.
+    ``error`` raises a :class:`DataError` with the count and the first ids (and what is wrong with each);
+    ``drop`` leaves those posts out (logged per split); ``blank`` gives them :func:`blank_image` and marks
+    ``extra["image_missing"] = True`` (logged). Never silent. In :func:`lenient` mode (the data doctor) nothing is
+    checked: the doctor checks and reports itself.
     """
-    missing = {k: [s for s in v if is_missing(s)] for k, v in splits.items()}
-    n = sum(len(v) for v in missing.values())
-    if n == 0 or is_lenient():
+    if cfg.missing_images not in ("error", "drop", "blank"):
+        raise DataError(f"data.missing_images: expected error, drop or blank, got {cfg.missing_images!r}")
+    set_max_image_pixels(cfg.max_image_pixels)
+    if is_lenient():
         return splits
-    total = sum(len(v) for v in splits.values())
-    first = [s.id for v in missing.values() for s in v][:10]
-    if policy == "error":
-        raise DataError(f"dataset '{name}': {n} of {total} images missing under {where} (first ids: "
+    everything = [s for v in splits.values() for s in v]
+    bad = check_images(everything, decode=cfg.image_check == "decode", progress=cfg.image_check == "decode",
+                       desc=f"{cfg.name}: checking images ({cfg.image_check})")
+    if not bad:
+        return splits
+    problem_of = {id(s): (p, d) for s, p, d in bad}
+    per_split = {k: [s for s in v if id(s) in problem_of] for k, v in splits.items()}
+    n, total = len(bad), len(everything)
+    kinds = {p: sum(q == p for _, q, _ in bad) for p in IMAGE_PROBLEMS if any(q == p for _, q, _ in bad)}
+    what = "missing" if set(kinds) == {"missing"} else "missing or unusable (" + ", ".join(
+        f"{k} {v}" for k, v in kinds.items()) + ")"
+    first = [s.id if p == "missing" else f"{s.id} ({d})" for s, p, d in bad][:10]
+    if cfg.missing_images == "error":
+        raise DataError(f"dataset '{cfg.name}': {n} of {total} images {what} under {where} (first ids: "
                         f"{', '.join(first)}); set data.missing_images=drop to leave those posts out or "
                         f"data.missing_images=blank to give them a blank image")
-    counts = ", ".join(f"{k} {len(v)}" for k, v in missing.items() if v)
-    if policy == "drop":
-        log.warning("%s: dropped %d post(s) whose image is missing (%s; first ids: %s)", name, n, counts,
+    counts = ", ".join(f"{k} {len(v)}" for k, v in per_split.items() if v)
+    if cfg.missing_images == "drop":
+        log.warning("%s: dropped %d post(s) whose image is %s (%s; first ids: %s)", cfg.name, n, what, counts,
                     ", ".join(first[:5]))
-        return {k: [s for s in v if not is_missing(s)] for k, v in splits.items()}
-    if policy == "blank":
-        log.warning("%s: %d post(s) have no image file and get a blank image (%s; data.missing_images=blank)",
-                    name, n, counts)
-        for v in missing.values():
-            for s in v:
-                s.extra["image_missing"] = True
-                if s.image is not None:
-                    s.extra["image_path"] = str(s.image)
-                s.image = blank_image()
-        return splits
-    raise DataError(f"data.missing_images: expected error, drop or blank, got {policy!r}")
+        return {k: [s for s in v if id(s) not in problem_of] for k, v in splits.items()}
+    log.warning("%s: %d post(s) have no usable image file and get a blank image: %s (%s; first ids: %s; "
+                "data.missing_images=blank)", cfg.name, n, what, counts, ", ".join(first[:5]))
+    for s, problem, _ in bad:
+        s.extra["image_missing"] = True
+        s.extra["image_problem"] = problem
+        if isinstance(s.image, (str, Path)):
+            s.extra["image_path"] = str(s.image)
+        s.image = blank_image()
+    return splits

@@ -33,9 +33,9 @@ class MemesConfig(DataConfig):
     seed: int = 0  # seed of that carving (fixed: the data's own seed, not the training seed)
 
 
-def _read(path: Path) -> list[Sample]:
+def _read(path: Path, encoding: str = "utf-8") -> list[Sample]:
     samples = []
-    for lineno, row in read_csv(path, required=("Name", "Text", "Valence")):
+    for lineno, row in read_csv(path, required=("Name", "Text", "Valence"), encoding=encoding):
         where = f"{path}:{lineno}"
         if not row["Name"].strip():
             raise DataError(f"{where}: empty Name (the image file name, which is also the id)")
@@ -62,8 +62,8 @@ def build_memes(cfg: MemesConfig) -> DatasetBundle:
     for p in (train_csv, dev_csv):
         if not p.is_file():
             raise DataError(f"{root}: CM-Off-Meme needs train.csv and dev.csv (missing {p.name})")
-    official_train = _read(train_csv)
+    official_train = _read(train_csv, cfg.encoding)
     train, dev = carve_split(official_train, cfg.dev_fraction, cfg.seed)
-    splits = {"train": train, "dev": dev, "test": _read(dev_csv)}
-    modalities = attach_images(splits, root, cfg.image_dir, ("images",), cfg.missing_images, cfg.name)
+    splits = {"train": train, "dev": dev, "test": _read(dev_csv, cfg.encoding)}
+    modalities = attach_images(splits, root, cfg.image_dir, ("images",), cfg)
     return finish(cfg.name, splits, "classification", list(LABELS), modalities, [train_csv, dev_csv])

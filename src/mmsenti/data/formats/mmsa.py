@@ -7,7 +7,13 @@ Two sources are read:
   (N, T, D) sequences with ``audio_lengths`` / ``vision_lengths``, ``text`` (GloVe or BERT features),
   ``regression_labels`` and ``id``. Sequences are cut to their lengths; ``features`` holds ``audio`` and
   ``vision`` (and ``text`` with ``text_features: true``). Non-finite values (MOSI's audio has ``-inf``) are
-  set to 0 and counted in the log. A pickle can run code when loaded: only load files you trust.
+  set to 0 and counted in the log.
+
+  A pickle can run code when it is loaded, so mmsenti reads one only with ``data.trust_pickle: true``. The safe
+  way is to convert it once, ``mmsenti data convert mosi --root DIR``: :func:`convert_pickle` reads it with an
+  unpickler that builds numpy arrays, strings and containers only (anything else is refused, nothing is called)
+  and writes the same arrays beside it as ``<name>.npz`` (read with ``allow_pickle=False``), which is preferred
+  to the pickle from then on.
 * ``label.csv`` alone: transcripts and scores for text-only use, with ``mode`` giving the split. MOSI's has
   ``id,text,label,mode``; MOSEI's ``video_id,clip_id,text,label,mode`` (ids become ``<video_id>_<clip_id>``).
 
@@ -16,9 +22,12 @@ Ids follow one convention in both sources: MMSA's ``<video>$_$<clip>`` becomes `
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import os
 import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +52,9 @@ class MMSAConfig(DataConfig):
     features: Literal["auto", "aligned", "unaligned", "none"] = "auto"
     feature_file: str | None = None  # an explicit pickle, relative to root (overrides `features`)
     text_features: bool = False  # also put the pickle's text feature sequence into features["text"]
+    # Read feature *pickles* (they can run code when loaded). Without it, convert them once with
+    # `mmsenti data convert` into .npz files, which need no trust.
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -65,10 +77,10 @@ def _finite(arr: np.ndarray, what: str, name: str) -> np.ndarray:
     return arr
 
 
-def read_label_csv(path: Path) -> dict[str, list[Sample]]:
+def read_label_csv(path: Path, encoding: str = "utf-8") -> dict[str, list[Sample]]:
     """``label.csv`` → samples per split, label = the sentiment score."""
     splits: dict[str, list[Sample]] = {}
-    for lineno, row in read_csv(path, required=("text", "label", "mode")):
+    for lineno, row in read_csv(path, required=("text", "label", "mode"), encoding=encoding):
         where = f"{path}:{lineno}"
         if row.get("id"):
             sid = mmsa_id(row["id"])
@@ -88,13 +100,94 @@ def read_label_csv(path: Path) -> dict[str, list[Sample]]:
     return splits
 
 
-def read_mmsa_pickle(path: Path, text_features: bool, name: str) -> dict[str, list[Sample]]:
-    """An MMSA feature pickle → samples per split with trimmed feature sequences."""
+# What an MMSA feature pickle is made of: numpy arrays (and scalars, dtypes) in dicts, lists and strings. The
+# conversion's unpickler builds these and nothing else.
+_ARRAY_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds numpy arrays, containers and strings only: any other class or function a file names is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ARRAY_GLOBALS or (module in ("numpy.dtypes", "numpy._core.dtypes")
+                                                 and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it references {module}.{name}, which is not part of an MMSA feature file")
+
+
+def _load_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data: dict[str, dict[str, np.ndarray]] = {}
+            for key in z.files:
+                split, _, field = key.partition(".")
+                data.setdefault(split, {})[field] = z[key]
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npz feature file ({e})") from None
+    return data
+
+
+def _load_pickle(path: Path, trust: bool) -> Any:
+    if not trust:
+        npz = path.with_suffix(".npz")
+        raise DataError(
+            f"{path} is a Python pickle, and loading a pickle can run code; mmsenti reads data pickles only when "
+            f"told to trust them: convert it once to a safe file with `mmsenti data convert <dataset> --root DIR` "
+            f"(writes {npz.name} beside it, used from then on), or set data.trust_pickle=true if you trust its source")
     try:
         with open(path, "rb") as f:
-            data = pickle.load(f)  # noqa: S301 - the documented MMSA format; the docs say to trust the file
-    except (pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as e:
+            return pickle.load(f)  # noqa: S301 - only with data.trust_pickle: the user vouched for this file
+    except (pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError, ValueError) as e:
         raise DataError(f"{path}: not a readable MMSA pickle ({e.__class__.__name__}: {e})") from None
+
+
+def convert_pickle(path: str | Path) -> Path:
+    """Convert an MMSA feature pickle into ``<name>.npz`` beside it, without running code from it.
+
+    The pickle is read by an unpickler that builds numpy arrays, containers and strings only, so a crafted file is
+    refused (:class:`DataError` naming what it references) instead of executed. Returns the ``.npz`` path.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = _ArrayUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: refused to convert: {e} (nothing in it was run)") from None
+    except (EOFError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a readable MMSA pickle ({e.__class__.__name__}: {e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise DataError(f"{path}: expected a dict of splits, each a dict of arrays")
+    arrays: dict[str, np.ndarray] = {}
+    for split, part in data.items():
+        for field, value in part.items():
+            arr = np.asarray(value)
+            if arr.dtype == object:  # ids / raw texts kept as Python strings: store them as fixed-width unicode
+                if not all(isinstance(x, str) for x in arr.reshape(-1)):
+                    raise DataError(f"{path} [{split!r}][{field!r}]: holds objects other than numbers and strings")
+                arr = arr.astype(str)
+            if "." in str(split) or "." in str(field):
+                raise DataError(f"{path}: key {split!r}/{field!r} contains a dot")
+            arrays[f"{split}.{field}"] = arr
+    out = path.with_suffix(".npz")
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, out)  # atomic: a killed conversion leaves no half file that would be preferred to the pickle
+    log.info("converted %s → %s (%d arrays)", path, out, len(arrays))
+    return out
+
+
+def read_mmsa_features(path: Path, text_features: bool, name: str, trust_pickle: bool = False
+                       ) -> dict[str, list[Sample]]:
+    """An MMSA feature file (a converted ``.npz``, or a pickle with ``trust_pickle``) → samples per split."""
+    data = _load_npz(path) if path.suffix == ".npz" else _load_pickle(path, trust_pickle)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a dict of splits, got {type(data).__name__}")
     splits: dict[str, list[Sample]] = {}
@@ -137,7 +230,8 @@ def read_mmsa_pickle(path: Path, text_features: bool, name: str) -> dict[str, li
     return splits
 
 
-def _find_pickle(root: Path, cfg: MMSAConfig) -> Path | None:
+def _find_features(root: Path, cfg: MMSAConfig) -> Path | None:
+    """The feature file to read: ``data.feature_file``, else the setting's converted ``.npz`` or its pickle."""
     if cfg.feature_file:
         p = root / cfg.feature_file
         if not p.is_file():
@@ -147,7 +241,8 @@ def _find_pickle(root: Path, cfg: MMSAConfig) -> Path | None:
         return None
     kinds = ["unaligned", "aligned"] if cfg.features == "auto" else [cfg.features]
     for kind in kinds:
-        p = find_file(root, [PICKLES[kind], f"Processed/{PICKLES[kind]}"])
+        stem = Path(PICKLES[kind]).stem
+        p = find_file(root, [f"{stem}.npz", PICKLES[kind], f"Processed/{stem}.npz", f"Processed/{PICKLES[kind]}"])
         if p is not None:
             return p
     if cfg.features != "auto":
@@ -157,13 +252,13 @@ def _find_pickle(root: Path, cfg: MMSAConfig) -> Path | None:
 
 def build_mmsa(cfg: MMSAConfig) -> DatasetBundle:
     root = require_root(cfg)
-    pkl = _find_pickle(root, cfg)
+    pkl = _find_features(root, cfg)
     csv_path = find_file(root, ["label.csv"])
     if pkl is not None:
-        splits = read_mmsa_pickle(pkl, cfg.text_features, cfg.name)
+        splits = read_mmsa_features(pkl, cfg.text_features, cfg.name, cfg.trust_pickle)
         sources = [pkl]
         if csv_path is not None and any(s.text is None for v in splits.values() for s in v):
-            texts = {s.id: s.text for v in read_label_csv(csv_path).values() for s in v}
+            texts = {s.id: s.text for v in read_label_csv(csv_path, cfg.encoding).values() for s in v}
             for v in splits.values():
                 for s in v:
                     if s.text is None:
@@ -171,11 +266,26 @@ def build_mmsa(cfg: MMSAConfig) -> DatasetBundle:
             sources.append(csv_path)
         modalities: tuple[str, ...] = ("text", *SEQUENCE_MODALITIES)
     elif csv_path is not None:
-        splits, sources, modalities = read_label_csv(csv_path), [csv_path], ("text",)
+        splits, sources, modalities = read_label_csv(csv_path, cfg.encoding), [csv_path], ("text",)
     else:
         raise DataError(f"{root}: no {cfg.name.upper()} data found (expected label.csv, aligned_50.pkl or "
                         f"unaligned_50.pkl, in the root or Processed/)")
     return finish(cfg.name, splits, "regression", None, modalities, sources)
+
+
+def convert_dataset(cfg: MMSAConfig) -> list[Path]:
+    """``mmsenti data convert``: convert the dataset's feature pickles (``data.feature_file``, or every
+    ``aligned_50.pkl`` / ``unaligned_50.pkl`` in the root and ``Processed/``) to ``.npz``; returns what it wrote."""
+    root = require_root(cfg)
+    if cfg.feature_file:
+        pickles = [root / cfg.feature_file]
+    else:
+        pickles = [p for name in PICKLES.values() for p in (root / name, root / "Processed" / name) if p.is_file()]
+    pickles = [p for p in pickles if p.suffix != ".npz"]
+    if not pickles:
+        raise DataError(f"{root}: no MMSA feature pickle to convert ({', '.join(PICKLES.values())}, in the root "
+                        f"or Processed/)")
+    return [convert_pickle(p) for p in pickles]
 
 
 DATASETS.register("mosi", config=MMSAConfig,

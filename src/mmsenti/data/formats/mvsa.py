@@ -13,6 +13,7 @@ Two layouts are read:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from mmsenti.data.formats.common import (
     read_text_file,
     require_root,
     split_by_id_lists,
+    text_lines,
 )
 from mmsenti.data.formats.images import attach_images
 from mmsenti.data.formats.text import normalize_tweet
@@ -94,8 +96,8 @@ def merge_labels(pairs: list[tuple[str, str]]) -> tuple[str | None, str]:
 def read_label_file(path: Path) -> dict[str, tuple[str | None, str]]:
     """``labelResultAll.txt`` → ``{id: (merged label or None, drop reason)}``."""
     out: dict[str, tuple[str | None, str]] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
+    with contextlib.closing(text_lines(path)) as lines:
+        for lineno, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or (lineno == 1 and not fields[0].isdigit()):  # header: "ID text,image ..."
                 continue
@@ -169,7 +171,7 @@ def _load_raw(cfg: MVSAConfig, root: Path) -> tuple[dict[str, list[Sample]], lis
 
 
 def _load_clmlf(cfg: MVSAConfig, root: Path) -> tuple[dict[str, list[Sample]], list[Path]]:
-    splits, sources = read_clmlf_splits(root, _JSON_SPLITS, len(LABELS))
+    splits, sources = read_clmlf_splits(root, _JSON_SPLITS, len(LABELS), cfg.encoding)
     if not splits:
         raise DataError(f"{root}: no MVSA data found (expected train.json/dev.json/test.json, or the original "
                         f"release with labelResultAll.txt and data/)")
@@ -188,7 +190,7 @@ def build_mvsa(cfg: MVSAConfig) -> DatasetBundle:
     if cfg.use_translation:  # keyed by post id: works for both layouts
         sources.append(attach_translations(splits, root, cfg.name))
     modalities = attach_images(splits, root, cfg.image_dir, ("data",) if fmt == "raw" else IMAGE_DIRS,
-                               cfg.missing_images, cfg.name)
+                               cfg)
     return finish(cfg.name, splits, "classification", list(LABELS), modalities, sources,
                   normalize_tweet if cfg.normalize_text else None)
 

@@ -15,6 +15,7 @@ A copy without some split (e.g. only val and test) loads the splits it has.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ from mmsenti.data.formats.common import (
     read_text_file,
     require_root,
     split_by_id_lists,
+    text_lines,
 )
-from mmsenti.data.formats.images import ImageFolder, apply_missing_images, attach_images
+from mmsenti.data.formats.images import ImageFolder, apply_image_policy, attach_images
 from mmsenti.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def read_label_order(root: Path) -> list[str]:
     if not path.is_file():
         return list(DEFAULT_LABELS)
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        mapping = json.loads("".join(text_lines(path)))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(mapping, dict) or sorted(mapping.values()) != list(range(len(mapping))):
@@ -63,7 +65,7 @@ def read_label_order(root: Path) -> list[str]:
     return [k for k, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
 
 
-def _load_mgnns(root: Path, labels: list[str]) -> tuple[dict[str, list[Sample]], list[Path]]:
+def _load_mgnns(root: Path, labels: list[str], encoding: str = "utf-8") -> tuple[dict[str, list[Sample]], list[Path]]:
     splits, sources = {}, []
     for split, fname in _MGNNS.items():
         path = root / fname
@@ -71,7 +73,7 @@ def _load_mgnns(root: Path, labels: list[str]) -> tuple[dict[str, list[Sample]],
             continue
         sources.append(path)
         samples = []
-        for lineno, obj in read_jsonl(path):
+        for lineno, obj in read_jsonl(path, encoding):
             where = f"{path}:{lineno}"
             if "id" not in obj or "label" not in obj:
                 raise DataError(f"{where}: expected keys id, text, image, label")
@@ -95,8 +97,8 @@ def _load_raw(root: Path, labels: list[str], seed: int) -> tuple[dict[str, list[
     index = root / "all_data_id_and_label.txt"
     data = root / "data"
     samples = []
-    with open(index, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
+    with contextlib.closing(text_lines(index)) as lines:
+        for lineno, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or (lineno == 1 and not fields[0].isdigit()):
                 continue
@@ -127,17 +129,17 @@ def build_tumemo(cfg: TumEmoConfig) -> DatasetBundle:
         fmt = "raw" if (root / "all_data_id_and_label.txt").is_file() else "mgnns"
     if fmt == "raw":
         splits, sources = _load_raw(root, labels, cfg.seed)
-        modalities = attach_images(splits, root, cfg.image_dir, ("data",), cfg.missing_images, cfg.name)
+        modalities = attach_images(splits, root, cfg.image_dir, ("data",), cfg)
     elif cfg.image_dir:
-        splits, sources = _load_mgnns(root, labels)
-        modalities = attach_images(splits, root, cfg.image_dir, (), cfg.missing_images, cfg.name)
+        splits, sources = _load_mgnns(root, labels, cfg.encoding)
+        modalities = attach_images(splits, root, cfg.image_dir, (), cfg)
     else:
-        splits, sources = _load_mgnns(root, labels)
-        modalities = _attach_listed_images(splits, root, cfg.missing_images, cfg.name)
+        splits, sources = _load_mgnns(root, labels, cfg.encoding)
+        modalities = _attach_listed_images(splits, root, cfg)
     return finish(cfg.name, splits, "classification", labels, modalities, sources)
 
 
-def _attach_listed_images(splits: dict[str, list[Sample]], root: Path, policy: str, name: str) -> tuple[str, ...]:
+def _attach_listed_images(splits: dict[str, list[Sample]], root: Path, cfg: TumEmoConfig) -> tuple[str, ...]:
     """MGNNS json names each image by a path relative to the root; the copy has images when those folders exist."""
     folders: dict[Path, ImageFolder | None] = {}
     found_any = False
@@ -157,5 +159,5 @@ def _attach_listed_images(splits: dict[str, list[Sample]], root: Path, policy: s
             rel = s.extra.get("image_file")
             folder = folders.get((root / rel).parent) if rel else None
             s.image = folder.find(Path(rel).name) if folder and rel else None
-    splits.update(apply_missing_images(splits, policy, name, root))
+    splits.update(apply_image_policy(splits, cfg, root))
     return ("text", "image")

@@ -23,16 +23,18 @@ from typing import Any, Literal
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
 from mmsenti.data.formats.common import (
+    MAX_RECORD_LINES,
     SPLIT_ALIASES,
     canonical_split,
     carve_split,
+    check_inferred_labels,
     finish,
     label_index,
     read_csv,
     read_jsonl,
     require_root,
 )
-from mmsenti.data.formats.images import apply_missing_images
+from mmsenti.data.formats.images import apply_image_policy
 from mmsenti.data.formats.text import normalize_tweet
 from mmsenti.registry import DATASETS
 
@@ -53,6 +55,8 @@ class UserDataConfig(DataConfig):
     test_fraction: float = 0.0  # likewise for test
     seed: int = 0  # seed of the carving
     normalize_text: bool = False  # apply the tweet normalisation (mentions, URLs, hashtags, emoji)
+    # CSV: a record spanning more lines is an error (an unterminated quote swallows the rows after it); 0 = no limit
+    max_record_lines: int = MAX_RECORD_LINES
 
 
 @dataclass
@@ -94,17 +98,20 @@ def _data_files(root: Path, exts: tuple[str, ...]) -> list[tuple[Path, str | Non
     return files
 
 
-def read_records(path: Path, *, delimiter: str = ",") -> list[tuple[int, dict[str, Any]]]:
+def read_records(path: Path, *, delimiter: str = ",", encoding: str = "utf-8",
+                 max_record_lines: int = MAX_RECORD_LINES) -> list[tuple[int, dict[str, Any]]]:
     """``(line, record)`` pairs of a ``.jsonl`` or ``.csv``/``.tsv`` file (also used to read prediction inputs)."""
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        return list(read_jsonl(path))
-    return list(read_csv(path, delimiter="\t" if path.suffix.lower() == ".tsv" else delimiter))
+        return list(read_jsonl(path, encoding))
+    return list(read_csv(path, delimiter="\t" if path.suffix.lower() == ".tsv" else delimiter, encoding=encoding,
+                         max_record_lines=max_record_lines))
 
 
 def _records(cfg: UserDataConfig, root: Path, exts: tuple[str, ...]) -> list[Record]:
     records = []
     for path, file_split in _data_files(root, exts):
-        for line, fields in read_records(path, delimiter=getattr(cfg, "delimiter", ",")):
+        for line, fields in read_records(path, delimiter=getattr(cfg, "delimiter", ","), encoding=cfg.encoding,
+                                         max_record_lines=cfg.max_record_lines):
             value = fields.get(cfg.split_field)
             split = file_split or "train"
             if value not in (None, ""):
@@ -190,9 +197,13 @@ def build_user(cfg: UserDataConfig, exts: tuple[str, ...]) -> DatasetBundle:
             log.info("%s: the files have a %s split; %s_fraction is not used", cfg.name, split, split)
     modalities = tuple(m for m, present in (("text", has_text), ("image", has_image)) if present)
     if has_image:
-        splits = apply_missing_images(splits, cfg.missing_images, cfg.name, root)
-    return finish(cfg.name, splits, cfg.task, names, modalities, sorted({r.path for r in records}),
-                  normalize_tweet if cfg.normalize_text else None)
+        splits = apply_image_policy(splits, cfg, root)
+    bundle = finish(cfg.name, splits, cfg.task, names, modalities, sorted({r.path for r in records}),
+                    normalize_tweet if cfg.normalize_text else None)
+    if names is not None and not cfg.label_names:
+        bundle.inferred_labels = True
+        check_inferred_labels(cfg.name, bundle.splits, names, root)
+    return bundle
 
 
 @DATASETS.register("jsonl", config=UserDataConfig,

@@ -3,7 +3,7 @@
 from mmsenti.models.infig.alignment import (
     FeatureQueue,
     FineGrainedAlignmentLoss,
-    Gather,
+    GatherFn,
     GlobalAlignmentLoss,
     LearnableTemperature,
     fine_grained_similarity,
@@ -14,7 +14,7 @@ from mmsenti.models.infig.alignment import (
 __all__ = [
     "FeatureQueue",
     "FineGrainedAlignmentLoss",
-    "Gather",
+    "GatherFn",
     "GlobalAlignmentLoss",
     "LearnableTemperature",
     "fine_grained_similarity",

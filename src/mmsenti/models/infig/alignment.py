@@ -13,30 +13,37 @@ Everything here is pure torch and vectorised over the batch; the INFIG model own
 
   then InfoNCE over the batch in both directions, averaged over the last M layers.
 
-Multi-process training: both losses take a ``gather`` hook, ``gather(x) -> x_all``, that concatenates a tensor
-across processes along dim 0 **with this process's rows first** (so positives stay at ``arange(local_batch)``
-and the losses need no rank arithmetic). ``None`` means single process. For the fine-grained loss the hook should be
-differentiable (e.g. built on ``torch.distributed.nn.functional.all_gather``) if gradients are to reach other
-processes' features, and texts must be padded to the same length on every process (or the hook pads them and their
-mask). The global loss only gathers momentum features, which carry no gradient.
+Multi-process training: both losses take a ``gather`` hook, the one contract of :data:`mmsenti.distributed.GatherFn`:
+``gather(x) -> (x_all, offset)``, every process's rows in rank order with this process's at ``offset``, gradients
+flowing back to the process that owns a row. ``None`` means a single process. The trainer sets it (see
+:func:`mmsenti.distributed.attach_gather`):
+
+* GAM gathers the momentum keys of the whole global batch (no gradient: they are detached) and their sample ids;
+  every process enqueues the same gathered keys, so the queues stay identical on every process and equal to a
+  single process's; the positives of local anchor ``i`` are at ``offset + i``.
+* HFAM contrasts local images with the texts of the global batch and local texts with its images, through the
+  differentiable gather (token states and masks are zero-padded to a common text length), so the gradient of a
+  process's loss reaches the encoders of every process.
+
+Each process's loss is then the mean over its own anchors, and DDP's gradient average over processes equals the
+single-process loss of the global batch.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Gather = Callable[[Tensor], Tensor]
-"""``gather(x)``: ``x`` concatenated over processes along dim 0, this process's rows first."""
+from mmsenti.distributed import GatherFn
 
 __all__ = [
     "FeatureQueue",
     "FineGrainedAlignmentLoss",
-    "Gather",
+    "GatherFn",
     "GlobalAlignmentLoss",
     "LearnableTemperature",
     "fine_grained_similarity",
@@ -206,7 +213,7 @@ class FineGrainedAlignmentLoss(nn.Module):
             (texts) against the texts (images) of all processes.
     """
 
-    def __init__(self, top_j: int = 2, chunk_size: int | None = None, gather: Gather | None = None):
+    def __init__(self, top_j: int = 2, chunk_size: int | None = None, gather: GatherFn | None = None):
         super().__init__()
         if top_j < 1:
             raise ValueError(f"top_j must be >= 1, got {top_j}")
@@ -233,18 +240,23 @@ class FineGrainedAlignmentLoss(nn.Module):
         batch = img_layers[0].shape[0]
         if txt_mask.shape[0] != batch or any(x.shape[0] != batch for x in (*img_layers, *txt_layers)):
             raise ValueError("image and text batches must hold the same pairs (equal batch sizes)")
-        targets = torch.arange(batch, device=txt_mask.device)
+        offset = 0
+        if self.gather is not None:
+            mask_all, offset = self.gather(txt_mask)
+            # Every layer in one gather per modality: (B, M, N, D), fewer collectives per step.
+            img_all = self.gather(torch.stack(list(img_layers), 1))[0].unbind(1)
+            txt_all = self.gather(torch.stack(list(txt_layers), 1))[0].unbind(1)
+        targets = offset + torch.arange(batch, device=txt_mask.device)
 
         losses = []
-        for img, txt in zip(img_layers, txt_layers, strict=True):
+        for m, (img, txt) in enumerate(zip(img_layers, txt_layers, strict=True)):
             if self.gather is None:
                 s_p2q, s_q2p = _fine_grained(img, txt, txt_mask, self.top_j, self.chunk_size)
                 logits_i2t, logits_t2i = s_p2q, s_q2p.T
             else:
                 # Local images against every process's texts, and local texts against every process's images.
-                logits_i2t, _ = _fine_grained(img, self.gather(txt), self.gather(txt_mask), self.top_j,
-                                              self.chunk_size, q2p=False)
-                _, s_q2p = _fine_grained(self.gather(img), txt, txt_mask, self.top_j, self.chunk_size, p2q=False)
+                logits_i2t, _ = _fine_grained(img, txt_all[m], mask_all, self.top_j, self.chunk_size, q2p=False)
+                _, s_q2p = _fine_grained(img_all[m], txt, txt_mask, self.top_j, self.chunk_size, p2q=False)
                 logits_t2i = s_q2p.T
             losses.append(0.5 * (F.cross_entropy(logits_i2t / tau, targets) + F.cross_entropy(logits_t2i / tau, targets)))
 
@@ -372,7 +384,7 @@ class GlobalAlignmentLoss(nn.Module):
     """
 
     def __init__(self, dim: int, queue_size: int, temperature: float | LearnableTemperature = 0.07, alpha: float = 0.0,
-                 gather: Gather | None = None):
+                 gather: GatherFn | None = None):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -405,34 +417,35 @@ class GlobalAlignmentLoss(nn.Module):
         batch = img.shape[0]
         with torch.no_grad():
             img_m, txt_m = F.normalize(img_feat_m.detach(), dim=-1), F.normalize(txt_feat_m.detach(), dim=-1)
-            if self.gather is not None:
-                img_m, txt_m = self.gather(img_m), self.gather(txt_m)
-                ids_m = self.gather(ids) if ids is not None else None
-            else:
-                ids_m = ids
+            ids_m, offset = ids, 0
+            if self.gather is not None:  # the keys of the global batch, in rank order (no gradient: detached)
+                keys, offset = self.gather(torch.cat([img_m, txt_m], 1))
+                img_m, txt_m = keys.split([img_m.shape[1], txt_m.shape[1]], 1)
+                ids_m = self.gather(ids)[0] if ids is not None else None
             img_keys = torch.cat([img_m, self.image_queue.features().to(img_m.dtype)])
             txt_keys = torch.cat([txt_m, self.text_queue.features().to(txt_m.dtype)])
-            targets_i2t, targets_t2i = self._targets(batch, img_m, txt_m, img_keys, txt_keys, ids, ids_m, tau)
+            targets_i2t, targets_t2i = self._targets(batch, offset, img_m, txt_m, img_keys, txt_keys, ids, ids_m,
+                                                     tau)
 
         loss_i2t = F.cross_entropy(img @ txt_keys.T / tau, targets_i2t)
         loss_t2i = F.cross_entropy(txt @ img_keys.T / tau, targets_t2i)
 
-        if self.training:
+        if self.training:  # every process enqueues the same gathered keys: the queues never diverge
             self.image_queue.enqueue(img_m, ids_m)
             self.text_queue.enqueue(txt_m, ids_m)
         return {"loss_g": 0.5 * (loss_i2t + loss_t2i), "g_i2t": loss_i2t.detach(), "g_t2i": loss_t2i.detach(),
                 "tau": tau.detach()}
 
-    def _targets(self, batch: int, img_m: Tensor, txt_m: Tensor, img_keys: Tensor, txt_keys: Tensor,
+    def _targets(self, batch: int, offset: int, img_m: Tensor, txt_m: Tensor, img_keys: Tensor, txt_keys: Tensor,
                  ids: Tensor | None, ids_m: Tensor | None, tau: Tensor) -> tuple[Tensor, Tensor]:
         """Class indices (hard InfoNCE, the common case) or (B, K) probabilities."""
         device = img_keys.device
+        index = offset + torch.arange(batch, device=device)  # this process's momentum rows in the keys
         if ids is None and self.alpha == 0.0:
-            index = torch.arange(batch, device=device)  # this process's rows come first in the keys
             return index, index
         if ids is None:
             hard = torch.zeros(batch, img_keys.shape[0], device=device, dtype=img_keys.dtype)
-            hard.fill_diagonal_(1.0)
+            hard[torch.arange(batch, device=device), index] = 1.0
         else:
             key_ids = torch.cat([ids_m, self.image_queue.sample_ids().to(device)])  # both queues hold the same ids
             hard = (ids[:, None].to(device) == key_ids[None, :]).to(img_keys.dtype)
@@ -440,8 +453,8 @@ class GlobalAlignmentLoss(nn.Module):
         if self.alpha == 0.0:
             return hard, hard
         # ALBEF momentum distillation: the momentum model's own similarity distribution as soft targets.
-        soft_i2t = F.softmax(img_m[:batch] @ txt_keys.T / tau, dim=1)
-        soft_t2i = F.softmax(txt_m[:batch] @ img_keys.T / tau, dim=1)
+        soft_i2t = F.softmax(img_m[index] @ txt_keys.T / tau, dim=1)
+        soft_t2i = F.softmax(txt_m[index] @ img_keys.T / tau, dim=1)
         return (self.alpha * soft_i2t + (1 - self.alpha) * hard,
                 self.alpha * soft_t2i + (1 - self.alpha) * hard)
 

@@ -6,7 +6,8 @@ Shapes (B batch, d = ``width``):
 * image: CNN map → d → [CLS] + regions → ``image_layers`` transformer layers (every layer kept);
 * text: an HF encoder (every layer kept), projected to d when its width differs;
 * GAM (training only): i_g = [i_cls ; W_i·clip_img], t_g = [t_cls ; W_t·clip_txt] at layer ``gam_layer`` from the
-  end, contrasted against momentum features of the batch and two queues (ALBEF ITC), eqs. (1)-(2);
+  end, contrasted against momentum features of the batch and two queues (ALBEF ITC), eqs. (1)-(2); the momentum
+  encoders follow the online ones by one EMA step per optimiser step (``on_optimizer_step``);
 * HFAM (training only): token-wise top-j similarities over the last ``hfam_layers`` layers, InfoNCE over the
   batch, eqs. (3)-(6); [CLS] and padding excluded;
 * fusion: transformer over [image tokens ; text tokens] (text padding masked) → attention pooling (8-9) →
@@ -89,8 +90,14 @@ class InfigConfig(ModelConfig):
 
     @property
     def clip_active(self) -> bool:
-        """CLIP is only read by GAM; the processor prepares CLIP inputs only when this is true."""
-        return self.use_clip and self.use_gam
+        """CLIP is only read by GAM (in training); the processor prepares CLIP inputs only then."""
+        return self.use_clip and self.use_gam and set(self.modalities) == {"image", "text"}
+
+    def batch_inputs(self, training: bool) -> list[str]:
+        keys = super().batch_inputs(training)
+        if training and self.clip_active:  # GAM's CLIP prior: training only
+            keys += ["clip_input_ids", "clip_attention_mask", "clip_pixel_values"]
+        return keys
 
 
 def modality_drop(batch_size: int, p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -108,7 +115,9 @@ def stable_sample_index(ids: list[str]) -> torch.Tensor:
 
 
 def build_clip(cfg: ClipConfig, tokenizer, load_weights: bool = True) -> nn.Module:
-    """HF ``CLIPModel``; frozen by the caller. 'tiny-random' reads the main tokenizer's ids."""
+    """HF ``CLIPModel`` or open_clip ``CLIP`` (``open_clip:ARCH[/TAG]``); frozen by the caller, read through
+    :func:`~mmsenti.backbones.clip.clip_adapter`. 'tiny-random' (and a random HF CLIP without tokenizer files)
+    reads the main tokenizer's ids; open_clip always reads its own tokenizer (it ships with the package)."""
     from transformers import CLIPConfig, CLIPModel
 
     if cfg.name == "tiny-random":
@@ -124,10 +133,11 @@ def build_clip(cfg: ClipConfig, tokenizer, load_weights: bool = True) -> nn.Modu
             projection_dim=cfg.projection_dim,
         )
         return CLIPModel(hf)
-    from mmsenti.backbones import load_clip
+    from mmsenti.backbones import clip_preset, load_clip
 
     arch = dict(cfg.arch)
-    if not cfg.pretrained:  # random init without tokenizer files reads the main tokenizer's ids (see build_processor)
+    if not cfg.pretrained and clip_preset(cfg.name).impl == "hf":
+        # random init without tokenizer files reads the main tokenizer's ids (see build_processor)
         from mmsenti.backbones.build import _merge
 
         text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -139,10 +149,14 @@ def build_clip(cfg: ClipConfig, tokenizer, load_weights: bool = True) -> nn.Modu
 
 
 class Infig(MultimodalModel):
+    """INFIG. Built with ``inference=True`` it holds only what ``forward`` reads in eval mode: no momentum
+    encoders, queues, CLIP or alignment losses (see :meth:`training_only_modules`)."""
+
     backbone_prefixes = ("text_encoder.backbone.", "image_encoder.backbone.")
 
-    def __init__(self, cfg: InfigConfig, info: TaskInfo, processor, load_weights: bool = True):
-        super().__init__(cfg, info)
+    def __init__(self, cfg: InfigConfig, info: TaskInfo, processor, load_weights: bool = True,
+                 inference: bool = False):
+        super().__init__(cfg, info, inference)
         self._validate(cfg)
         d = cfg.width
         self.has_text, self.has_image = "text" in cfg.modalities, "image" in cfg.modalities
@@ -170,21 +184,22 @@ class Infig(MultimodalModel):
 
         if cfg.use_clip and not cfg.use_gam:
             log.info("use_clip without use_gam: CLIP only feeds GAM, so it is not built")
-        if self.use_gam:
+        if self.use_gam and not inference:
             g_dim = d
             if self.use_clip:
+                from mmsenti.backbones.clip import clip_adapter
+
                 self.clip = build_clip(cfg.clip, processor.tokenizer, load_weights).requires_grad_(False).eval()
-                proj_dim = self.clip.config.projection_dim
+                self.clip_api = clip_adapter(self.clip)  # a view of self.clip: adds no state
+                proj_dim = self.clip_api.projection_dim
                 self.clip_image_proj = nn.Linear(proj_dim, cfg.clip_dim)
                 self.clip_text_proj = nn.Linear(proj_dim, cfg.clip_dim)
                 g_dim += cfg.clip_dim
             # Momentum copies of everything that produces a global feature (the frozen CLIP needs none).
-            self._momentum_names = ["text_encoder", "text_proj", "image_encoder"] + (
-                ["clip_image_proj", "clip_text_proj"] if self.use_clip else [])
-            for name in self._momentum_names:
+            for name in self._training_momentum_names():
                 setattr(self, f"{name}_m", make_momentum_copy(getattr(self, name)))
             self.gam_loss = GlobalAlignmentLoss(g_dim, cfg.queue_size, cfg.temperature)
-        if self.use_hfam:
+        if self.use_hfam and not inference:
             self.hfam_loss = FineGrainedAlignmentLoss(cfg.top_j, cfg.hfam_chunk_size)
             self.hfam_temperature = LearnableTemperature(cfg.temperature)
 
@@ -208,10 +223,29 @@ class Infig(MultimodalModel):
         if not 0.0 <= cfg.modality_dropout <= 1.0:
             raise ConfigError(f"model.modality_dropout: must be in [0, 1], got {cfg.modality_dropout}")
 
+    def training_only_modules(self) -> tuple[str, ...]:
+        names = []
+        if self.use_gam:
+            names += [*(f"{n}_m" for n in self._training_momentum_names()), "gam_loss"]
+            names += ["clip", "clip_image_proj", "clip_text_proj"] if self.use_clip else []
+        if self.use_hfam:
+            names += ["hfam_loss", "hfam_temperature"]
+        return tuple(names)
+
+    def _training_momentum_names(self) -> list[str]:
+        return ["text_encoder", "text_proj", "image_encoder"] + (
+            ["clip_image_proj", "clip_text_proj"] if self.use_clip else [])
+
+    @property
+    def supports_missing_modality(self) -> bool:
+        """Fusion can hide a modality (``image_present`` / ``text_present``); meaningful when trained with
+        ``modality_dropout``."""
+        return self.has_text and self.has_image
+
     # ------------------------------------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Infig:
         super().train(mode)
-        if self.use_clip:
+        if self.use_clip and not self.inference:
             self.clip.eval()  # frozen prior: no dropout, fixed statistics
         return self
 
@@ -246,21 +280,22 @@ class Infig(MultimodalModel):
 
     def cache_spec(self) -> dict[str, str]:
         spec = super().cache_spec()
-        if self.use_clip:
+        if self.use_clip and not self.inference:
             spec.update(dict.fromkeys(self._CLIP_KEYS, "fixed"))
         return spec
 
     def cache_replaces(self) -> set[str]:
-        extra = {"clip_pixel_values", "clip_input_ids", "clip_attention_mask"} if self.use_clip else set()
+        extra = ({"clip_pixel_values", "clip_input_ids", "clip_attention_mask"}
+                 if self.use_clip and not self.inference else set())
         return super().cache_replaces() | extra
 
     def cache_modules(self) -> dict[str, nn.Module]:
-        return {**super().cache_modules(), **({"clip": self.clip} if self.use_clip else {})}
+        return {**super().cache_modules(), **({"clip": self.clip} if self.use_clip and not self.inference else {})}
 
     @torch.no_grad()
     def compute_cached(self, batch: dict) -> dict[str, torch.Tensor]:
         out = super().compute_cached(batch)
-        if self.use_clip:
+        if self.use_clip and not self.inference:
             out.update(zip(self._CLIP_KEYS, self._clip_features(batch), strict=True))
         return out
 
@@ -268,11 +303,8 @@ class Infig(MultimodalModel):
     def _clip_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if all(k in batch for k in self._CLIP_KEYS):
             return batch[self._CLIP_KEYS[0]], batch[self._CLIP_KEYS[1]]
-        img = self.clip.get_image_features(pixel_values=batch["clip_pixel_values"])
-        txt = self.clip.get_text_features(input_ids=batch["clip_input_ids"],
-                                          attention_mask=batch["clip_attention_mask"])
-        # transformers >= 5 returns model outputs whose pooler_output holds the projected embedding.
-        return (getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt))
+        return (self.clip_api.image_features(batch["clip_pixel_values"]),
+                self.clip_api.text_features(batch["clip_input_ids"], batch["clip_attention_mask"]))
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, return_attention: bool = False) -> dict:
@@ -288,6 +320,11 @@ class Infig(MultimodalModel):
         if self.training and len(parts) == 2 and self.config.modality_dropout > 0:
             drop = modality_drop(pads[0].shape[0], self.config.modality_dropout, pads[0].device)
             pads = [pads[0] | drop[:, :1], pads[1] | drop[:, 1:]]
+        if len(parts) == 2 and ("image_present" in batch or "text_present" in batch):
+            # A post served without one modality (``--allow-missing-modality``): hidden as modality dropout does.
+            for i, key in enumerate(("image_present", "text_present")):
+                if key in batch:
+                    pads[i] = pads[i] | ~batch[key].to(pads[i].device)[:, None]
         x, pad = torch.cat(parts, dim=1), torch.cat(pads, dim=1)
         attn = None
         for i, block in enumerate(self.fusion):
@@ -299,12 +336,12 @@ class Infig(MultimodalModel):
             out.update(attention=attn, pool_weights=pool_weights,
                        num_image_tokens=img_states[-1].shape[1] if img_states is not None else 0)
 
+        if self.training and (self.use_gam or self.use_hfam):
+            self._check_trainable()
         if self.training and self.use_gam:
             clip_feats = self._clip_features(batch) if self.use_clip else None
             out["global"] = self._global_features(img_states, txt_states, clip_feats)
-            with torch.no_grad():
-                for name in self._momentum_names:
-                    momentum_update(getattr(self, name), getattr(self, name + "_m"), self.config.momentum)
+            with torch.no_grad():  # the momentum encoders move once per optimiser step (on_optimizer_step)
                 img_m, txt_m, _ = self._encode(batch, "_m")
                 out["global_m"] = self._global_features(img_m, txt_m, clip_feats, "_m")
             out["sample_index"] = stable_sample_index(batch["ids"]).to(x.device)
@@ -313,6 +350,21 @@ class Infig(MultimodalModel):
             # [CLS] (position 0) excluded on both sides; text padding excluded by the mask.
             out["fine"] = ([h[:, 1:] for h in img_states[-m:]], [h[:, 1:] for h in txt_states[-m:]], mask[:, 1:])
         return out
+
+    @torch.no_grad()
+    def update_momentum_encoders(self) -> None:
+        """One EMA step of the momentum encoders towards the online ones (a no-op without GAM).
+
+        The trainer calls it once per optimiser step (:meth:`on_optimizer_step`), not once per forward: with
+        gradient accumulation over k micro-batches a per-forward update would apply the EMA k times to the same
+        weights (an effective momentum of m^k). A custom training loop calls it after each ``optimizer.step()``.
+        """
+        if self.use_gam and not self.inference:
+            for name in self._training_momentum_names():
+                momentum_update(getattr(self, name), getattr(self, name + "_m"), self.config.momentum)
+
+    def on_optimizer_step(self, trainer=None) -> None:
+        self.update_momentum_encoders()
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         """L_sc always; λg·L_g and λf·L_f in training (their inputs exist only in training mode)."""
@@ -330,5 +382,5 @@ class Infig(MultimodalModel):
 
 @MODELS.register("infig", config=InfigConfig,
                  description="INFIG: CLIP-assisted global + hierarchical fine-grained alignment, transformer fusion")
-def infig(cfg: InfigConfig, info: TaskInfo, processor, load_weights: bool = True) -> Infig:
-    return Infig(cfg, info, processor, load_weights)
+def infig(cfg: InfigConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> Infig:
+    return Infig(cfg, info, processor, load_weights, inference)

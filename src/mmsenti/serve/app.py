@@ -1,0 +1,78 @@
+"""``create_app(model_dir, settings)``: the FastAPI application (no module-level model)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
+
+from mmsenti import __version__
+from mmsenti.inference import Predictor
+from mmsenti.serve.errors import BodyLimit, install_error_handlers
+from mmsenti.serve.routes import V1_ROUTERS, health, web
+from mmsenti.serve.schemas import Post, PostBatch
+from mmsenti.serve.service import Service, require_api_key
+from mmsenti.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(model_dir: str | Path, settings: ServeSettings | None = None, predictor: Predictor | None = None,
+               device: str = "auto") -> FastAPI:
+    """The service of the model in ``model_dir`` (a model or run directory).
+
+    Args:
+        settings: limits and options (default :class:`ServeSettings`).
+        predictor: an already loaded model (else it is loaded when the app starts).
+        device: where to load it.
+    """
+    settings = settings or ServeSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from starlette.concurrency import run_in_threadpool
+
+        pred = predictor or await run_in_threadpool(Predictor.from_pretrained, model_dir, device)
+        service = Service(pred, settings, model_dir)
+        await service.start()
+        app.state.service = service
+        log.info("serving %s (version %s, %s)", service.name, service.version, ", ".join(service.modalities))
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="mmsenti", version=__version__, lifespan=lifespan,
+                  description="Multimodal sentiment analysis of posts (text + image). Errors are JSON naming the "
+                              "field: `{\"error\": {\"status\", \"field\", \"message\"}}`.")
+    app.state.settings = settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    for router in V1_ROUTERS:
+        app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
+    app.include_router(web.router)
+    app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
+    _document_post_schemas(app)
+    return app
+
+
+def _document_post_schemas(app: FastAPI) -> None:
+    """Routes read posts themselves (JSON or multipart); add their schemas to the OpenAPI components."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (Post, PostBatch):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

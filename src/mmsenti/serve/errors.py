@@ -1,0 +1,97 @@
+"""Errors as JSON naming the field: ``{"error": {"status": 422, "field": "posts[0].image", "message": "..."}}``.
+
+Bad input is always a 4xx: validation errors, bodies over the limit (checked while the body streams in, by
+:class:`BodyLimit`, for every route), unknown routes. Only a bug in the service itself is a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """A client error: HTTP ``status``, the request ``field`` at fault (``None`` for the request as a whole)."""
+
+    def __init__(self, status: int, field: str | None, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+def error_body(status: int, field: str | None, message: str) -> dict:
+    return {"error": {"status": status, "field": field, "message": message}}
+
+
+def field_path(loc: Sequence[str | int], prefix: str = "") -> str:
+    """``("posts", 1, "text")`` → ``posts[1].text``."""
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def validation_message(err: dict) -> str:
+    msg = err.get("msg", "invalid value")
+    return "field required" if err.get("type") == "missing" else msg
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.field, exc.message), status_code=exc.status,
+                            headers={"WWW-Authenticate": "ApiKey"} if exc.status == 401 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "header", "path")]
+        return JSONResponse(error_body(422, field_path(loc), validation_message(err)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, None, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, None, "internal error"), status_code=500)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` is a 413, by its Content-Length or while it streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            status, msg = (413, f"request body over the limit of {self.max_bytes} bytes") if length.isdigit() \
+                else (400, "invalid Content-Length header")
+            body = json.dumps(error_body(status, "body", msg)).encode()
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise ServeError(413, "body", f"request body over the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)

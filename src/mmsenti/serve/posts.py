@@ -1,0 +1,164 @@
+"""Posts from a request: parsed (JSON or multipart), validated against the model and the limits, images decoded.
+
+Every route that reads posts (``/v1/predict``, later ``/v1/explain``) calls :func:`read_posts`, so validation,
+limits and error messages are the same everywhere. Decoding runs in a worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+from dataclasses import dataclass
+
+import torch
+from fastapi import Request
+from PIL import Image
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from mmsenti.serve.errors import ServeError, field_path, validation_message
+from mmsenti.serve.schemas import Post, PostBatch
+from mmsenti.serve.settings import ServeSettings
+
+MULTIPART_FIELDS = ("id", "text", "image")
+
+
+@dataclass
+class PreparedPost:
+    """A validated post: text, the transformed image (``pixel_values`` of one sample) and what it holds."""
+
+    id: str
+    text: str | None
+    pixels: torch.Tensor | None
+    image: Image.Image | None  # the decoded image (for routes that draw on it)
+    modalities: list[str]
+
+
+async def read_posts(request: Request, settings: ServeSettings, modalities: list[str], processor) -> list[PreparedPost]:
+    """The request's posts, validated and decoded; a :class:`ServeError` naming the field otherwise."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        posts, prefix = await _json_posts(request, settings)
+        images = [(p.image, _join(prefix(i), "image"), False) for i, p in enumerate(posts)]
+    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):  # an HTML form
+        post, data = await _multipart_post(request)
+        posts, prefix = [post], (lambda i: "")
+        images = [(data, "image", True)]
+    else:
+        raise ServeError(415, "content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}")
+    return await run_in_threadpool(_prepare, posts, images, prefix, settings, modalities, processor)
+
+
+async def _json_posts(request: Request, settings: ServeSettings):
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ServeError(400, "body", f"invalid JSON: {getattr(e, 'msg', e)}") from None
+    if not isinstance(data, dict):
+        raise ServeError(422, "body", f"expected a JSON object (one post, or {{\"posts\": [...]}}), "
+                                      f"got {type(data).__name__}")
+    batch = "posts" in data
+    if batch and isinstance(data["posts"], list) and len(data["posts"]) > settings.max_posts:
+        raise ServeError(413, "posts", f"{len(data['posts'])} posts, at most {settings.max_posts} per request")
+    try:
+        posts = PostBatch.model_validate(data).posts if batch else [Post.model_validate(data)]
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ServeError(422, field_path(err["loc"]), validation_message(err)) from None
+    return posts, (lambda i: f"posts[{i}]") if batch else (lambda i: "")
+
+
+async def _multipart_post(request: Request) -> tuple[Post, bytes | None]:
+    from starlette.datastructures import UploadFile
+
+    try:
+        form = await request.form(max_files=1, max_fields=len(MULTIPART_FIELDS))
+    except ServeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - starlette/python-multipart raise several types for a broken body
+        raise ServeError(400, "body", f"invalid multipart body: {e}") from None
+    unknown = [k for k in form.keys() if k not in MULTIPART_FIELDS]
+    if unknown:
+        raise ServeError(422, unknown[0], f"unknown field (expected {', '.join(MULTIPART_FIELDS)})")
+    values = {}
+    for key in ("id", "text"):
+        v = form.get(key)
+        if isinstance(v, UploadFile):
+            raise ServeError(422, key, "expected a form field, got a file")
+        values[key] = v
+    image = form.get("image")
+    data = None
+    if image is not None:
+        if not isinstance(image, UploadFile):
+            raise ServeError(422, "image", "expected a file upload (multipart file field)")
+        data = await image.read()
+    return Post(id=values["id"], text=values["text"]), data
+
+
+def _prepare(posts: list[Post], images, prefix, settings: ServeSettings, modalities: list[str],
+             processor) -> list[PreparedPost]:
+    out = []
+    for i, (post, (encoded, image_field, is_bytes)) in enumerate(zip(posts, images, strict=True)):
+        text_field = _join(prefix(i), "text")
+        if post.text is not None and len(post.text) > settings.max_text_chars:
+            raise ServeError(422, text_field, f"{len(post.text)} characters, at most {settings.max_text_chars}")
+        text = post.text if "text" in modalities and post.text not in (None, "") else None
+        image = pixels = None
+        if "image" in modalities and encoded not in (None, b"", ""):
+            data = encoded if is_bytes else _base64(encoded, image_field)
+            image = decode_image(data, image_field, settings)
+            pixels = processor.image_transform(image)
+        used = [m for m, v in (("text", text), ("image", pixels)) if m in modalities and v is not None]
+        missing = [m for m in modalities if m not in used]
+        if not used:
+            field = prefix(i) or "body"
+            raise ServeError(422, field, f"the post has no {' or '.join(modalities)} (this model reads "
+                                         f"{' and '.join(modalities)})")
+        if missing and not settings.allow_missing_modality:
+            field = text_field if missing[0] == "text" else image_field
+            raise ServeError(422, field, f"missing {missing[0]}: this model reads {' and '.join(modalities)} "
+                                         "(a server started with --allow-missing-modality accepts posts without one)")
+        out.append(PreparedPost(post.id if post.id is not None else str(i), text, pixels, image, used))
+    return out
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _base64(value: str, field: str) -> bytes:
+    if value.startswith("data:"):  # a data URL, as a browser's FileReader gives it
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ServeError(422, field, f"not valid base64 ({e})") from None
+
+
+def decode_image(data: bytes, field: str, settings: ServeSettings) -> Image.Image:
+    """Decode an uploaded image as RGB, within the limits. Size and format are checked from the header, before
+    the pixels are decoded. (Not :func:`mmsenti.data.processing.open_image`: that reads files and reports paths.)"""
+    if len(data) > settings.max_image_bytes:
+        raise ServeError(413, field, f"image of {len(data)} bytes, at most {settings.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            if im.format not in settings.image_formats:
+                raise ServeError(422, field, f"image format {im.format} not accepted "
+                                             f"(allowed: {', '.join(settings.image_formats)})")
+            width, height = im.size
+            if width * height > settings.max_image_pixels:
+                raise ServeError(413, field, f"image of {width}x{height} pixels, at most {settings.max_image_pixels}")
+            im.load()
+            return im.convert("RGB")
+    except ServeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ServeError(413, field, f"image too large to decode safely ({e})") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        raise ServeError(422, field, f"cannot decode the image ({type(e).__name__}: {e})") from None

@@ -1,0 +1,68 @@
+"""Request and response models (pydantic): what ``/docs`` shows and what every route validates against."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Post(BaseModel):
+    """One post. ``image`` is the encoded image file (JPEG, PNG, ...) in base64 (a ``data:`` URL is accepted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, max_length=256, description="returned with its prediction (default: its position)")
+    text: str | None = Field(None, description="the post's text")
+    image: str | None = Field(None, description="base64 of the image file")
+
+
+class PostBatch(BaseModel):
+    """Several posts in one request; predictions come back in the same order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    posts: list[Post] = Field(..., min_length=1)
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str = Field(..., description="first 12 hex digits of the sha256 of model.safetensors")
+
+
+class Prediction(BaseModel):
+    id: str
+    label: str | None = Field(None, description="classification: the most probable label")
+    probabilities: dict[str, float] | None = Field(None, description="classification: probability per label")
+    score: float | None = Field(None, description="regression: the predicted score")
+    modalities: list[str] = Field(..., description="the modalities the prediction read")
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Prediction]
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    field: str | None = Field(None, description="the request field at fault, e.g. posts[0].image")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    task: str
+    labels: list[str] | None
+    modalities: list[str]
+    model: str = Field(..., description="the registered model (mmsenti list models)")
+    backbones: dict[str, str]
+    dataset: str = Field(..., description="the training config's dataset")
+    metrics: dict | None = Field(None, description="the run's metrics.json (dev-selected model), when present")
+    allow_missing_modality: bool
+    limits: dict[str, object]
+
+
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}

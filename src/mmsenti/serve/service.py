@@ -1,0 +1,100 @@
+"""The service state shared by all routes: the predictor, its micro-batcher, the settings and the model's card."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from mmsenti.backbones.weights import file_sha256
+from mmsenti.data.base import Sample
+from mmsenti.inference import Predictor
+from mmsenti.models.base import resolve_model_dir
+from mmsenti.serve.batching import MicroBatcher
+from mmsenti.serve.errors import ServeError
+from mmsenti.serve.posts import PreparedPost
+from mmsenti.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, predictor: Predictor, settings: ServeSettings, model_dir: str | Path):
+        self.predictor, self.settings = predictor, settings
+        self.model_dir = resolve_model_dir(model_dir)
+        if settings.allow_missing_modality:
+            predictor.allow_missing()  # ValueError for a model that cannot hide a modality
+            if getattr(predictor.config.model, "modality_dropout", 0.0) == 0.0:
+                log.warning("--allow-missing-modality: this model was not trained with modality dropout; "
+                            "its predictions from one modality are untested")
+        run_dir = self.model_dir.parent if self.model_dir.name == "model" else self.model_dir
+        self.name = settings.model_name or run_dir.name
+        self.version = file_sha256(self.model_dir / "model.safetensors")[:12]
+        metrics_path = run_dir / "metrics.json"
+        self.metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+        self.batcher = MicroBatcher(self._predict_batch, settings.max_batch_size, settings.max_wait_ms)
+        self.ready = False
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await self.batcher.start()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+
+    # ------------------------------------------------------------------------------------------- prediction
+    @property
+    def modalities(self) -> list[str]:
+        return self.predictor.modalities
+
+    def _predict_batch(self, posts: list[PreparedPost]) -> list[dict]:
+        """One model call (in the batcher's thread)."""
+        p = self.predictor
+        samples = [Sample(id=post.id, label=None, text=post.text, image=post.pixels) for post in posts]
+        return p.decode(p.run(p.preprocess(samples)))
+
+    async def predict(self, posts: list[PreparedPost]) -> list[dict]:
+        rows = await self.batcher.submit(posts)
+        return [{"id": post.id, **row, "modalities": post.modalities} for post, row in zip(posts, rows, strict=True)]
+
+    def model_ref(self) -> dict:
+        return {"name": self.name, "version": self.version}
+
+    def card(self) -> dict:
+        cfg = self.predictor.config
+        backbones = {m: getattr(cfg.model, f"{m}_encoder").name for m in ("text", "image") if m in self.modalities}
+        return {**self.model_ref(), "task": self.predictor.info.task, "labels": self.predictor.label_names,
+                "modalities": self.modalities, "model": cfg.model.name, "backbones": backbones,
+                "dataset": cfg.data.name, "metrics": self.metrics,
+                "allow_missing_modality": self.settings.allow_missing_modality, "limits": self.settings.limits()}
+
+
+# ------------------------------------------------------------------------------------------------ dependencies
+def get_service(request: Request) -> Service:
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        raise ServeError(503, None, "the model is not ready")
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def require_api_key(request: Request) -> None:
+    """Every /v1 route: ``X-API-Key: KEY`` or ``Authorization: Bearer KEY`` when the server has a key."""
+    service: Service | None = getattr(request.app.state, "service", None)
+    key = service.settings.api_key if service is not None else request.app.state.settings.api_key
+    if not key:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+        raise ServeError(401, "X-API-Key", "missing or wrong API key" if given is not None else "API key required")

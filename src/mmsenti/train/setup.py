@@ -1,0 +1,220 @@
+"""The one build path that ``train``, ``evaluate`` and ``cache`` share: data, processor, model, device, loaders.
+
+:func:`build_setup` turns a config into a :class:`Setup` (what a training run is built from); :func:`load_setup`
+does the same for a trained model directory (what ``mmsenti evaluate`` scores). A :class:`Setup` knows its place
+in the process group (a :class:`~mmsenti.distributed.Distributed`): evaluation batches are spread over the
+processes and gathered back, and the frozen-feature cache is built once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmsenti.config import Config
+from mmsenti.data.base import DataError, DatasetBundle, Sample
+from mmsenti.distributed import Distributed, attach_gather, round_robin
+from mmsenti.models.base import MultimodalModel, TaskInfo, build_model
+from mmsenti.utils import autocast_dtype, seed_everything, show_progress
+
+log = logging.getLogger(__name__)
+
+
+class ListDataset(Dataset):
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.samples[i]
+
+
+def build_dataset(cfg: Config) -> DatasetBundle:
+    from mmsenti.registry import DATASETS
+
+    bundle = DATASETS.get(cfg.data.name).builder(cfg.data)
+    if cfg.run.cv_folds:  # cross-validation: train+dev pooled and cut into folds; the test split is not loaded
+        from mmsenti.experiment.cv import fold_bundle
+
+        bundle = fold_bundle(bundle, cfg.run.cv_folds, cfg.run.cv_fold, cfg.run.cv_seed)
+    missing = [m for m in cfg.model.modalities if m not in bundle.modalities]
+    if missing:
+        raise DataError(
+            f"dataset '{bundle.name}' has no {', '.join(missing)} (it has: {', '.join(bundle.modalities)}); "
+            f"switch that branch off with --set model.modalities=[{','.join(m for m in cfg.model.modalities if m not in missing)}]"
+        )
+    return bundle
+
+
+def open_split_cache(cfg: Config, model: MultimodalModel, processor, bundle: DatasetBundle, split: str,
+                     device: torch.device | str = "cpu"):
+    """The frozen-feature cache entry of one split (built when missing or broken); see :mod:`mmsenti.cache`."""
+    from mmsenti.cache import default_cache_dir, open_or_build
+
+    return open_or_build(
+        default_cache_dir(cfg.run.cache_dir), model, processor, bundle.split(split), sources=bundle.sources,
+        dtype=cfg.run.cache_dtype, device=device, batch_size=cfg.data.eval_batch_size,
+        progress=show_progress(cfg.run.quiet), meta={"dataset": bundle.name, "split": split, "model": cfg.model.name},
+    )
+
+
+def select_metric(cfg: Config, task: str) -> str:
+    if cfg.run.select_metric != "auto":
+        return cfg.run.select_metric
+    return "f1_weighted" if task == "classification" else "mae"
+
+
+@dataclass
+class Setup:
+    """A dataset, its processor and a model on this process's device, plus how to feed and score it.
+
+    Attributes:
+        feature_cache: whether batches read the frozen-feature cache (``run.feature_cache`` and the model has
+            frozen parts); the stores are opened on first use (:meth:`feature_store`).
+    """
+
+    cfg: Config
+    bundle: DatasetBundle
+    processor: object
+    model: MultimodalModel
+    device: torch.device
+    dist: Distributed = field(default_factory=Distributed)
+    amp_dtype: torch.dtype | None = None
+    feature_cache: bool = False
+    stores: dict[str, object] = field(default_factory=dict)  # split → FeatureStore
+
+    @property
+    def info(self) -> TaskInfo:
+        return self.model.info
+
+    @property
+    def metric(self) -> str:
+        """The dev metric that selects the model."""
+        return select_metric(self.cfg, self.info.task)
+
+    # ------------------------------------------------------------------------------------------- loaders
+    def data_loader(self, split: str, batch_sampler, training: bool = True) -> DataLoader:
+        """A loader of ``split``'s samples in the batches of ``batch_sampler`` (lists of indices); ``training=False``
+        builds only the inputs evaluation reads."""
+        return DataLoader(ListDataset(self.bundle.split(split)), batch_sampler=batch_sampler,
+                          collate_fn=self.collate_fn(split, training), num_workers=self.cfg.data.num_workers,
+                          generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+
+    def eval_batches(self, split: str) -> list[list[int]]:
+        """``split`` in order, cut into batches of ``data.eval_batch_size``: the batches one process scores."""
+        n, size = len(self.bundle.split(split)), self.cfg.data.eval_batch_size
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """This process's round-robin share of :meth:`eval_batches` (all of them for a single process).
+
+        Whole batches are spread, never samples: each batch is scored exactly as one process would score it,
+        and :func:`~mmsenti.train.evaluate.evaluate` gathers the results back into the split's order.
+        """
+        return self.data_loader(split, round_robin(self.eval_batches(split), self.dist.rank, self.dist.world_size),
+                                training=False)
+
+    def collate_fn(self, split: str, training: bool = True):
+        """The processor (``training=False``: only the inputs evaluation reads), or (model with frozen parts, cache
+        on) a collator reading the split's cached features."""
+        if not self.feature_cache:
+            return self.processor if training else functools.partial(self.processor, training=False)
+        from mmsenti.cache import CachedCollator
+
+        return CachedCollator(self.processor, self.feature_store(split), self.model.cache_replaces())
+
+    def feature_store(self, split: str):
+        """The split's frozen-feature cache entry, built once: by rank 0 while the others wait.
+
+        Then the first process of every other machine opens it (or, without a shared file system, builds its
+        own copy), then the remaining processes open it; no two processes ever build the same entry at once.
+        """
+        if split not in self.stores:
+            d = self.dist
+            for turn in (d.is_main, d.local_rank == 0 and not d.is_main, d.local_rank != 0):
+                if turn:
+                    with torch.no_grad():
+                        self.stores[split] = open_split_cache(self.cfg, self.model, self.processor, self.bundle,
+                                                              split, self.device)
+                d.barrier()
+        return self.stores[split]
+
+    # -------------------------------------------------------------------------------------------- scoring
+    def evaluate(self, split: str, model: MultimodalModel | None = None,
+                 save_predictions: str | Path | None = None) -> dict:
+        """Metrics of ``model`` (default: this setup's) on ``split``, the same on every process.
+
+        ``save_predictions``: also write the per-post predictions there (``.npz``, by rank 0).
+        """
+        from mmsenti.train.evaluate import evaluate
+
+        return evaluate(model or self.model, self.eval_loader(split), self.device, self.amp_dtype,
+                        save_predictions=save_predictions, dist=self.dist)
+
+
+def build_setup(cfg: Config, *, dist: Distributed | None = None, processor=None, load_weights: bool = True,
+                feature_cache: bool | None = None) -> Setup:
+    """Build the dataset, the processor (unless given) and the model of ``cfg`` on this process's device.
+
+    The processor is built by rank 0 (a from-scratch tokenizer learns its vocabulary here) and sent to the
+    others, so every process tokenizes alike. Every process builds the model from the same seed, so they start
+    identical; with more than one process the losses get the process group's gather hook and ranks > 0 then
+    reseed (``seed + rank``) so that dropout differs between processes.
+
+    Args:
+        feature_cache: read frozen features from the cache; default ``cfg.run.feature_cache`` (when the model has
+            frozen parts).
+    """
+    dist = dist or Distributed()
+    seed_everything(cfg.run.seed)
+    bundle = build_dataset(cfg)
+    info = TaskInfo(bundle.task, bundle.label_names)
+    if processor is None:
+        if dist.is_main:
+            from mmsenti.models.encoders import build_processor
+
+            processor = build_processor(cfg.model, [s.text or "" for s in bundle.split("train")], info.task)
+        processor = dist.broadcast_object(processor)
+    device = dist.device(cfg.run.device)
+    model = build_model(cfg.model, info, processor, load_weights=load_weights).to(device)
+    if cfg.run.sync_batchnorm and dist.enabled:
+        if device.type != "cuda":
+            from mmsenti.config import ConfigError
+
+            raise ConfigError("run.sync_batchnorm: SyncBatchNorm needs CUDA; on CPU each process normalises "
+                              "with its own batch")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if dist.enabled:
+        attach_gather(model, dist.all_gather)
+        if dist.rank > 0:
+            seed_everything(cfg.run.seed + dist.rank)
+    use_cache = cfg.run.feature_cache if feature_cache is None else feature_cache
+    return Setup(cfg, bundle, processor, model, device, dist, autocast_dtype(cfg.run.precision, device),
+                 feature_cache=bool(use_cache and model.cache_spec()))
+
+
+def load_setup(path: str | Path, *, device: str = "auto", dist: Distributed | None = None,
+               root: str | None = None) -> Setup:
+    """A trained model directory (or run directory) with the data it was trained on, for evaluation.
+
+    Args:
+        root: the dataset directory, if it moved since training.
+    """
+    from mmsenti.models.base import load_pretrained
+
+    dist = dist or Distributed()
+    dev = dist.device(device)
+    model, processor, cfg = load_pretrained(path, dev)
+    if root:
+        cfg.data.root = root
+    if dist.enabled:
+        attach_gather(model, dist.all_gather)
+    # fp32 and no feature cache: one pass over a split gains nothing from caching it first.
+    return Setup(cfg, build_dataset(cfg), processor, model, dev, dist, None, feature_cache=False)

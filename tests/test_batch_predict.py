@@ -1,0 +1,143 @@
+"""Streaming batch prediction: same answers as the Predictor, in input order, with per-row errors, strict mode,
+DataLoader workers and resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from serving_fixtures import save_tiny_model, write_posts
+
+from mmsenti.batch_predict import predict_file
+from mmsenti.data.base import DataError, Sample
+from mmsenti.inference import load_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def posts(tmp_path_factory):
+    return write_posts(tmp_path_factory.mktemp("posts"), 23)
+
+
+def _reference(predictor, samples):
+    return predictor.predict_samples([Sample(id=s.id, label=None, text=s.text, image=s.image) for s in samples])
+
+
+def _read(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _close(a, b):
+    assert a["id"] == b["id"] and a["label"] == b["label"]
+    assert a["probabilities"] == pytest.approx(b["probabilities"], abs=2e-6)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_predictions_equal_the_predictor_in_input_order(model_dir, posts, tmp_path, workers):
+    path, samples = posts
+    predictor = load_model(model_dir)
+    # PNG round trip of the generated images is lossless, so the reference reads the same pixels.
+    ref = _reference(predictor, samples)
+    stats = predict_file(predictor, path, tmp_path / "out.jsonl", batch_size=4, workers=workers)
+    out = _read(tmp_path / "out.jsonl")
+    assert stats.rows == 23 and stats.errors == 0 and len(out) == 23
+    for a, b in zip(out, ref, strict=True):
+        _close(a, b)
+
+
+def _with_bad_rows(posts, tmp_path):
+    path, samples = posts
+    lines = path.read_text().splitlines()
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for name in (f"{s.id}.png" for s in samples[:7]):
+        (tmp_path / name).write_bytes((path.parent / name).read_bytes())
+    bad = [
+        json.dumps({"id": "no-image", "text": "hi"}),
+        json.dumps({"id": "gone", "text": "hi", "image": "missing.png"}),
+        '{"id": "broken", "text": ',
+        json.dumps({"id": "corrupt", "text": "hi", "image": "corrupt.png"}),
+        json.dumps({"id": "number", "text": 3, "image": f"{samples[0].id}.png"}),
+        "[1, 2]",
+    ]
+    mixed = [lines[0], bad[0], lines[1], bad[1], bad[2], lines[2], bad[3], bad[4], lines[3], bad[5], lines[4], lines[5]]
+    data = "\n".join(mixed).encode() + b"\n" + b'{"id": "latin1", "text": "caf\xe9"}\n'  # not UTF-8
+    (tmp_path / "mixed.jsonl").write_bytes(data + (lines[6] + "\n").encode())
+    return tmp_path / "mixed.jsonl", samples[:7]
+
+
+def test_bad_rows_are_written_with_an_error_and_good_rows_kept(model_dir, posts, tmp_path):
+    mixed, good = _with_bad_rows(posts, tmp_path)
+    predictor = load_model(model_dir)
+    stats = predict_file(predictor, mixed, tmp_path / "out.jsonl", batch_size=3, workers=1)
+    out = _read(tmp_path / "out.jsonl")
+    assert stats.rows == 14 and stats.errors == 7
+    assert [o["id"] for o in out] == [good[0].id, "no-image", good[1].id, "gone", "5", good[2].id, "corrupt",
+                                      "number", good[3].id, "10", good[4].id, good[5].id, "13", good[6].id]
+    errors = {o["id"]: o["error"] for o in out if "error" in o}
+    assert "missing 'image'" in errors["no-image"] and "missing.png" in errors["gone"]
+    assert "invalid JSON" in errors["5"] and "cannot read image" in errors["corrupt"]
+    assert "must be a string" in errors["number"] and "JSON object" in errors["10"] and "UTF-8" in errors["13"]
+    assert all(o["line"] == int(o["id"]) for o in out if o["id"] in ("5", "10"))
+    for a, b in zip([o for o in out if "error" not in o], _reference(predictor, good), strict=True):
+        _close(a, b)
+
+
+def test_strict_stops_at_the_first_bad_row_naming_file_and_line(model_dir, posts, tmp_path):
+    mixed, good = _with_bad_rows(posts, tmp_path)
+    with pytest.raises(DataError, match=r"mixed.jsonl:2: missing 'image'"):
+        predict_file(load_model(model_dir), mixed, tmp_path / "out.jsonl", batch_size=4, strict=True)
+    assert [o["id"] for o in _read(tmp_path / "out.jsonl")] == [good[0].id]  # rows before it are kept
+
+
+def test_resume_continues_without_redoing_or_duplicating(model_dir, posts, tmp_path):
+    path, samples = posts
+    predictor = load_model(model_dir)
+    full = tmp_path / "full.jsonl"
+    predict_file(predictor, path, full, batch_size=5)
+    # An interrupted run: 9 complete rows and a row cut in the middle of writing.
+    lines = full.read_text().splitlines(keepends=True)
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[:9]) + lines[9][:17])
+    stats = predict_file(predictor, path, part, batch_size=5, workers=1, resume=True)
+    assert stats.resumed == 9 and stats.rows == 14
+    got, want = _read(part), _read(full)
+    assert [o["id"] for o in got] == [o["id"] for o in want]
+    for a, b in zip(got, want, strict=True):
+        _close(a, b)
+    # Resuming a finished file does nothing; resuming onto another input's output is refused.
+    assert predict_file(predictor, path, part, resume=True).rows == 0
+    other, _ = write_posts(tmp_path / "other", 12, split="dev")
+    with pytest.raises(DataError, match="do not match the start"):
+        predict_file(predictor, other, part, resume=True)
+
+
+def test_csv_input_and_the_command_line(model_dir, posts, tmp_path, capsys):
+    path, samples = posts
+    csv_path = path.parent / "posts.csv"
+    with open(csv_path, "w", newline="") as f:
+        import csv
+
+        w = csv.writer(f)
+        w.writerow(["id", "text", "image"])
+        for s in samples[:5]:
+            w.writerow([s.id, s.text, f"{s.id}.png"])
+        w.writerow(["short-row", "only text"])
+    out = tmp_path / "out.jsonl"
+    r = subprocess.run([sys.executable, "-m", "mmsenti", "predict", str(model_dir), "--input", str(csv_path),
+                        "--output", str(out), "--workers", "1", "--batch-size", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "predicted 5 posts, 1 with an error" in r.stderr
+    rows = _read(out)
+    assert [o["id"] for o in rows] == [s.id for s in samples[:5]] + ["7"] and "fields" in rows[-1]["error"]
+    from mmsenti.cli import main
+
+    assert main(["predict", str(model_dir), "--input", str(csv_path), "--output", str(out), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmsenti: error: ") and "posts.csv:7:" in err and "Traceback" not in err
