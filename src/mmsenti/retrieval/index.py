@@ -436,7 +436,8 @@ def choose_index(vectors: torch.Tensor, dim: int, metric: Metric = "cosine", *,
     record["reason"] = f"fastest exact index for {n} vectors here"
     if faiss_available() and on_cpu and n >= ann_min_size:
         exact_rows = chosen.search(queries, k, exclude=rows)[1]
-        ivf = FaissIndex(dim, "ivf", metric, nlist=nlist)
+        # sqrt(N) lists (not FaissIndex's 4 sqrt(N)): k-means at every bank build must stay short; nprobe is tuned.
+        ivf = FaissIndex(dim, "ivf", metric, nlist=nlist or max(1, min(int(math.sqrt(n)), n // 39)))
         ivf.add(vectors)
         nprobe, recall = 1, 0.0
         while True:
