@@ -52,6 +52,8 @@ def run_epochs(paths: dict, batches, grad_clip: float, amp=None) -> dict[str, tu
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if hasattr(model, "on_optimizer_step"):  # INFIG: the momentum encoders' EMA step
+                model.on_optimizer_step()
             seconds[name] += time.perf_counter() - t0
             rng[name] = torch.get_rng_state()
             losses[name].append(loss.detach())

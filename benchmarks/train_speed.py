@@ -235,6 +235,8 @@ class Variant:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.model, "on_optimizer_step"):  # INFIG: the momentum encoders' EMA step
+            self.model.on_optimizer_step()
         t.append(time.perf_counter())
         names = ("collate", "forward", "loss", "backward", "optimizer")
         return dict(zip(names, (b - a for a, b in zip(t, t[1:], strict=False)), strict=True))
@@ -364,8 +366,6 @@ def alignment_times(v: Variant, reps: int = 5) -> dict[str, float]:
     forward + backward), replayed in isolation on one batch."""
     import torch
 
-    from mmsenti.models.infig.alignment import momentum_update
-
     model = copy.deepcopy(v.model)
     model.train()
     batch = v.collate(v.batches[-1])
@@ -395,9 +395,8 @@ def alignment_times(v: Variant, reps: int = 5) -> dict[str, float]:
         i_g, t_g = i_g.detach().requires_grad_(), t_g.detach().requires_grad_()
 
         def momentum():
+            model.update_momentum_encoders()
             with torch.no_grad():
-                for name in model._momentum_names:
-                    momentum_update(getattr(model, name), getattr(model, name + "_m"), model.config.momentum)
                 img_m, txt_m, _ = model._encode(batch, "_m")
                 model._global_features(img_m, txt_m, None, "_m")
 
