@@ -431,3 +431,62 @@ def test_synthetic_mmsa_retrieval_beats_own_features():
     mae_oracle = np.abs(synth.cluster_scores[synth.clusters["test"]] - y_te).mean()  # the label-noise floor
     assert mae_knn < 0.75 * mae_ridge, (mae_knn, mae_ridge)
     assert mae_knn < 1.25 * mae_oracle, (mae_knn, mae_oracle)
+
+
+# ------------------------------------------------------------------------------------------------ index: auto
+
+
+@needs_faiss
+def test_auto_index_picks_the_exact_index_measured_faster(monkeypatch):
+    from mmsenti.retrieval import AutoIndex
+    from mmsenti.retrieval import index as index_mod
+
+    bank, queries = _clustered(2000, 16), _clustered(20, 16, seed=3)
+    auto = build_index("auto", 16, "cosine")
+    assert isinstance(auto, AutoIndex) and len(auto) == 0
+    auto.add(bank)
+    c = auto.choice
+    assert set(c["query_ms"]) == {"torch", "flat"} and c["n"] == 2000
+    assert c["chosen"] == min(c["query_ms"], key=c["query_ms"].get)  # the faster one, as measured
+    assert "no approximate index" in c["reason"]  # 2,000 vectors: below ann_min_size
+    _, ref = _brute_force(bank, queries, 7, "cosine")
+    assert torch.equal(auto.search(queries, 7)[1], ref)
+    for fast in ("torch", "flat"):  # the decision follows the timing, whichever way it goes
+        monkeypatch.setattr(index_mod, "_search_ms",
+                            lambda index, *a, fast=fast, **kw: 1.0 if index.kind == fast else 5.0)
+        chosen = build_index("auto", 16)
+        chosen.add(bank)
+        assert chosen.choice["chosen"] == fast and chosen.chosen.kind == fast
+
+
+@needs_faiss
+def test_auto_index_goes_approximate_only_when_large_fast_and_accurate_enough(monkeypatch, tmp_path):
+    from mmsenti.retrieval import index as index_mod
+
+    bank = _clustered(6000, 16, n_centers=60, spread=0.2)
+    real = index_mod._search_ms
+    auto = build_index("auto", 16, ann_min_size=5000, min_recall=0.95)
+    auto.add(bank)  # really measured: IVF's nprobe is raised until recall@10 on the bank's rows reaches 0.95
+    (name, recall), = auto.choice["recall"].items()
+    assert name.startswith("ivf(") and recall >= 0.95 and name in auto.choice["query_ms"]
+
+    monkeypatch.setattr(index_mod, "_search_ms", lambda index, *a, **kw: 1.0 if index.kind == "ivf" else 10.0)
+    fast = build_index("auto", 16, ann_min_size=5000)
+    fast.add(bank)
+    assert fast.choice["chosen"] == "ivf" and fast.chosen.kind == "ivf" and "recall@10" in fast.choice["reason"]
+    # Found neighbours are (mostly) the exact ones; a saved bank keeps the decision and loads as that IVF index.
+    bank_obj = MemoryBank(["text"], 16, index="auto", ann_min_size=5000)
+    bank_obj.refresh({"text": bank})
+    assert bank_obj.index_choice["text"]["chosen"] == "ivf"
+    loaded = MemoryBank.load(bank_obj.save(tmp_path).parent)
+    assert loaded.index_choice == bank_obj.index_choice and isinstance(loaded.indexes["text"], FaissIndex)
+    q = bank[:50] + 0.01
+    assert torch.equal(loaded.query(q, "text", 5).rows, bank_obj.query(q, "text", 5).rows)
+
+    monkeypatch.setattr(index_mod, "_recall", lambda rows, exact: 0.5)  # as fast, but not accurate enough
+    low = build_index("auto", 16, ann_min_size=5000)
+    low.add(bank)
+    assert low.choice["chosen"] in ("torch", "flat") and "not chosen" in low.choice["reason"]
+    monkeypatch.setattr(index_mod, "_search_ms", real)
+    with pytest.raises(RetrievalError, match="min_recall"):
+        build_index("auto", 16, min_recall=1.5)

@@ -223,13 +223,18 @@ class FeatureStore:
             if attention_mask is None:
                 raise CacheError(f"feature cache: '{k}' holds text tokens, but the batch has no attention_mask")
             real = attention_mask.bool().cpu()
+            n = real.sum(1).numpy()
+            wrong = np.flatnonzero(self.lengths[rows] != n)
+            if len(wrong):
+                j = int(wrong[0])
+                raise CacheError(f"feature cache {self.directory.name}: sample {ids[j]} has {self.lengths[rows[j]]} "
+                                 f"cached tokens but tokenizes to {n[j]}; run `mmsenti cache clear`")
+            # One read of every real token's row, scattered into the padded batch in one go: the mask's True
+            # positions in row-major order are each sample's tokens in order, as the build stored them.
+            index = np.concatenate([np.arange(self.offsets[r], self.offsets[r] + m)
+                                    for r, m in zip(rows, n, strict=True)])
             t = torch.zeros(len(rows), attention_mask.shape[1], arr.shape[1])
-            for j, r in enumerate(rows):
-                n = int(real[j].sum())
-                if self.lengths[r] != n:
-                    raise CacheError(f"feature cache {self.directory.name}: sample {ids[j]} has {self.lengths[r]} "
-                                     f"cached tokens but tokenizes to {n}; run `mmsenti cache clear`")
-                t[j, real[j]] = torch.from_numpy(np.array(arr[self.offsets[r]:self.offsets[r] + n], dtype=np.float32))
+            t[real] = torch.from_numpy(np.asarray(arr[index], dtype=np.float32))
             out[k] = t
         return out
 

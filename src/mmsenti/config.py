@@ -69,6 +69,9 @@ class ModelConfig:
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     dropout: float = 0.1
     label_smoothing: float = 0.0  # classification loss only
+    # Attention of the models' own transformer blocks: sdpa = F.scaled_dot_product_attention (fused kernels);
+    # mha = torch.nn.MultiheadAttention (the earlier path). Same parameters, so weights load into either.
+    attention: Literal["sdpa", "mha"] = "sdpa"
 
     def batch_inputs(self, training: bool) -> list[str]:
         """The batch keys the model reads in training or in evaluation/prediction; the processor builds only
@@ -87,6 +90,10 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     num_workers: int = 0
+    # Training batches of texts of similar length (less padding): each pool of `bucket_pool` shuffled batches is
+    # sorted by length, then the batches are shuffled. Same samples per epoch; order a function of (seed, epoch).
+    bucket_by_length: bool = False
+    bucket_pool: int = 64
     # Image files that are absent or cannot be used (unreadable, truncated, over max_image_pixels): error = stop
     # and list them, drop = leave those posts out, blank = give them a blank image; counted and logged either way.
     # Every image file is checked when the dataset loads, so a bad test image cannot stop a run after training.
@@ -109,6 +116,9 @@ class OptimConfig:
     warmup_ratio: float = 0.1  # fraction of all optimiser steps spent warming up linearly
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     grad_accum: int = 1  # micro-batches per optimiser step
+    # AdamW kernel: fused = one kernel over all parameters (CPU and CUDA); foreach = a few multi-tensor ops;
+    # for-loop = one small op per tensor (torch's CPU default before); auto = fused. Same update up to rounding.
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
 
 
 @dataclass
@@ -116,13 +126,17 @@ class RunConfig:
     seed: int = 0
     out: str | None = None  # run directory; default runs/<config-stem>-<timestamp>
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    # auto = bf16 on CUDA, fp32 on CPU; bf16 on CPU when asked (fast only with AVX512-BF16/AMX; docs/performance.md)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     select_metric: str = "auto"  # dev metric for model selection; auto = f1_weighted (classification) / mae
     patience: int = 0  # epochs without dev improvement before stopping; 0 = never stop early
     checkpoint_every: int = 0  # also write `last` every N optimiser steps (0 = at epoch ends only)
     log_every: int = 20
     quiet: bool = False
-    threads: int = 0  # torch CPU threads; 0 = torch default
+    threads: int = 0  # torch CPU threads; 0 = torch default (the number of physical cores)
+    # torch.compile the models' transformer blocks (inductor; needs a C++ compiler, else eager with a warning).
+    # Off by default: on 2 CPU cores it compiles for minutes and did not pay (docs/performance.md).
+    compile: bool = False
     # Frozen-feature cache: outputs of frozen backbone parts are computed once per split and memory-mapped from
     # disk (dir: $MMSENTI_CACHE_DIR, else ~/.cache/mmsenti/features).
     feature_cache: bool = True

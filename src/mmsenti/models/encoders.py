@@ -419,7 +419,7 @@ class ImageTransformerEncoder(ImageEncoder):
     """
 
     def __init__(self, backbone: ImageEncoder, width: int, num_layers: int, num_heads: int, image_size: int,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, attention: str = "sdpa"):
         super().__init__()
         from mmsenti.models.layers import TransformerBlock
 
@@ -431,7 +431,8 @@ class ImageTransformerEncoder(ImageEncoder):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_tokens, width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.blocks = nn.ModuleList(TransformerBlock(width, num_heads, dropout=dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(width, num_heads, dropout=dropout, attention=attention)
+                                    for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.width = width
         self.num_layers = num_layers

@@ -45,7 +45,7 @@ from torch import nn
 from mmsenti.config import ConfigError, ModelConfig
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import build_image_encoder, build_text_encoder
-from mmsenti.models.layers import AttentionPool, TransformerBlock
+from mmsenti.models.layers import AttentionPool, TransformerBlock, build_attention
 from mmsenti.registry import MODELS
 from mmsenti.retrieval import INDEX_KINDS, CrossModalSupConLoss, MemoryBank, Neighbours
 
@@ -69,7 +69,7 @@ class RahpConfig(ModelConfig):
     max_positions: int = 512  # learned positions; longer feature sequences are truncated
     k: int = 8  # neighbours per (target modality, searched index)
     retrieval: Literal["bank", "in-batch", "none"] = "bank"
-    index: str = "auto"  # MemoryBank index kind: auto = FAISS flat if importable, else exact torch search
+    index: str = "auto"  # MemoryBank index kind; auto = chosen by a timing at each bank build (saved with the bank)
     neighbour_labels: bool = True  # bank mode: neighbour tokens carry the neighbours' training labels
     use_modality_prompts: bool = True
     use_sample_prompts: bool = True
@@ -131,14 +131,16 @@ class SequenceEncoder(nn.Module):
     still gets finite attention and pooling.
     """
 
-    def __init__(self, in_dim: int, d: int, heads: int, layers: int, max_positions: int, dropout: float):
+    def __init__(self, in_dim: int, d: int, heads: int, layers: int, max_positions: int, dropout: float,
+                 attention: str = "sdpa"):
         super().__init__()
         self.max_positions = max_positions
         # LayerNorm first: MMSA features have arbitrary scales (COVAREP, OpenFace).
         self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, d))
         self.empty = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, max_positions + 1, d) * 0.02)
-        self.blocks = nn.ModuleList(TransformerBlock(d, heads, dropout=dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(TransformerBlock(d, heads, dropout=dropout, attention=attention)
+                                    for _ in range(layers))
         self.norm = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,10 +160,10 @@ class SequenceEncoder(nn.Module):
 class CrossBlock(nn.Module):
     """Pre-norm cross-attention (queries: a modality's tokens; keys: its reference context) + MLP."""
 
-    def __init__(self, d: int, heads: int, dropout: float):
+    def __init__(self, d: int, heads: int, dropout: float, attention: str = "sdpa"):
         super().__init__()
         self.norm_q, self.norm_kv, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.attn = build_attention(d, heads, impl=attention)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.drop = nn.Dropout(dropout)
 
@@ -175,9 +177,10 @@ class CrossBlock(nn.Module):
 class ContextEncoder(nn.Module):
     """A few transformer blocks over a context's tokens (prompts + pooled features or neighbours)."""
 
-    def __init__(self, d: int, heads: int, layers: int, dropout: float):
+    def __init__(self, d: int, heads: int, layers: int, dropout: float, attention: str = "sdpa"):
         super().__init__()
-        self.blocks = nn.ModuleList(TransformerBlock(d, heads, dropout=dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(TransformerBlock(d, heads, dropout=dropout, attention=attention)
+                                    for _ in range(layers))
         self.norm = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -218,7 +221,7 @@ class Rahp(MultimodalModel):
             self.image_encoder = build_image_encoder(cfg.image_encoder, load_weights)
             in_dims["image"] = self.image_encoder.width
         self.encoders = nn.ModuleDict({m: SequenceEncoder(in_dims[m], d, cfg.heads, cfg.encoder_layers,
-                                                          cfg.max_positions, cfg.dropout) for m in mods})
+                                                          cfg.max_positions, cfg.dropout, cfg.attention) for m in mods})
         self.pools = nn.ModuleDict({m: AttentionPool(d) for m in mods})
         self.ret_heads = nn.ModuleDict({m: nn.Linear(d, d) for m in mods})
         self.type_embed = nn.Parameter(torch.randn(len(mods), d) * 0.02)  # modality of a pooled / source token
@@ -228,8 +231,8 @@ class Rahp(MultimodalModel):
         self.sample_prompts = nn.Parameter(torch.randn(len(mods), n_p, d) * 0.02) if cfg.use_sample_prompts else None
         # Always-valid key of the sample-level context: no all-masked attention when nothing was retrieved.
         self.null_ref = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.modality_context = ContextEncoder(d, cfg.heads, cfg.context_layers, cfg.dropout)
-        self.sample_context = ContextEncoder(d, cfg.heads, cfg.context_layers, cfg.dropout)
+        self.modality_context = ContextEncoder(d, cfg.heads, cfg.context_layers, cfg.dropout, cfg.attention)
+        self.sample_context = ContextEncoder(d, cfg.heads, cfg.context_layers, cfg.dropout, cfg.attention)
 
         self.use_labels = cfg.retrieval == "bank" and cfg.neighbour_labels
         if cfg.retrieval == "in-batch" and cfg.neighbour_labels:
@@ -239,7 +242,7 @@ class Rahp(MultimodalModel):
         if self.use_labels:
             self.label_embed = (nn.Embedding(info.num_outputs, d) if info.task == "classification"
                                 else nn.Linear(1, d))
-        self.cross = nn.ModuleDict({m: nn.ModuleList(CrossBlock(d, cfg.heads, cfg.dropout)
+        self.cross = nn.ModuleDict({m: nn.ModuleList(CrossBlock(d, cfg.heads, cfg.dropout, cfg.attention)
                                                      for _ in range(cfg.cross_layers)) for m in mods})
         self.out_pools = nn.ModuleDict({m: AttentionPool(d) for m in mods})
         self.ctx_pools = nn.ModuleDict({m: AttentionPool(d) for m in mods})

@@ -66,7 +66,8 @@ class MemoryBank:
         modalities: the modalities the bank indexes (each gets its own index).
         dim: retrieval-embedding width (shared by all modalities).
         index: index kind for :func:`~mmsenti.retrieval.index.build_index` (``"auto"``, ``"torch"``,
-            ``"flat"``, ``"ivf"``, ``"hnsw"``).
+            ``"flat"``, ``"ivf"``, ``"hnsw"``). ``"auto"`` times the candidates at each refresh and keeps the
+            fastest suitable one (:attr:`index_choice` records the decision).
         metric: ``"cosine"`` (default) or ``"ip"``.
         device: where payload (and a torch index) live; payload is moved to the query's device on lookup.
         **index_params: passed to ``build_index`` (``nlist``, ``nprobe``, ``M``, ``ef_search``, ...).
@@ -84,6 +85,8 @@ class MemoryBank:
         self.index_params = dict(index_params)
         build_index(index, self.dim, metric, device=self.device, **self.index_params)  # fail early on bad options
         self.indexes: dict[str, VectorIndex] = {}
+        # index: auto: per modality, which index the timing at build chose and why (saved with the bank)
+        self.index_choice: dict[str, dict[str, Any]] = {}
         self.payload: dict[str, torch.Tensor] = {}
         self.ids: list[str] = []
         self._row_of: dict[str, int] = {}
@@ -128,6 +131,7 @@ class MemoryBank:
             index.add(embeddings[m].detach())
             indexes[m] = index
         self.indexes = indexes
+        self.index_choice = {m: ix.choice for m, ix in indexes.items() if getattr(ix, "choice", None)}
         self.payload = {k: v.detach().to(self.device).contiguous() for k, v in (payload or {}).items()}
         self.ids, self._row_of = ids, row_of
 
@@ -206,6 +210,7 @@ class MemoryBank:
             prefix = f"index.{m}."
             tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             self.indexes[m] = index_from_state(imeta, tensors, device=self.device)
+        self.index_choice = {m: imeta["auto"] for m, imeta in meta["index_meta"].items() if imeta.get("auto")}
         self.payload = {name: state[f"payload.{name}"].to(self.device) for name in meta["payload"]}
         self.ids = list(meta["ids"])
         self._row_of = {s: i for i, s in enumerate(self.ids)}

@@ -8,8 +8,11 @@ shape ``(B, k)``, best first; slots beyond the bank's size are padded with index
 bank of the training set; ``-1`` for none). It is applied by over-fetching ``k + 1`` and dropping that row, which
 stays correct when the bank holds duplicates: only the named row is dropped, an identical copy of it is not.
 
-FAISS is optional and imported lazily. ``build_index("auto", ...)`` uses its exact flat index when it is
-installed and :class:`TorchIndex` otherwise; both return the same neighbours (up to ties in float rounding).
+FAISS is optional and imported lazily. ``build_index("auto", ...)`` decides by measurement when it is first
+filled (:class:`AutoIndex`): the faster exact index on this machine for this bank (FAISS flat or torch, which
+return the same neighbours up to ties in float rounding), or an approximate IVF index when the bank is large
+enough for it to pay and its recall@k on the bank's own embeddings reaches ``min_recall``. Without FAISS it is
+:class:`TorchIndex`.
 
 An index serialises to a flat dict of tensors plus a JSON-able dict of metadata (:meth:`VectorIndex.state`), so
 it can live inside a safetensors file next to a model's weights (:func:`save_index` / :func:`load_index`).
@@ -378,6 +381,145 @@ class FaissIndex(_SavedIndex):
         return index
 
 
+# --------------------------------------------------------------------------------------------------- auto
+
+
+def _search_ms(index: VectorIndex, queries: torch.Tensor, k: int, exclude: torch.Tensor, reps: int = 3) -> float:
+    """Best of ``reps`` timed searches (after one untimed), in milliseconds."""
+    import time
+
+    index.search(queries, k, exclude=exclude)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        index.search(queries, k, exclude=exclude)
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best
+
+
+def _recall(rows: torch.Tensor, exact: torch.Tensor) -> float:
+    hits = sum(len(set(a.tolist()) & set(e.tolist()) - {-1}) for a, e in zip(rows, exact, strict=True))
+    return hits / max(1, int((exact >= 0).sum()))
+
+
+def choose_index(vectors: torch.Tensor, dim: int, metric: Metric = "cosine", *,
+                 device: str | torch.device | None = None, k: int = 10, num_queries: int = 128,
+                 min_recall: float = 0.95, ann_min_size: int = 100_000, ann_min_speedup: float = 1.5,
+                 chunk_size: int = 65536, nlist: int | None = None) -> tuple[VectorIndex, dict[str, Any]]:
+    """The fastest suitable index for ``vectors``, filled with them, and a record of how it was chosen.
+
+    A short timing on this machine: ``num_queries`` of the bank's own rows (each excluding itself, as a training
+    query does) are searched for their top ``k`` in every exact candidate (torch; FAISS flat when installed and
+    the bank is on the CPU) and the faster wins. From ``ann_min_size`` vectors an IVF index is also built; its
+    ``nprobe`` is raised until recall@k against the exact top-k reaches ``min_recall``, and it is chosen only if
+    it is then ``ann_min_speedup`` times faster than the best exact index.
+
+    Returns:
+        ``(index, record)``; the record (``chosen``, ``query_ms`` per candidate, ``recall`` of the approximate
+        candidate, ``n``, ``reason``) is JSON-able and saved with the index.
+    """
+    n = len(vectors)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randperm(n, generator=g)[:num_queries]
+    queries = vectors[rows].detach().float()
+    k = max(1, min(k, n - 1))
+    candidates: dict[str, VectorIndex] = {"torch": TorchIndex(dim, metric, device=device, chunk_size=chunk_size)}
+    if faiss_available() and on_cpu:
+        candidates["flat"] = FaissIndex(dim, "flat", metric)
+    timings: dict[str, float] = {}
+    for name, index in candidates.items():
+        index.add(vectors)
+        timings[name] = _search_ms(index, queries, k, rows)
+    exact_name = min(timings, key=timings.__getitem__)
+    chosen, record = candidates[exact_name], {"chosen": exact_name, "n": n, "k": k, "query_ms": dict(timings)}
+    record["reason"] = f"fastest exact index for {n} vectors here"
+    if faiss_available() and on_cpu and n >= ann_min_size:
+        exact_rows = chosen.search(queries, k, exclude=rows)[1]
+        # sqrt(N) lists (not FaissIndex's 4 sqrt(N)): k-means at every bank build must stay short; nprobe is tuned.
+        ivf = FaissIndex(dim, "ivf", metric, nlist=nlist or max(1, min(int(math.sqrt(n)), n // 39)))
+        ivf.add(vectors)
+        nprobe, recall = 1, 0.0
+        while True:
+            ivf.nprobe = nprobe
+            recall = _recall(ivf.search(queries, k, exclude=rows)[1], exact_rows)
+            if recall >= min_recall or nprobe >= ivf.nlist:
+                break
+            nprobe = min(2 * nprobe, ivf.nlist)
+        name = f"ivf(nlist={ivf.nlist},nprobe={nprobe})"
+        timings[name] = _search_ms(ivf, queries, k, rows)
+        record.update(query_ms=dict(timings), recall={name: recall})
+        if recall >= min_recall and timings[name] * ann_min_speedup <= timings[exact_name]:
+            chosen = ivf
+            record.update(chosen="ivf", nlist=ivf.nlist, nprobe=nprobe,
+                          reason=f"IVF reaches recall@{k} {recall:.3f} >= {min_recall} and is "
+                                 f"{timings[exact_name] / timings[name]:.1f}x faster than exact {exact_name}")
+        else:
+            record["reason"] += (f"; IVF not chosen (recall@{k} {recall:.3f} at nprobe {nprobe}, "
+                                 f"{timings[exact_name] / timings[name]:.1f}x the exact speed)")
+    elif n < ann_min_size:
+        record["reason"] += f"; below {ann_min_size} vectors no approximate index is tried"
+    for index in candidates.values():
+        if index is not chosen:
+            index.reset()
+    log.info("retrieval index auto: %s (%s; query ms %s)", record["chosen"], record["reason"],
+             {k_: round(v, 2) for k_, v in timings.items()})
+    return chosen, record
+
+
+class AutoIndex(_SavedIndex):
+    """``index: auto``: on its first ``add`` it measures which index serves these vectors fastest on this machine
+    (:func:`choose_index`) and from then on is that index. ``choice`` records the decision; it is saved with the
+    index (``state()``'s metadata, under ``"auto"``), and a saved auto index loads as the index it chose.
+
+    Args:
+        dim, metric, device: as for the other indexes.
+        k: neighbours per query in the timing (the bank's users ask for about this many).
+        min_recall: recall@k an approximate index must reach on the bank's own rows.
+        ann_min_size: smallest bank for which an approximate index is tried.
+        ann_min_speedup: how much faster than exact an approximate index must be to be chosen.
+    """
+
+    kind = "auto"
+
+    def __init__(self, dim: int, metric: Metric = "cosine", device: str | torch.device | None = None, *,
+                 k: int = 10, min_recall: float = 0.95, ann_min_size: int = 100_000, ann_min_speedup: float = 1.5,
+                 chunk_size: int = 65536, nlist: int | None = None):
+        if metric not in ("ip", "cosine"):
+            raise RetrievalError(f"unknown metric '{metric}' (known: ip, cosine)")
+        if not 0.0 < min_recall <= 1.0:
+            raise RetrievalError(f"min_recall must be in (0, 1], got {min_recall}")
+        self.dim, self.metric, self.device = int(dim), metric, device
+        self.options = {"k": k, "min_recall": min_recall, "ann_min_size": ann_min_size,
+                        "ann_min_speedup": ann_min_speedup, "chunk_size": chunk_size, "nlist": nlist}
+        self.chosen: VectorIndex | None = None
+        self.choice: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.chosen) if self.chosen is not None else 0
+
+    def reset(self) -> None:
+        self.chosen, self.choice = None, {}
+
+    def add(self, vectors: torch.Tensor) -> None:
+        v = _as_matrix(vectors, self.dim, "vectors")
+        if self.chosen is not None:
+            self.chosen.add(v)
+        elif len(v):
+            self.chosen, self.choice = choose_index(v, self.dim, self.metric, device=self.device, **self.options)
+
+    def search(
+        self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.chosen if self.chosen is not None else TorchIndex(self.dim, self.metric, device=self.device)
+        return index.search(queries, k, exclude=exclude)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        index = self.chosen if self.chosen is not None else TorchIndex(self.dim, self.metric, device=self.device)
+        meta, tensors = index.state()
+        return {**meta, "auto": self.choice}, tensors
+
+
 # --------------------------------------------------------------------------------------------------- factory, I/O
 
 
@@ -386,8 +528,9 @@ def build_index(kind: str = "auto", dim: int = 0, metric: Metric = "cosine", *,
     """An empty index.
 
     Args:
-        kind: ``"auto"`` (FAISS flat if installed, else torch: same exact results), ``"torch"``, or a FAISS kind
-            ``"flat"`` / ``"ivf"`` / ``"hnsw"`` (these raise ``ImportError`` without FAISS).
+        kind: ``"auto"`` (:class:`AutoIndex`: chosen by a timing when first filled; :class:`TorchIndex` without
+            FAISS or for a GPU bank), ``"torch"``, or a FAISS kind ``"flat"`` / ``"ivf"`` / ``"hnsw"`` (these
+            raise ``ImportError`` without FAISS).
         dim: vector width.
         metric: ``"cosine"`` or ``"ip"``.
         device: torch index only: where the bank lives (a CUDA bank is searched on the GPU).
@@ -398,12 +541,14 @@ def build_index(kind: str = "auto", dim: int = 0, metric: Metric = "cosine", *,
         raise RetrievalError("dim must be >= 1")
     if kind not in INDEX_KINDS:
         raise RetrievalError(f"unknown index kind '{kind}' (known: {', '.join(INDEX_KINDS)})")
+    auto_only = {"k", "min_recall", "ann_min_size", "ann_min_speedup"}
     if kind == "auto":
         if faiss_available() and (device is None or torch.device(device).type == "cpu"):
-            kind = "flat"
-        else:
-            kind = "torch"
-            log.debug("retrieval index: using the exact torch search (FAISS not installed or a GPU bank)")
+            _no_params(kind, {k: v for k, v in params.items() if k not in auto_only | {"chunk_size", "nlist"}})
+            return AutoIndex(dim, metric, device=device, **{k: v for k, v in params.items() if k != "nprobe"})
+        kind = "torch"
+        log.debug("retrieval index: using the exact torch search (FAISS not installed or a GPU bank)")
+        params = {k: v for k, v in params.items() if k not in auto_only | {"nlist", "nprobe"}}
     if kind == "torch":
         chunk = {"chunk_size": params.pop("chunk_size")} if "chunk_size" in params else {}
         _no_params(kind, params)

@@ -38,9 +38,15 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def adamw_kernel(cfg: OptimConfig) -> dict[str, bool]:
+    """``fused`` / ``foreach`` arguments of ``torch.optim.AdamW`` for ``optim.implementation``."""
+    impl = "fused" if cfg.implementation == "auto" else cfg.implementation
+    return {"fused": impl == "fused", "foreach": impl == "foreach"}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups = param_groups(model, cfg)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **adamw_kernel(cfg))
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

@@ -49,6 +49,7 @@ from mmsenti.train.checkpoint import atomic_save, load_checkpoint
 from mmsenti.train.evaluate import move
 from mmsenti.train.lock import hold_run_dir
 from mmsenti.train.optim import build_optimizer, build_scheduler
+from mmsenti.train.sampler import EpochBatchSampler, build_batch_sampler, sample_lengths  # noqa: F401 (re-export)
 from mmsenti.train.setup import (  # noqa: F401 - re-exported: their home was this module
     ListDataset,
     Setup,
@@ -71,28 +72,6 @@ log = logging.getLogger(__name__)
 
 class TrainingInterrupted(RuntimeError):
     """Raised by the test hook ``Trainer.interrupt_after_step`` to simulate a killed run."""
-
-
-class EpochBatchSampler:
-    """Shuffled batches whose order depends only on (seed, epoch), optionally starting at batch ``start``.
-
-    Resuming mid-epoch therefore replays exactly the batches the killed run had not yet seen, without
-    touching the global RNG.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
-        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-
-    def batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        return [perm[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches()[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, math.ceil(self.n / self.batch_size) - self.start)
 
 
 @dataclass
@@ -189,6 +168,10 @@ class Trainer:
         if processor is None and dist.is_main:
             self.setup.processor.save(proc_dir)
         self.bundle, self.processor, self.model = self.setup.bundle, self.setup.processor, self.setup.model
+        if cfg.run.compile:
+            from mmsenti.train.compile import compile_model
+
+            compile_model(self.model)  # in place (state_dict keys unchanged); eager with a warning if unavailable
         self.info, self.metric, self.amp_dtype = self.setup.info, self.setup.metric, self.setup.amp_dtype
         log.info("device %s, %s", self.device,
                  f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "fp32")
@@ -199,6 +182,7 @@ class Trainer:
         log.info("model %s: %.2fM trainable parameters; data %s: %s", cfg.model.name, n_params / 1e6,
                  self.bundle.name, ", ".join(f"{k} {len(v)}" for k, v in self.bundle.splits.items()))
 
+        self._lengths: list[int] | None = None  # training samples' lengths, for length bucketing
         first = self._train_sampler(0)
         if first.skipped:
             log.warning("%d global batch(es) per epoch hold fewer samples than the %d processes and are skipped",
@@ -225,9 +209,16 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tb"))
 
     def _train_sampler(self, epoch: int, start: int = 0) -> ShardedBatchSampler:
-        """This process's shards of the global batches of ``epoch`` (shuffled by seed + epoch), from ``start``."""
-        n = len(self.bundle.split("train"))
-        global_batches = EpochBatchSampler(n, self.cfg.data.batch_size, self.cfg.run.seed, epoch)
+        """This process's shards of the global batches of ``epoch`` (shuffled by seed + epoch, length-bucketed
+        with ``data.bucket_by_length``), from ``start``."""
+        train, data = self.bundle.split("train"), self.cfg.data
+        lengths = None
+        if data.bucket_by_length:  # tokenized once; every process computes the same lengths, hence batches
+            if self._lengths is None:
+                self._lengths = sample_lengths(self.processor, train)
+            lengths = self._lengths
+        global_batches = build_batch_sampler(len(train), data.batch_size, self.cfg.run.seed, epoch, 0, lengths,
+                                             data.bucket_pool)
         return ShardedBatchSampler(global_batches, self.dist.rank, self.dist.world_size, start)
 
     def loader(self, split: str, epoch: int | None = None, start: int = 0) -> DataLoader:
@@ -362,7 +353,7 @@ class Trainer:
         accum = cfg.optim.grad_accum
         n = self.batches_per_epoch
         self.model.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per batch (read at the epoch's end)
         count = 0
         bar = tqdm(total=n, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.optim.epochs}", leave=False,
                    disable=not (self.dist.is_main and show_progress(cfg.run.quiet)), dynamic_ncols=True)
@@ -387,15 +378,16 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if count == 0 and self.dist.enabled and not cfg.run.find_unused_parameters:
                 self._check_all_parameters_trained()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in (*terms.items(), ("loss", loss)):
+                v = v.detach().double()
+                sums[k] = sums[k] + v if k in sums else v
             count += 1
             st.batch += 1
             bar.update(1)
             if last_in_group:
                 self._optimizer_step()
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                if not bar.disable:  # reading the loss is a host sync: only for a visible progress bar
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 if st.step % cfg.run.log_every == 0:
                     self._log_step(terms, loss.detach())
                 if st.batch < n and cfg.run.checkpoint_every and st.step % cfg.run.checkpoint_every == 0:
@@ -405,7 +397,7 @@ class Trainer:
                     raise TrainingInterrupted(f"interrupted after step {st.step}")
         bar.close()
         # The epoch's mean terms over all processes (each process's mean over its micro-batches).
-        return self.dist.mean({k: v / max(1, count) for k, v in sums.items()})
+        return self.dist.mean({k: float(v) / max(1, count) for k, v in sums.items()})
 
     def _check_all_parameters_trained(self) -> None:
         # Without unused-parameter detection DDP waits forever for a gradient that never comes: say so at once.

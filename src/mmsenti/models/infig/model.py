@@ -177,7 +177,7 @@ class Infig(MultimodalModel):
         if self.has_image:
             cnn = build_image_encoder(cfg.image_encoder, load_weights)
             self.image_encoder = ImageTransformerEncoder(cnn, d, cfg.image_layers, cfg.image_heads,
-                                                         processor.image_transform.size, cfg.dropout)
+                                                         processor.image_transform.size, cfg.dropout, cfg.attention)
         for name, enc in (("text_encoder", self.text_encoder), ("image_layers", self.image_encoder)):
             if enc is not None and enc.num_layers < need:
                 raise ConfigError(f"model: {name} has {enc.num_layers} layers, but hfam_layers/gam_layer need {need}")
@@ -204,7 +204,7 @@ class Infig(MultimodalModel):
             self.hfam_temperature = LearnableTemperature(cfg.temperature)
 
         self.type_embed = nn.Parameter(torch.zeros(2, d))  # image / text token types in the fusion sequence
-        self.fusion = nn.ModuleList(TransformerBlock(d, cfg.fusion_heads, dropout=cfg.dropout)
+        self.fusion = nn.ModuleList(TransformerBlock(d, cfg.fusion_heads, dropout=cfg.dropout, attention=cfg.attention)
                                     for _ in range(cfg.fusion_layers))
         self.fusion_norm = nn.LayerNorm(d)
         self.pool = AttentionPool(d)
