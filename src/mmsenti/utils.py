@@ -116,6 +116,19 @@ def git_revision() -> str | None:
         return None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (a notebook or a test may swap it), not the
+    stream that was current when logging was set up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO, logfile: Path | None = None) -> None:
     """Log to stderr (and a run's log file). Idempotent: calling again swaps the file handler."""
     root = logging.getLogger("mmsenti")
@@ -125,7 +138,7 @@ def setup_logging(level: int = logging.INFO, logfile: Path | None = None) -> Non
         root.removeHandler(h)
         h.close()
     if not any(getattr(h, "_mmsenti", None) == "stream" for h in root.handlers):
-        sh = logging.StreamHandler(sys.stderr)
+        sh = _StderrHandler()
         sh.setFormatter(fmt)
         # Records logged with extra={"file_only": True} (an error the CLI prints itself) go to the log file only.
         sh.addFilter(lambda record: not getattr(record, "file_only", False))
