@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from mmsenti.config import ConfigError
 from mmsenti.experiment import load_experiment
 from mmsenti.experiment.plots import experiment_bar_charts
 from mmsenti.experiment.runner import run_experiment
@@ -155,6 +156,18 @@ def test_killed_runs_resume_from_their_checkpoint(tmp_path):
     (job.run_dir / "checkpoints").mkdir(parents=True)
     (job.run_dir / "checkpoints" / "last.pt").write_bytes(b"")
     assert job.command()[-5:] == ["train", "--resume", "--out", str(job.run_dir), "--quiet"]
+
+
+def test_only_selects_a_row_by_id_even_when_a_group_has_its_name(tmp_path):
+    path = experiment_file(tmp_path, "x", "runs/x")
+    assert [r.id for r in load_experiment(path).select(["scenes"])] == ["fusion", "text"]  # a group: all its rows
+    # A row whose id is also its group's name (groups default to the dataset's name): --only ROW means that row.
+    path.write_text(path.read_text().replace("fusion", "scenes"))
+    exp = load_experiment(path)
+    assert [r.id for r in exp.select(["scenes"])] == ["scenes"]
+    assert [r.id for r in exp.select(["scenes", "text"])] == ["scenes", "text"]
+    with pytest.raises(ConfigError, match="--only 'nope'"):
+        exp.select(["nope"])
 
 
 def test_cross_validation_experiment_selects_on_the_mean_dev_metric_over_folds(grid):

@@ -141,15 +141,18 @@ class Experiment:
         return list(dict.fromkeys(r.group for r in self.rows))
 
     def select(self, only: list[str] | None) -> list[Row]:
-        """Rows whose id or group is in ``only`` (all rows when empty); an unknown name is an error."""
+        """Rows whose id or group is in ``only`` (all rows when empty); an unknown name is an error. A name that is
+        a row id means that row, also when a group has the same name (a group defaults to the dataset's name, which
+        a row may share)."""
         if not only:
             return list(self.rows)
-        known = {r.id for r in self.rows} | {r.group for r in self.rows}
-        unknown = [o for o in only if o not in known]
+        ids = {r.id for r in self.rows}
+        unknown = [o for o in only if o not in ids | {r.group for r in self.rows}]
         if unknown:
             raise ConfigError(f"{self.path}: --only {unknown[0]!r}: no such row or group (rows: "
                               f"{', '.join(r.id for r in self.rows)})")
-        return [r for r in self.rows if r.id in only or r.group in only]
+        groups = set(only) - ids
+        return [r for r in self.rows if r.id in only or r.group in groups]
 
 
 def task_of(cfg: Config) -> str:
