@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from mmsenti.config import load_config
@@ -40,3 +47,74 @@ def write_posts(directory: Path, n: int, split: str = "test", name: str = "posts
             s.image.save(directory / f"{s.id}.png")
             f.write(json.dumps({"id": s.id, "text": s.text, "image": f"{s.id}.png"}) + "\n")
     return directory / name, samples
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(model_dir: Path, *args: str, timeout: float = 120):
+    """``mmsenti serve MODEL_DIR`` in its own process on a free port; yields its URL once /readyz answers 200."""
+    httpx = pytest.importorskip("httpx")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mmsenti", "serve", str(model_dir), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mmsenti serve exited: {proc.stderr.read()[-2000:]}")
+            if time.time() > deadline:
+                raise AssertionError("mmsenti serve did not become ready")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def browser():
+    """Headless Chromium under selenium; skips without Debian's chromium + chromium-driver."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("no chromium + chromedriver (Debian: apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
+
+
+def submit_post(driver, url: str, text: str, image: Path, explain: bool = False) -> None:
+    """Fill in the served web page's form as a user does (text, image file, optionally Explain) and submit it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url + "/")
+    WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.ID, "model-summary"), "reads"))
+    driver.find_element(By.ID, "text").send_keys(text)
+    driver.find_element(By.ID, "image").send_keys(str(image))
+    if explain:
+        driver.find_element(By.ID, "explain").click()
+    driver.find_element(By.ID, "submit").click()

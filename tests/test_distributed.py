@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
+from serving_fixtures import free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmsenti.config import load_config
@@ -341,12 +341,6 @@ E2E = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(tag: str = "") -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "MMSENTI_TEST_RUN": tag}
@@ -489,7 +483,7 @@ def test_killed_rank_stops_the_job_clearly_and_resume_finishes_like_the_uninterr
 @pytest.mark.slow
 def test_two_nodes_agree_with_one_node_of_two_processes(runs):
     root, _ = runs
-    run, port = root / "nodes", _free_port()
+    run, port = root / "nodes", free_port()
     launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                 f"--rdzv-id=mmsenti-test-{port}"]
     nodes = [_start(_torchrun(launcher, run, root / "cache2"), _env()) for _ in range(2)]

@@ -11,16 +11,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from serving_fixtures import TINY_INFIG, save_tiny_model
+from serving_fixtures import TINY_INFIG, browser, save_tiny_model, serving, submit_post
 
 from mmsenti.config import load_config
 from mmsenti.data.base import Sample
@@ -553,52 +549,25 @@ def test_explain_route_answers_as_the_predictor(trained, infig):
         assert "registerPanel(explainPanel)" in c.get("/static/explain.js").text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.browser
 @pytest.mark.slow
 def test_web_page_shows_the_explanation(trained, tmp_path):
-    httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
-    from test_serve_live import _browser
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _browser()
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mmsenti", "serve", str(trained["infig"]), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    s = make_sample(4, "test", 0, 64)
+    path = tmp_path / "post.png"
+    s.image.save(path)
+    driver = browser()
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions as ec
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        s = make_sample(4, "test", 0, 64)
-        path = tmp_path / "post.png"
-        s.image.save(path)
-        driver.get(url + "/")
-        WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.ID, "model-summary"), "reads"))
-        driver.find_element(By.ID, "text").send_keys(s.text)
-        driver.find_element(By.ID, "image").send_keys(str(path))
-        driver.find_element(By.ID, "explain").click()
-        driver.find_element(By.ID, "submit").click()
-        fig = WebDriverWait(driver, 60).until(ec.visibility_of_element_located((By.ID, "figure-word_regions")))
-        assert fig.get_attribute("src").startswith("data:image/png;base64,")
-        assert driver.execute_script("return arguments[0].naturalWidth", fig) > 100
-        effects = driver.find_elements(By.CSS_SELECTOR, "#modality-effects li")
-        assert [e.get_attribute("data-modality") for e in effects] == ["text", "image", "interaction"]
+        with serving(trained["infig"]) as url:
+            submit_post(driver, url, s.text, path, explain=True)
+            fig = WebDriverWait(driver, 60).until(ec.visibility_of_element_located((By.ID, "figure-word_regions")))
+            assert fig.get_attribute("src").startswith("data:image/png;base64,")
+            assert driver.execute_script("return arguments[0].naturalWidth", fig) > 100
+            effects = driver.find_elements(By.CSS_SELECTOR, "#modality-effects li")
+            assert [e.get_attribute("data-modality") for e in effects] == ["text", "image", "interaction"]
     finally:
         driver.quit()
-        proc.terminate()
-        proc.wait(timeout=30)

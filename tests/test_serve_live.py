@@ -8,30 +8,15 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-from serving_fixtures import save_tiny_model  # noqa: E402
+from serving_fixtures import browser, save_tiny_model, serving, submit_post  # noqa: E402
 
 from mmsenti.data.scenes import make_sample  # noqa: E402
 from mmsenti.inference import load_model  # noqa: E402
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +26,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mmsenti", "serve", str(model_dir), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mmsenti serve exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise AssertionError("mmsenti serve did not become ready")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(model_dir) as url:
+        yield url
 
 
 def test_served_answer_equals_the_predictor(server, model_dir, tmp_path):
@@ -87,39 +55,20 @@ def test_serve_command_errors_are_one_line(tmp_path, model_dir, capsys):
     assert "max_posts must be >= 1" in capsys.readouterr().err
 
 
-def _browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("no chromium + chromedriver (Debian: apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        opts.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
-
-
 @pytest.mark.browser
 def test_web_page_shows_the_predictors_label(server, model_dir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _browser()
+    driver = browser()
     try:
         ref_model = load_model(model_dir)
         for i in (4, 9):
             s = make_sample(i, "test", seed=12, image_size=64)
             path = tmp_path / f"post{i}.png"
             s.image.save(path)
-            driver.get(server + "/")
-            WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.ID, "model-summary"), "reads"))
-            driver.find_element(By.ID, "text").send_keys(s.text)
-            driver.find_element(By.ID, "image").send_keys(str(path))
-            driver.find_element(By.ID, "submit").click()
+            submit_post(driver, server, s.text, path)
             label = WebDriverWait(driver, 30).until(ec.visibility_of_element_located((By.ID, "label")))
             ref = ref_model.predict(s.text, image=str(path))
             assert label.text == ref["label"]
