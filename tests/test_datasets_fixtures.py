@@ -110,6 +110,30 @@ def test_mvsa_single_original_release(tmp_path):
     assert nb.splits["train"][0].text == "post 1 <user> <url>"
 
 
+def test_raw_releases_honour_data_encoding(tmp_path):
+    # Per-post files fall back file by file under the default (old dumps mix encodings); a named encoding is strict.
+    _mvsa_tree(tmp_path, {"1": "positive,positive", "2": "negative,negative", "3": "neutral,neutral"}, "ID\ttext,image")
+    (tmp_path / "data" / "2.txt").write_bytes("caf\u00e9 \u201cok\u201d".encode("cp1252"))
+    (tmp_path / "data" / "3.txt").write_bytes("na\u00efve".encode("utf-8"))
+    texts = {s.id: s.text for v in build_mvsa(MVSAConfig(root=str(tmp_path))).splits.values() for s in v}
+    assert texts["2"] == "caf\u00e9 \u201cok\u201d" and texts["3"] == "na\u00efve"
+    texts = {s.id: s.text for v in build_mvsa(MVSAConfig(root=str(tmp_path), encoding="cp1252")).splits.values()
+             for s in v}
+    assert texts["2"] == "caf\u00e9 \u201cok\u201d" and texts["3"] == "na\u00c3\u00afve"  # as asked: UTF-8 bytes read as cp1252
+    with pytest.raises(DataError, match=r"2\.txt: not ascii text: byte 0xe9 at byte offset 3"):
+        build_mvsa(MVSAConfig(root=str(tmp_path), encoding="ascii"))
+    with pytest.raises(DataError, match="data.encoding: unknown encoding 'klingon'"):
+        build_mvsa(MVSAConfig(root=str(tmp_path), encoding="klingon"))
+    # Line-oriented raw files (the HFM release) are read as data.encoding, with file:line on a bad byte.
+    hfm = tmp_path / "hfm"
+    hfm.mkdir()
+    (hfm / "train.txt").write_bytes((repr(["1", "caf\u00e9", 1]) + "\n").encode("cp1252"))
+    (hfm / "test2.txt").write_text(repr(["2", "fine", 0, 0]) + "\n")
+    with pytest.raises(DataError, match=r"train\.txt:1: not utf-8 text: byte 0xe9"):
+        build_hfm(HFMConfig(root=str(hfm)))
+    assert build_hfm(HFMConfig(root=str(hfm), encoding="cp1252")).splits["train"][0].text == "caf\u00e9"
+
+
 def test_mvsa_multiple_three_annotator_vote(tmp_path):
     rows = {
         # text: pos,pos,neg → pos ; image: neu,pos,pos → pos ; → positive

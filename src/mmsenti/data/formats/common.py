@@ -83,9 +83,22 @@ def find_file(root: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def read_text_file(path: Path) -> str:
-    """A small text file as str. Old Twitter dumps mix encodings: UTF-8 first, then Windows-1252, then Latin-1."""
+def read_text_file(path: Path, encoding: str = "utf-8") -> str:
+    """A small per-post text file (original MVSA/TumEmo releases) as str.
+
+    Under the default ``utf-8`` each file falls back to Windows-1252, then Latin-1: old Twitter dumps mix encodings
+    file by file. Any other ``data.encoding`` is strict: a byte it cannot decode is an error naming the file."""
     raw = path.read_bytes()
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
+    if codec != "utf-8":
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not {encoding} text: byte 0x{raw[e.start]:02x} at byte offset {e.start}; if the "
+                            f"file uses another encoding, say which with data.encoding") from None
     for enc in ("utf-8-sig", "cp1252"):
         try:
             return raw.decode(enc)

@@ -75,10 +75,10 @@ def is_giveaway(text: str) -> bool:
     return not FILTER_WORDS.isdisjoint(text.split())
 
 
-def read_raw_split(path: Path, filter_words: bool) -> tuple[list[Sample], int]:
+def read_raw_split(path: Path, filter_words: bool, encoding: str = "utf-8") -> tuple[list[Sample], int]:
     """``(samples, number filtered out)`` from one raw file; the last element of each line is the label."""
     samples, dropped = [], 0
-    for lineno, line in enumerate(text_lines(path), 1):
+    for lineno, line in enumerate(text_lines(path, encoding), 1):
         if not line.strip():
             continue
         row = parse_literal_line(line, path, lineno)
@@ -91,9 +91,9 @@ def read_raw_split(path: Path, filter_words: bool) -> tuple[list[Sample], int]:
     return samples, dropped
 
 
-def read_attributes(path: Path) -> dict[str, list[str]]:
+def read_attributes(path: Path, encoding: str = "utf-8") -> dict[str, list[str]]:
     out = {}
-    for lineno, line in enumerate(text_lines(path), 1):
+    for lineno, line in enumerate(text_lines(path, encoding), 1):
         if line.strip():
             row = parse_literal_line(line, path, lineno)
             out[str(row[0])] = [str(w) for w in row[1:]]
@@ -107,7 +107,7 @@ def _raw_dir(root: Path) -> Path | None:
     return None
 
 
-def _load_raw(root: Path, filter_train: bool, name: str) -> tuple[dict[str, list[Sample]], list[Path]]:
+def _load_raw(root: Path, filter_train: bool, name: str, encoding: str) -> tuple[dict[str, list[Sample]], list[Path]]:
     raw = _raw_dir(root)
     if raw is None:
         raise DataError(f"{root}: no HFM data found (expected train.json/valid.json/test.json, or the original "
@@ -117,7 +117,7 @@ def _load_raw(root: Path, filter_train: bool, name: str) -> tuple[dict[str, list
         path = find_file(raw, names)
         if path is None:
             continue
-        samples, dropped = read_raw_split(path, filter_words=filter_train and split == "train")
+        samples, dropped = read_raw_split(path, filter_train and split == "train", encoding)
         if dropped:
             log.info("%s: the standard filter left out %d of %d training posts", name, dropped,
                      dropped + len(samples))
@@ -133,7 +133,7 @@ def build_hfm(cfg: HFMConfig) -> DatasetBundle:
     fmt = cfg.format
     if fmt == "auto":
         fmt = "clmlf" if find_file(root, _JSON["train"] + _JSON["test"]) else "raw"
-    splits, sources = read_clmlf_splits(root, _JSON, 2, cfg.encoding) if fmt == "clmlf" else _load_raw(root, cfg.filter_train, cfg.name)
+    splits, sources = read_clmlf_splits(root, _JSON, 2, cfg.encoding) if fmt == "clmlf" else _load_raw(root, cfg.filter_train, cfg.name, cfg.encoding)
     if not splits:
         raise DataError(f"{root}: no HFM json files (train.json, valid.json, test.json)")
     if cfg.use_translation:
@@ -148,7 +148,7 @@ def build_hfm(cfg: HFMConfig) -> DatasetBundle:
             attr_path = find_file(root, ["image_attributes.txt", "raw/image_attributes.txt"])
         if attr_path is None:
             raise DataError(f"data.use_attributes: no image_attributes.txt in {root} or {raw or root / 'raw'}")
-        attributes = read_attributes(attr_path)
+        attributes = read_attributes(attr_path, cfg.encoding)
         sources.append(attr_path)
         lacking = 0
         for samples in splits.values():

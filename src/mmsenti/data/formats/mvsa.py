@@ -93,10 +93,10 @@ def merge_labels(pairs: list[tuple[str, str]]) -> tuple[str | None, str]:
     return (label, "") if label else (None, "positive+negative")
 
 
-def read_label_file(path: Path) -> dict[str, tuple[str | None, str]]:
+def read_label_file(path: Path, encoding: str = "utf-8") -> dict[str, tuple[str | None, str]]:
     """``labelResultAll.txt`` → ``{id: (merged label or None, drop reason)}``."""
     out: dict[str, tuple[str | None, str]] = {}
-    with contextlib.closing(text_lines(path)) as lines:
+    with contextlib.closing(text_lines(path, encoding)) as lines:
         for lineno, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or (lineno == 1 and not fields[0].isdigit()):  # header: "ID text,image ..."
@@ -142,7 +142,7 @@ def _load_raw(cfg: MVSAConfig, root: Path) -> tuple[dict[str, list[Sample]], lis
     data = root / "data"
     if not data.is_dir():
         raise DataError(f"{root}: the original MVSA layout needs a data/ folder with <id>.txt and <id>.jpg")
-    merged = read_label_file(label_file)
+    merged = read_label_file(label_file, cfg.encoding)
     dropped = Counter(reason for label, reason in merged.values() if label is None)
     if dropped:
         log.info("%s: merge rule dropped %d of %d posts (%s)", cfg.name, sum(dropped.values()), len(merged),
@@ -156,7 +156,7 @@ def _load_raw(cfg: MVSAConfig, root: Path) -> tuple[dict[str, list[Sample]], lis
         if not txt.is_file():
             missing_text.append(pid)
             continue
-        samples.append(Sample(id=pid, label=LABELS.index(label), text=read_text_file(txt).strip()))
+        samples.append(Sample(id=pid, label=LABELS.index(label), text=read_text_file(txt, cfg.encoding).strip()))
     if missing_text:
         raise DataError(f"{data}: {len(missing_text)} labelled post(s) have no text file (first: "
                         f"{', '.join(missing_text[:5])})")

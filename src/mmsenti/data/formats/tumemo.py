@@ -93,11 +93,11 @@ def _load_mgnns(root: Path, labels: list[str], encoding: str = "utf-8") -> tuple
     return splits, sources
 
 
-def _load_raw(root: Path, labels: list[str], seed: int) -> tuple[dict[str, list[Sample]], list[Path]]:
+def _load_raw(root: Path, labels: list[str], seed: int, encoding: str) -> tuple[dict[str, list[Sample]], list[Path]]:
     index = root / "all_data_id_and_label.txt"
     data = root / "data"
     samples = []
-    with contextlib.closing(text_lines(index)) as lines:
+    with contextlib.closing(text_lines(index, encoding)) as lines:
         for lineno, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or (lineno == 1 and not fields[0].isdigit()):
@@ -109,8 +109,8 @@ def _load_raw(root: Path, labels: list[str], seed: int) -> tuple[dict[str, list[
             if not txt.is_file():
                 raise DataError(f"{index}:{lineno}: post {pid} has no text file {txt}")
             samples.append(Sample(id=pid, label=label_index(emotion, labels, f"{index}:{lineno}"),
-                                  text=read_text_file(txt).strip()))
-    lists = {k: [str(o["id"]) for _, o in read_jsonl(root / f)] for k, f in _MGNNS.items() if (root / f).is_file()}
+                                  text=read_text_file(txt, encoding).strip()))
+    lists = {k: [str(o["id"]) for _, o in read_jsonl(root / f, encoding)] for k, f in _MGNNS.items() if (root / f).is_file()}
     if lists:
         splits = split_by_id_lists(samples, lists, "tumemo")
     else:
@@ -128,7 +128,7 @@ def build_tumemo(cfg: TumEmoConfig) -> DatasetBundle:
     if fmt == "auto":
         fmt = "raw" if (root / "all_data_id_and_label.txt").is_file() else "mgnns"
     if fmt == "raw":
-        splits, sources = _load_raw(root, labels, cfg.seed)
+        splits, sources = _load_raw(root, labels, cfg.seed, cfg.encoding)
         modalities = attach_images(splits, root, cfg.image_dir, ("data",), cfg)
     elif cfg.image_dir:
         splits, sources = _load_mgnns(root, labels, cfg.encoding)
