@@ -83,17 +83,21 @@ def find_file(root: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
+def lookup_codec(encoding: str) -> codecs.CodecInfo:
+    """The codec ``data.encoding`` names; an unknown name is a one-line :class:`DataError`."""
+    try:
+        return codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
+
+
 def read_text_file(path: Path, encoding: str = "utf-8") -> str:
     """A small per-post text file (original MVSA/TumEmo releases) as str.
 
     Under the default ``utf-8`` each file falls back to Windows-1252, then Latin-1: old Twitter dumps mix encodings
     file by file. Any other ``data.encoding`` is strict: a byte it cannot decode is an error naming the file."""
     raw = path.read_bytes()
-    try:
-        codec = codecs.lookup(encoding).name
-    except LookupError:
-        raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
-    if codec != "utf-8":
+    if lookup_codec(encoding).name != "utf-8":
         try:
             return raw.decode(encoding)
         except UnicodeDecodeError as e:
@@ -120,10 +124,7 @@ def text_lines(path: Path, encoding: str = "utf-8") -> Iterator[str]:
     A byte sequence that is not ``encoding`` is a :class:`DataError` naming the file, line and byte offset, never a
     bare ``UnicodeDecodeError``. A UTF-8 byte-order mark is skipped.
     """
-    try:
-        codec = codecs.lookup(encoding)
-    except LookupError:
-        raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
+    codec = lookup_codec(encoding)
     if "\n".encode(codec.name) != b"\n":  # UTF-16/32: bytes cannot be split at b"\n"; decode the whole file
         raw = path.read_bytes()
         try:
