@@ -16,6 +16,19 @@ class DataError(ValueError):
     """Bad or missing data; the message names the file, line or field (the CLI prints it, exit code 2)."""
 
 
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenized, or None. The one check every edge (files, CLI rows, the service) runs.
+
+    A lone UTF-16 surrogate (``"\\ud800"``, legal in JSON and in a Python ``str``) has no UTF-8 encoding, and the
+    Rust tokenizers raise on it deep inside a batch.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds an unpaired UTF-16 surrogate (U+{ord(text[e.start]):04X}) at character {e.start}"
+    return None
+
+
 @dataclass
 class Sample:
     """One post or clip.
