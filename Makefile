@@ -40,7 +40,7 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	-@sh scripts/install_browser.sh
-	$(BIN)/python -m pytest -q --timeout=900
+	$(BIN)/python -m pytest -q --timeout=900 --durations=15
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks
