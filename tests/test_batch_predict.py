@@ -141,3 +141,104 @@ def test_csv_input_and_the_command_line(model_dir, posts, tmp_path, capsys):
     assert main(["predict", str(model_dir), "--input", str(csv_path), "--output", str(out), "--strict"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmsenti: error: ") and "posts.csv:7:" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ issue 24, section 5
+def test_a_text_the_tokenizer_cannot_take_is_an_error_row_and_its_batch_is_predicted(model_dir, posts, tmp_path,
+                                                                                     capsys):
+    """A lone surrogate (legal JSON: \\ud800) used to fail the tokenizer for the whole batch and stop the run."""
+    path, samples = posts
+    lines = path.read_text().splitlines()
+    bad = [json.dumps({"id": "lone", "text": "sun \ud800 rain", "image": f"{samples[2].id}.png"}),
+           json.dumps({"id": "x\udcff", "text": "fine", "image": f"{samples[2].id}.png"})]  # an id no file can hold
+    f = path.parent / "surrogates.jsonl"
+    f.write_text("\n".join(lines[:2] + bad + lines[2:6]) + "\n", encoding="utf-8", errors="surrogatepass")
+    predictor = load_model(model_dir)
+    stats = predict_file(predictor, f, tmp_path / "out.jsonl", batch_size=16)  # one batch: bad rows among good
+    out = _read(tmp_path / "out.jsonl")
+    assert stats.rows == 8 and stats.errors == 2
+    assert [o["id"] for o in out] == [s.id for s in samples[:2]] + ["lone", "4"] + [s.id for s in samples[2:6]]
+    assert out[2]["error"] == "'text' holds an unpaired UTF-16 surrogate (U+D800) at character 4"
+    assert out[3]["error"].startswith("'id' holds an unpaired UTF-16 surrogate (U+DCFF)") and out[3]["line"] == 4
+    for a, b in zip([o for o in out if "error" not in o], _reference(predictor, samples[:6]), strict=True):
+        _close(a, b)
+    with pytest.raises(DataError, match=r"surrogates\.jsonl:3: 'text' holds an unpaired UTF-16 surrogate"):
+        predict_file(predictor, f, tmp_path / "strict.jsonl", batch_size=16, strict=True)
+    from mmsenti.cli import main
+
+    assert main(["predict", str(model_dir), "--input", str(f), "--output", str(tmp_path / "o.jsonl"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmsenti: error: {f}:3: 'text' holds") and err.count("\n") == 1
+
+
+def _csv_posts(rows: list[list[str]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([["id", "text", "image"]] + rows)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("closing", ["comma", "no-comma"])
+def test_every_csv_row_is_accounted_for_when_a_quote_is_never_closed(model_dir, posts, tmp_path, closing):
+    """20 rows in, 20 rows out: the row with the open quote is an error row, the row it swallowed is predicted, and a
+    long quoted post is one row.
+
+    The next quoted text closes the quote: csv then reads both rows as one record of 4 fields (``comma``: the
+    swallowed text holds a comma) or of 3 (``no-comma``, read before as one post with a garbled text, silently)."""
+    path, samples = posts
+    rows = [[s.id, s.text, f"{s.id}.png"] for s in samples[:20]]
+    rows[4][1] = "rain again"
+    rows[5][1] = "sun at last, really" if closing == "comma" else 'sun at last "really"'  # csv.writer quotes it
+    rows[10][1] = "\n".join(f"verse {i}, of a long post" for i in range(12))  # a quoted post of 12 lines: one row
+    lines = _csv_posts(rows).splitlines()
+    assert lines[5] == f"{samples[4].id},rain again,{samples[4].id}.png" and lines[6].count('"') in (2, 6)
+    lines[5] = f'{samples[4].id},"rain again,{samples[4].id}.png'  # opened, never closed
+    f = path.parent / f"open-quote-{closing}.csv"
+    f.write_text("\n".join(lines) + "\n")
+    predictor = load_model(model_dir)
+    stats = predict_file(predictor, f, tmp_path / "out.jsonl", batch_size=4, workers=1)
+    out = _read(tmp_path / "out.jsonl")
+    assert stats.rows == 20 and stats.errors == 1
+    assert [o["id"] for o in out] == [s.id for s in samples[:4]] + ["6"] + [s.id for s in samples[5:20]]
+    assert out[4]["line"] == 6 and "unterminated quote on line 6" in out[4]["error"]
+    good = [Sample(id=s.id, label=None, text=r[1], image=s.image) for s, r in zip(samples[:20], rows, strict=True)]
+    del good[4]
+    for a, b in zip([o for o in out if "error" not in o], _reference(predictor, good), strict=True):
+        _close(a, b)
+
+
+def test_rows_name_the_model_and_resume_refuses_another_model_or_a_garbage_line(model_dir, posts, tmp_path):
+    from mmsenti.backbones.weights import file_sha256
+
+    path, samples = posts
+    predictor = load_model(model_dir)
+    full = tmp_path / "full.jsonl"
+    predict_file(predictor, path, full, batch_size=5)
+    rows = _read(full)
+    version = file_sha256(model_dir / "model.safetensors")[:12]  # what GET /v1/model says
+    assert all(o["model"] == {"name": model_dir.name, "version": version} for o in rows)
+    lines = full.read_text().splitlines(keepends=True)
+    part = tmp_path / "part.jsonl"
+
+    # Another model's output: refused, the file left as it was (before: 9 rows of one model + 14 of the other).
+    other = load_model(save_tiny_model(tmp_path / "other-model", seed=1))
+    part.write_text("".join(lines[:9]) + lines[9][:17])
+    with pytest.raises(DataError, match=rf"part\.jsonl:1: written by model '{model_dir.name}' version {version}, not "
+                                        rf"by 'other-model' version [0-9a-f]{{12}}; resuming would mix two models"):
+        predict_file(other, path, part, resume=True)
+    assert part.read_text() == "".join(lines[:9]) + lines[9][:17]
+    # Rows that name no model (an older mmsenti) cannot be told apart: refused too.
+    part.write_text("".join(json.dumps({k: v for k, v in o.items() if k != "model"}) + "\n" for o in rows[:9]))
+    with pytest.raises(DataError, match=r"part\.jsonl:1: written by a model it does not name"):
+        predict_file(predictor, path, part, resume=True)
+    # A line that is not an output row (an edit, another program's output) is refused naming it, never kept.
+    for garbage in (b"not json\n", b'{"id": 3}\n'[:-2] + b"\n", b"\xff\xfe\n", b"\n"):
+        part.write_bytes("".join(lines[:4]).encode() + garbage + "".join(lines[5:9]).encode())
+        with pytest.raises(DataError, match=r"part\.jsonl:5: not a row of mmsenti predict"):
+            predict_file(predictor, path, part, resume=True)
+    # The same model resumes, whatever the folder's name (the version is the weights' checksum).
+    part.write_text("".join(lines[:9]) + lines[9][:17])
+    assert predict_file(predictor, path, part, resume=True).rows == 14
+    assert [json.dumps(o, sort_keys=True) for o in _read(part)] == [json.dumps(o, sort_keys=True) for o in rows]

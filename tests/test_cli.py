@@ -76,6 +76,11 @@ def test_predict_errors_are_clear(trained, tmp_path):
     assert r.returncode == 2 and "nope.png" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("predict", str(tmp_path), "--text", "hi", check=False)
     assert r.returncode == 2 and "not a trained mmsenti model" in r.stderr
+    # Bytes that are not UTF-8 on the command line reach Python as lone surrogates, which crashed the tokenizer.
+    make_sample(0, "test", seed=0).image.save(tmp_path / "img.png")
+    r = run_cli("predict", str(trained), "--text", "caf\udce9", "--image", str(tmp_path / "img.png"), check=False)
+    assert r.returncode == 2 and r.stderr == ("mmsenti: error: --text holds an unpaired UTF-16 surrogate (U+DCE9) at "
+                                              "character 3: is the shell's encoding UTF-8?\n")
 
 
 def test_resume_refuses_to_overwrite_and_list_works(trained):

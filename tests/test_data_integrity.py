@@ -127,6 +127,17 @@ def test_line_endings_of_every_kind_read_alike(tmp_path):
     assert rows[0] == rows[1] == rows[2] == [("2", "two\nlines", 2), ("4", "plain", 0)]
 
 
+def test_quote_closed_inside_a_field_two_lines_later_is_an_error(tmp_path):
+    """An open quote that the next row's quoted text closes: csv reads 2 rows as 1 record of the right width."""
+    f = tmp_path / "posts.csv"
+    f.write_text('text,label\nfine,positive\n"rain again,negative\n"sun at last" \'really\',positive\nlast,neutral\n')
+    with open(f, newline="") as fh:  # what the csv module makes of it: one post fewer, no complaint
+        assert [r["label"] for r in csv.DictReader(fh)] == ["positive", "positive", "neutral"]
+    with pytest.raises(DataError, match=r"posts\.csv:3: an unterminated quote on line 3\? The record it opens runs to "
+                                        r"line 4, where a quote ends it inside a field"):
+        build_csv(CsvDataConfig(root=str(f), label_names=LABELS))
+
+
 # ------------------------------------------------------------------------------------------------ labels
 def _labelled(n: int, typo_at: int | None = None) -> list[str]:
     labels = [LABELS[i % 3] for i in range(n)]
@@ -195,6 +206,41 @@ def test_non_utf8_bytes_name_file_line_and_offset(tmp_path):
     assert r.stderr.strip() == (f"mmsenti: error: {c}:3: not utf-8 text: byte 0xe9 at byte offset 26 (column 4); "
                                 "if the file uses another encoding, say which with data.encoding (e.g. cp1252 or "
                                 "latin-1)")
+
+
+def test_text_a_tokenizer_cannot_take_names_file_line_and_field(tmp_path):
+    """A lone UTF-16 surrogate (legal JSON: \\ud800) passed `data check` and crashed training in the tokenizer."""
+    f = tmp_path / "posts.jsonl"
+    rows = [{"text": f"post {i}", "label": LABELS[i % 3]} for i in range(30)]
+    rows[2]["text"] = "sun \ud800 rain"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json.dumps writes the escape: the file is ASCII
+    line = r"posts\.jsonl:3: 'text' holds an unpaired UTF-16 surrogate \(U\+D800\) at character 4"
+    with pytest.raises(DataError, match=line):
+        build_jsonl(UserDataConfig(root=str(f), label_names=LABELS))
+    r = run_cli("data", "check", "jsonl", "--root", str(f))
+    assert r.returncode == 2 and re.fullmatch(f"mmsenti: error: .*{line}\n", r.stderr), r.stderr
+    cfg = load_config(None, ["data.name=jsonl", f"data.root={f}", "model.name=text-only", "run.quiet=true"])
+    with pytest.raises(DataError, match=line):
+        Trainer(cfg, tmp_path / "run").fit()
+
+
+def test_every_other_reader_refuses_such_text_too(tmp_path):
+    from mmsenti.data.base import Sample
+    from mmsenti.data.formats.common import finish, read_json_list
+    from mmsenti.data.formats.hfm import parse_literal_line
+
+    clmlf = tmp_path / "train.json"  # MVSA/HFM as CLMLF ships them, and translation.json
+    clmlf.write_text(json.dumps([{"id": 1, "text": "ok", "emotion_label": 0},
+                                 {"id": 2, "text": "\udfff", "emotion_label": 1}]))
+    with pytest.raises(DataError, match=r"train\.json: item 1: 'text' holds an unpaired UTF-16 surrogate \(U\+DFFF\)"):
+        read_json_list(clmlf)
+    with pytest.raises(DataError, match=r"train\.txt:7: element 1 holds an unpaired UTF-16 surrogate \(U\+D83D\)"):
+        parse_literal_line("['682716753374351360', 'so \\ud83d funny', 1]", tmp_path / "train.txt", 7)  # HFM raw
+    # Texts from anywhere else (MMSA feature files, odd data.encoding values) are caught when the dataset is built.
+    samples = {"train": [Sample(id="a", label=0, text="fine"), Sample(id="b", label=1, text="x\ud800")]}
+    with pytest.raises(DataError, match=r"dataset 'mosi': train post 'b': the text holds an unpaired UTF-16 "
+                                        r"surrogate \(U\+D800\) at character 1"):
+        finish("mosi", samples, "classification", ["neg", "pos"], ("text",))
 
 
 # ------------------------------------------------------------------------------------------------ images

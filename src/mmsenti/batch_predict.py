@@ -3,15 +3,18 @@
 The input (JSON lines or CSV with ``text``, ``image`` — a path relative to the file — and optional ``id``) is read
 row by row and cut into batches (sorted by text length within a window of a few batches, so a batch needs little
 padding); images are decoded and transformed in DataLoader worker processes (batch ``b`` goes to worker
-``b mod W``); the main process runs the model and appends one JSON line per input row, in input order, as it goes. A bad row (missing field, unreadable image, broken JSON)
-becomes an output row with an ``"error"`` field, so the good rows are never lost; with ``strict`` the first bad
-row stops the run with an error naming the file and line. ``resume`` continues an interrupted output file: rows
-already written are skipped, a partly written last line is dropped and rewritten.
+``b mod W``); the main process runs the model and appends one JSON line per input row, in input order, as it goes.
+Every row names the model that wrote it (``"model": {"name", "version"}``, as ``GET /v1/model`` does). A bad row
+(missing field, unreadable image, broken JSON, a text a tokenizer cannot take, a CSV row whose quote is never
+closed: the rows it swallowed are read again) becomes an output row with an ``"error"`` field, so the good rows are
+never lost and every input row is accounted for; with ``strict`` the first bad row stops the run with an error
+naming the file and line. ``resume`` continues an interrupted output file written by the same model: rows already
+written are skipped, a partly written last line is dropped and rewritten; another model's rows or a line that is
+not an output row are refused.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -24,8 +27,9 @@ from typing import Any, TextIO
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmsenti.data.base import DataError, Sample
-from mmsenti.inference import Predictor
+from mmsenti.data.base import DataError, Sample, text_problem
+from mmsenti.data.formats.common import field_problem, iter_csv_rows
+from mmsenti.inference import ModelRef, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +77,18 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                     continue
                 yield line, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
         return
-    try:
-        yield from _iter_csv(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start + 1} of a block); save the file as UTF-8") from None
+    # The dataset reader's checks, going on after a bad record: the rows an unterminated quote swallowed are read
+    # again, so every row of the file gets an output row. No limit on a record's lines: a long quoted post is
+    # predicted (the limit would cut it into rows of its own).
+    yield from iter_csv_rows(path, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", max_record_lines=0,
+                             advice="save the file as UTF-8")
 
 
-def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        if not reader.fieldnames:
-            raise DataError(f"{path}: empty CSV file (no header)")
-        n_header = len(reader.fieldnames)
-        start = reader.line_num + 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield start, f"bad CSV row ({e})"
-            else:
-                extra = row.pop(None, None) or []  # type: ignore[call-overload]
-                n = sum(v is not None for v in row.values()) + len(extra)
-                yield start, row if n == len(reader.fieldnames) else f"{n} fields, the header has {n_header}"
-            start = reader.line_num + 1
+def row_id(line: int, record: dict[str, Any] | str) -> str:
+    """The ``"id"`` of a row's output: its ``id`` field, else its line number (also for a row that did not parse, or
+    whose id cannot be written as UTF-8)."""
+    ident = str(record.get("id") or line) if isinstance(record, dict) else str(line)
+    return ident if text_problem(ident) is None else str(line)
 
 
 def count_rows(path: Path) -> int:
@@ -157,9 +148,9 @@ class _Batches(IterableDataset):
         rows, samples = [], []
         for position, line, record in chunk:
             if isinstance(record, str):
-                rows.append(Row(position, line, str(line), record))
+                rows.append(Row(position, line, row_id(line, record), record))
                 continue
-            row = Row(position, line, str(record.get("id") or line))
+            row = Row(position, line, row_id(line, record))
             try:
                 samples.append(self._sample(row, record))
             except DataError as e:
@@ -168,6 +159,9 @@ class _Batches(IterableDataset):
         return rows, self.processor(samples, training=False) if samples else None
 
     def _sample(self, row: Row, record: dict[str, Any]) -> Sample:
+        problem = field_problem(record)  # JSON's \ud800 escapes: a text the tokenizer would fail the whole batch on
+        if problem is not None:
+            raise DataError(problem)
         text, image = record.get("text"), record.get("image")
         for field, value in (("text", text), ("image", image)):
             if field in self.modalities and value in (None, "") and not self.allow_missing:
@@ -189,23 +183,47 @@ def _worker_init(_: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- resume
-def _resume_point(output: Path) -> tuple[int, str | None]:
-    """Complete rows already in ``output`` and the id of the last one; a partly written last line is cut off."""
+def _resume_point(output: Path, input: Path, model: ModelRef) -> int:
+    """How many complete rows ``output`` holds; a partly written last line (the interruption) is cut off.
+
+    Every row must be an output row of ``model`` for the same row of ``input``: resuming after anything else would
+    mix two models' answers (or two inputs) in one file, or keep a line nobody can read, so it is refused.
+    """
     if not output.is_file():
-        return 0, None
-    data = output.read_bytes()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is a row cut short by the interruption
-    if keep < len(data):
-        with open(output, "r+b") as f:
-            f.truncate(keep)
-    lines = data[:keep].decode("utf-8").splitlines()
-    last = json.loads(lines[-1]).get("id") if lines else None
-    return len(lines), last
+        return 0
+    inputs = iter_rows(input)
+    rows = offset = 0
+    with open(output, "r+b") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):  # a row cut short by the interruption: written again
+                f.truncate(offset)
+                break
+            rows += 1
+            try:
+                row = json.loads(raw)
+            except ValueError:  # not JSON, or not UTF-8
+                row = None
+            if not isinstance(row, dict) or "id" not in row:
+                raise DataError(f"{output}:{rows}: not a row of mmsenti predict; delete or mend that line, or use "
+                                f"another --output")
+            theirs = row.get("model")
+            if not isinstance(theirs, dict) or theirs.get("version") != model.version:
+                who = (f"model {theirs.get('name')!r} version {theirs.get('version')}" if isinstance(theirs, dict)
+                       else "a model it does not name (an older mmsenti?)")
+                raise DataError(f"{output}:{rows}: written by {who}, not by {model.name!r} version {model.version}; "
+                                f"resuming would mix two models in one file: use another --output or drop --resume")
+            line_record = next(inputs, None)
+            if line_record is None or str(row["id"]) != row_id(*line_record):
+                raise DataError(f"{output}: holds rows that do not match the start of {input} (row {rows} has id "
+                                f"{row['id']!r}); use another --output or drop --resume")
+            offset += len(raw)
+    return rows
 
 
 def predict_file(predictor: Predictor, input: str | Path, output: str | Path | None = None, *,
                  batch_size: int = 32, workers: int = 0, resume: bool = False, strict: bool = False,
-                 progress: bool = False, out_stream: TextIO | None = None, sort_window: int = 4) -> PredictStats:
+                 progress: bool = False, out_stream: TextIO | None = None, sort_window: int = 4,
+                 model: ModelRef | None = None) -> PredictStats:
     """Predict every row of ``input`` into ``output`` (JSON lines; ``None`` writes to ``out_stream``).
 
     Args:
@@ -215,6 +233,7 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
         strict: stop at the first bad row (DataError naming file and line) instead of writing an error row.
         progress: a progress bar with posts/s (on a terminal).
         sort_window: batches whose rows are sorted by text length before batching (1: batches in input order).
+        model: the name and version every row carries (default: those of the folder ``predictor`` was loaded from).
     """
     import sys
 
@@ -225,17 +244,12 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
         raise DataError(f"input file not found: {path}")
     if batch_size < 1 or workers < 0:
         raise DataError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
-    skip, last_id = 0, None
+    model = model or ModelRef.of(predictor)
+    skip = 0
     if resume:
         if output is None:
             raise DataError("--resume needs --output (the file to continue)")
-        skip, last_id = _resume_point(Path(output))
-        if skip:
-            ids = [r[1].get("id") or r[0] if isinstance(r[1], dict) else r[0]
-                   for _, r in zip(range(skip), iter_rows(path), strict=False)]
-            if len(ids) < skip or str(ids[-1]) != str(last_id):
-                raise DataError(f"{output}: holds {skip} rows that do not match the start of {path} "
-                                f"(last id {last_id!r}); use another --output or drop --resume")
+        skip = _resume_point(Path(output), path, model)
     stats = PredictStats(resumed=skip)
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers
@@ -246,6 +260,7 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
                dynamic_ncols=True, desc="predict")
     sink = open(output, "a" if resume else "w", encoding="utf-8") if output is not None else (out_stream or sys.stdout)
     t0 = time.perf_counter()
+    ref = model.as_dict()
     done: dict[int, tuple[Row, dict | None]] = {}  # finished rows by position, until every earlier one is written
     next_position = skip
     try:
@@ -261,10 +276,10 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
                     if strict:
                         sink.flush()
                         raise DataError(f"{path}:{row.line}: {row.error}")
-                    out = {"id": row.id, "line": row.line, "error": row.error}
+                    out = {"id": row.id, "line": row.line, "error": row.error, "model": ref}
                     stats.errors += 1
                 else:
-                    out = {"id": row.id, **pred}
+                    out = {"id": row.id, **pred, "model": ref}
                 sink.write(json.dumps(out, ensure_ascii=False) + "\n")
                 stats.rows += 1
                 written += 1

@@ -105,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mmsenti.data.base import Sample
+    from mmsenti.data.base import Sample, text_problem
     from mmsenti.inference import load_model
     from mmsenti.utils import show_progress
 
@@ -123,6 +123,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise _UsageError("this model reads images: give --image PATH")
     if "text" in predictor.modalities and args.text is None:
         raise _UsageError("this model reads text: give --text T")
+    if args.text is not None and (problem := text_problem(args.text)) is not None:  # argv bytes that are not UTF-8
+        raise _UsageError(f"--text {problem}: is the shell's encoding UTF-8?")
     row = predictor.predict_samples([Sample(id="cli", label=None, text=args.text, image=args.image)])[0]
     print(json.dumps(row, ensure_ascii=False, indent=2))
     return 0

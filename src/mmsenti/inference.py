@@ -11,14 +11,16 @@ A :class:`Predictor` runs three separate steps, so each can be replaced on its o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from mmsenti.backbones.weights import file_sha256
 from mmsenti.data.base import Sample
-from mmsenti.models.base import TaskInfo, load_pretrained
+from mmsenti.models.base import TaskInfo, load_pretrained, resolve_model_dir
 from mmsenti.utils import resolve_device
 
 
@@ -56,6 +58,8 @@ class Predictor:
         # {'label': 'positive', 'probabilities': {'negative': 0.01, 'neutral': 0.02, 'positive': 0.97}}
     """
 
+    source: Path | None = None  # the folder it was loaded from (names the model: ModelRef.of)
+
     def __init__(self, model, processor, config, backend: Backend | None = None, info: TaskInfo | None = None):
         """``model`` may be None when a ``backend`` runs the model elsewhere (an ONNX graph); ``info`` then says
         its task and labels."""
@@ -74,7 +78,9 @@ class Predictor:
         if backend != "torch":
             raise ValueError(f"unknown backend {backend!r} (known: torch, onnx)")
         model, processor, cfg = load_pretrained(path, resolve_device(device))
-        return cls(model, processor, cfg)
+        predictor = cls(model, processor, cfg)
+        predictor.source = Path(path)
+        return predictor
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +154,32 @@ class Predictor:
             rows = self.decode(self.run(self.preprocess(chunk)))
             results += [{"id": s.id, **row} for s, row in zip(chunk, rows, strict=True)]
         return results
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model answers: what ``GET /v1/model`` and every row of ``mmsenti predict --input`` name."""
+
+    name: str  # the run folder's name (an export's: its source model's), unless the caller names it
+    version: str  # the first 12 hex digits of the weights' SHA-256 (model.safetensors; model.onnx for an export)
+    directory: Path  # the model folder (or the export's)
+    run_dir: Path  # the run holding the model folder (metrics.json), else the folder itself
+
+    @classmethod
+    def of(cls, predictor: Predictor, path: str | Path | None = None, name: str | None = None) -> ModelRef:
+        """The model ``predictor`` runs, loaded from ``path`` (default: where ``load_model`` found it)."""
+        export = getattr(predictor.backend, "meta", None)  # an ONNX export: its own folder and copy of the metrics
+        path = path if path is not None else predictor.source
+        if not export and path is None:
+            raise ValueError("this predictor does not know the folder it was loaded from: pass it")
+        backend: Any = predictor.backend
+        directory = backend.directory if export else resolve_model_dir(path)  # type: ignore[arg-type]
+        run_dir = directory.parent if directory.name == "model" and not export else directory
+        version = file_sha256(backend.path if export else directory / "model.safetensors")[:12]
+        return cls(name or (export["source"]["name"] if export else run_dir.name), version, directory, run_dir)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version}
 
 
 def load_model(path: str | Path, device: str = "auto", backend: str = "torch") -> Predictor:

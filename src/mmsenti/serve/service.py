@@ -10,10 +10,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from mmsenti.backbones.weights import file_sha256
 from mmsenti.data.base import Sample
-from mmsenti.inference import Predictor
-from mmsenti.models.base import resolve_model_dir
+from mmsenti.inference import ModelRef, Predictor
 from mmsenti.serve.batching import MicroBatcher
 from mmsenti.serve.errors import ServeError
 from mmsenti.serve.posts import PreparedPost
@@ -25,17 +23,14 @@ log = logging.getLogger(__name__)
 class Service:
     def __init__(self, predictor: Predictor, settings: ServeSettings, model_dir: str | Path):
         self.predictor, self.settings = predictor, settings
-        export = getattr(predictor.backend, "meta", None)  # an ONNX export: its own folder and copy of the metrics
-        self.model_dir = predictor.backend.directory if export else resolve_model_dir(model_dir)
+        ref = ModelRef.of(predictor, model_dir, settings.model_name)
+        self.model_dir, self.name, self.version = ref.directory, ref.name, ref.version
         if settings.allow_missing_modality:
             predictor.allow_missing()  # ValueError for a model that cannot hide a modality
             if getattr(predictor.config.model, "modality_dropout", 0.0) == 0.0:
                 log.warning("--allow-missing-modality: this model was not trained with modality dropout; "
                             "its predictions from one modality are untested")
-        run_dir = self.model_dir.parent if self.model_dir.name == "model" and not export else self.model_dir
-        self.name = settings.model_name or (export["source"]["name"] if export else run_dir.name)
-        self.version = file_sha256(predictor.backend.path if export else self.model_dir / "model.safetensors")[:12]
-        metrics_path = run_dir / "metrics.json"
+        metrics_path = ref.run_dir / "metrics.json"
         self.metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
         self.batcher = MicroBatcher(self._predict_batch, settings.max_batch_size, settings.max_wait_ms)
         self.ready = False

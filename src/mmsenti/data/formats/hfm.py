@@ -26,6 +26,7 @@ from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
 from mmsenti.data.formats.common import (
     attach_translations,
+    field_problem,
     find_file,
     finish,
     read_clmlf_splits,
@@ -67,6 +68,8 @@ def parse_literal_line(line: str, path: Path, lineno: int) -> list[Any]:
         raise DataError(f"{path}:{lineno}: not a Python list literal ({e.__class__.__name__})") from None
     if not isinstance(value, list) or len(value) < 2:
         raise DataError(f"{path}:{lineno}: expected a list ['id', ...], got {type(value).__name__}")
+    if (problem := field_problem(dict(enumerate(value)))) is not None:  # a '\ud800' escape is a legal literal
+        raise DataError(f"{path}:{lineno}: {problem}")
     return value
 
 

@@ -56,6 +56,7 @@ class UserDataConfig(DataConfig):
     seed: int = 0  # seed of the carving
     normalize_text: bool = False  # apply the tweet normalisation (mentions, URLs, hashtags, emoji)
     # CSV: a record spanning more lines is an error (an unterminated quote swallows the rows after it); 0 = no limit
+    # (the other checks for an unterminated quote still apply)
     max_record_lines: int = MAX_RECORD_LINES
 
 
@@ -100,7 +101,7 @@ def _data_files(root: Path, exts: tuple[str, ...]) -> list[tuple[Path, str | Non
 
 def read_records(path: Path, *, delimiter: str = ",", encoding: str = "utf-8",
                  max_record_lines: int = MAX_RECORD_LINES) -> list[tuple[int, dict[str, Any]]]:
-    """``(line, record)`` pairs of a ``.jsonl`` or ``.csv``/``.tsv`` file (also used to read prediction inputs)."""
+    """``(line, record)`` pairs of a ``.jsonl`` or ``.csv``/``.tsv`` file."""
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         return list(read_jsonl(path, encoding))
     return list(read_csv(path, delimiter="\t" if path.suffix.lower() == ".tsv" else delimiter, encoding=encoding,
