@@ -1,12 +1,16 @@
-"""Multi-process training on CPU with gloo: 2 processes × B/2 against 1 process × B.
+"""Multi-process training on CPU with gloo: 2 processes, each with its shard of a global batch, against 1 process
+with the global batch.
 
 * The gather contract, sharding and the momentum update, without processes.
-* Spawned pairs of processes (one spawn for all unit-level checks): loss terms and gradients of INFIG (GAM + HFAM)
-  and RAHP (SupCon + memory bank) equal one process's within 1e-5; GAM queues identical on both ranks and equal
-  to one process's after k steps; batch-norm statistics averaged.
+* Spawned pairs of processes (one spawn for all unit-level checks), on global batches that split unevenly (4+4,
+  1+2, 2+3, RAHP also 1+1), RAHP with a process that holds no anchor (its sample's only present modality has no
+  positive) and a step where no process does: loss terms and gradients of INFIG (GAM + HFAM) and RAHP (SupCon +
+  memory bank) equal one process's within TOLERANCE at every step (the figures are printed: ``pytest -s``); GAM
+  queues identical on both ranks and equal to one process's after the steps; batch-norm statistics averaged.
 * ``torchrun`` end to end on scenes INFIG: 2 processes give one process's metrics and one run directory; a killed
   rank ends the job with a clear message and ``--resume`` finishes with the uninterrupted run's metrics; two
-  launchers with ``--nnodes 2`` (c10d rendezvous on 127.0.0.1) agree with one launcher of 2 processes.
+  launchers with ``--nnodes 2`` (c10d rendezvous on 127.0.0.1) agree with one launcher of 2 processes. On tiny RAHP:
+  an error in the code of one rank is named by the other and by torchrun's summary, without advice to resume.
 
 Dropout is off and the small CNN is frozen (batch norm in training mode normalises each process's own batch, as
 in any DDP run without SyncBatchNorm, so it is not equivalent by design).
@@ -30,7 +34,15 @@ from serving_fixtures import free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmsenti.config import load_config
-from mmsenti.distributed import Distributed, ShardedBatchSampler, attach_gather, round_robin, shard, unwrap_model
+from mmsenti.distributed import (
+    Distributed,
+    ShardedBatchSampler,
+    attach_gather,
+    round_robin,
+    shard,
+    shard_weight,
+    unwrap_model,
+)
 from mmsenti.losses import total_loss
 from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
@@ -46,13 +58,23 @@ INFIG = [
     "model.text_encoder.vocab_size=300", "model.image_encoder.width=8", "model.image_encoder.image_size=32",
     "model.image_encoder.freeze=true", "data.num_train=32", "data.num_dev=8", "data.num_test=8", *NO_DROPOUT,
 ]
+# index=torch: `auto` picks an index per process by a timing, and FAISS's scores round differently from torch's.
 RAHP = [
     "data.name=synthetic-mmsa", "data.n_train=48", "data.n_valid=8", "data.n_test=8", "data.eval_batch_size=10",
     "model.name=rahp", "model.modalities=[text,audio,vision]", "model.text_input=features",
     "model.feature_dims={text: 32, audio: 16, vision: 24}", "model.width=16", "model.heads=2", "model.hidden=16",
-    "model.k=3", "model.num_prompts=2", "model.lambda_ret=0.5", *NO_DROPOUT,
+    "model.k=3", "model.num_prompts=2", "model.lambda_ret=0.5", "model.index=torch", *NO_DROPOUT,
 ]
-B, STEPS = 8, 3  # global batch; optimiser steps of the queue check
+# Global batches of the spawned checks (indices into the training split), one optimiser step each. Shards of 2
+# processes: 4+4, 1+2, 4+4 and a short last batch 2+3; 24 keys wrap GAM's queue of 20.
+INFIG_BATCHES = [list(range(0, 8)), [8, 9, 10], list(range(11, 19)), list(range(19, 24))]
+# Loss terms and gradients of 2 processes vs 1 differ by float32 rounding only: the same sums taken in another order
+# (per-process partial sums weighted by the shares, gathered rows, DDP's mean over the processes). With terms up to ~3
+# and gradients up to ~2 that is a few ulps (2.4e-7 at that size; the test prints what it measures). 1e-5, about 40
+# ulps, leaves room for other CPUs' kernels (AVX2 and AVX-512 block their sums differently) and stays far below what a
+# real mismatch moves (a share weighted wrongly, a key missed or counted twice: the shards' own terms differ by more
+# than 1e-3, which the test checks).
+TOLERANCE = 1e-5
 
 
 # ------------------------------------------------------------------------------------------ without processes
@@ -123,7 +145,8 @@ def test_momentum_encoders_move_once_per_optimizer_step_with_grad_accumulation(t
     assert not torch.equal(steps[0][0][0], steps[1][0][0])  # the EMA did move them
 
 
-def test_nproc_checks_the_config_before_starting_processes_and_summarises_a_failure(monkeypatch, capsys):
+def test_nproc_checks_the_config_before_starting_processes_and_summarises_a_failure(monkeypatch, capsys,
+                                                                                    tmp_path):
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
@@ -145,6 +168,20 @@ def test_nproc_checks_the_config_before_starting_processes_and_summarises_a_fail
     monkeypatch.setattr(torchrun, "run", fail)
     assert main(["train", "--nproc", "2"]) == 1
     assert "training process 1 of 2 failed (signal SIGKILL)" in capsys.readouterr().err
+
+    def fail_with_error(args, error_file=tmp_path / "error.json"):
+        # Process 1 stopped on an error and left it in its error file (Distributed.report_error); process 0 then
+        # lost it and exited 1, later or in the same second.
+        error_file.write_text(json.dumps({"message": {"message": "ValueError: injected", "extraInfo": {
+            "py_callstack": "Traceback ...", "timestamp": str(int(time.time()))}}}))
+        failures = {0: ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file="/nonexistent"),
+                    1: ProcessFailure(local_rank=1, pid=2, exitcode=1, error_file=str(error_file))}
+        raise ChildFailedError("mmsenti", failures)
+
+    monkeypatch.setattr(torchrun, "run", fail_with_error)
+    assert main(["train", "--nproc", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "training process 1 of 2 failed with an error: ValueError: injected; the others were stopped" in err
 
 
 def test_ddp_without_unused_parameter_detection_names_the_parameters_that_get_no_gradient(tmp_path, tiny_overrides):
@@ -178,8 +215,29 @@ def _bank_batches(cfg, bundle, processor):
     return [processor(train[i:i + size]) for i in range(0, len(train), size)]
 
 
-def _run_steps(overrides, processor, d: Distributed, steps: int) -> dict:
-    """``steps`` optimiser steps on the first global batches; this rank's share when ``d`` is distributed."""
+def _rahp_batches(bundle) -> tuple[list[list[int]], list[int]]:
+    """RAHP's global batches (shards 4+4, 1+2, 1+1, 2+3) and the samples whose audio and vision are blanked.
+
+    In the 1+2 batch process 0's only sample has text alone and a sentiment sign no other sample of the batch has:
+    a process without anchors while process 1 has some (the early return that crashed gloo). In the 1+1 batch
+    neither sample has a positive: no anchor on any process.
+    """
+    signs = [s.label >= 0 for s in bundle.split("train")]
+    pos = [i for i in range(8, len(signs)) if signs[i]]
+    neg = [i for i in range(8, len(signs)) if not signs[i]]
+    alone, other = pos[0], neg[:2]  # 1+2: rank 0 holds `alone`
+    pair = [pos[1], neg[2]]  # 1+1
+    rest = [i for i in range(8, len(signs)) if i not in {alone, *other, *pair}][:5]
+    return [list(range(8)), [alone, *other], pair, rest], [alone, *pair]
+
+
+def _run_steps(overrides, processor, d: Distributed, batches: list[list[int]], blank: list[int]) -> dict:
+    """One optimiser step per global batch of ``batches`` (this rank's shard when ``d`` is distributed, weighted by
+    its share as the trainer weights it); the samples in ``blank`` lose their audio and vision (an empty modality).
+
+    SGD, not AdamW: Adam normalises each gradient by its own size, so where the true gradient is ~0 it turns float
+    rounding into full-size steps and later steps would compare different weights.
+    """
     cfg, bundle, _, model = _build(overrides, processor)
     train = bundle.split("train")
     if d.enabled:
@@ -189,17 +247,20 @@ def _run_steps(overrides, processor, d: Distributed, steps: int) -> dict:
                            d if d.enabled else None)
     step = d.wrap(TrainStep(model), torch.device("cpu"), find_unused_parameters=False)
     assert unwrap_model(step).model is model and isinstance(step, DDP) == d.enabled
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
-    out: dict = {"terms": [], "grads": None}
-    for s in range(steps):
-        ids = shard(list(range(s * B, (s + 1) * B)), d.rank, d.world_size)
+    out: dict = {"terms": [], "grads": [], "rows": []}
+    for global_batch in batches:
+        ids = shard(global_batch, d.rank, d.world_size)
         batch = processor([train[i] for i in ids])
+        for row, i in enumerate(ids):
+            if i in blank:
+                batch["audio_mask"][row] = batch["vision_mask"][row] = 0
         terms = step(batch)
-        total_loss(terms).backward()
+        (total_loss(terms) * shard_weight(len(ids), len(global_batch), d.world_size)).backward()
         out["terms"].append({k: float(v.detach()) for k, v in terms.items()})
-        if s == 0:
-            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        out["rows"].append(len(ids))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if hasattr(model, "on_optimizer_step"):
@@ -210,8 +271,8 @@ def _run_steps(overrides, processor, d: Distributed, steps: int) -> dict:
 
         _, _, _, fresh = _build(overrides, processor)
         dev = bundle.split("dev")
-        batches = [processor(dev[i:i + 3]) for i in range(0, len(dev), 3)]
-        out["eval"] = evaluate(fresh, round_robin(batches, d.rank, d.world_size), torch.device("cpu"),
+        eval_batches = [processor(dev[i:i + 3]) for i in range(0, len(dev), 3)]
+        out["eval"] = evaluate(fresh, round_robin(eval_batches, d.rank, d.world_size), torch.device("cpu"),
                                dist=d if d.enabled else None)
         q = model.gam_loss
         out["queues"] = {k: getattr(q, k).features() for k in ("image_queue", "text_queue")}
@@ -222,11 +283,15 @@ def _run_steps(overrides, processor, d: Distributed, steps: int) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, init: str, out_dir: str, processors: dict) -> None:
+def _worker(rank: int, world: int, init: str, out_dir: str, processors: dict, plans: dict) -> None:
+    import datetime
+
     import torch.distributed as tdist
 
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    # A collective mismatch can deadlock instead of failing: a timeout turns that into an error.
+    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                             timeout=datetime.timedelta(seconds=120))
     d = Distributed.from_group()
     result: dict = {}
     # The gather contract: uneven rows and trailing sizes, rank order, offset, gradients summed over ranks.
@@ -242,19 +307,28 @@ def _worker(rank: int, world: int, init: str, out_dir: str, processors: dict) ->
     d.average_norm_statistics(bn)
     result["bn"] = (bn.running_mean.clone(), bn.running_var.clone())
     for name, overrides in (("infig", INFIG), ("rahp", RAHP)):
-        result[name] = _run_steps(overrides, processors[name], d, STEPS if name == "infig" else 1)
+        result[name] = _run_steps(overrides, processors[name], d, *plans[name])
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     d.close()
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """One process × B (in this process) and 2 spawned processes × B/2, for INFIG and RAHP."""
+    """One process with each global batch (in this process) and 2 spawned processes with its shards, for INFIG
+    and RAHP."""
     out = tmp_path_factory.mktemp("spawn")
-    processors = {name: _build(o)[2] for name, o in (("infig", INFIG), ("rahp", RAHP))}
-    single = {name: _run_steps(o, processors[name], Distributed(), STEPS if name == "infig" else 1)
-              for name, o in (("infig", INFIG), ("rahp", RAHP))}
-    torch.multiprocessing.spawn(_worker, args=(2, str(out / "init"), str(out), processors), nprocs=2, join=True)
+    built = {name: _build(o) for name, o in (("infig", INFIG), ("rahp", RAHP))}
+    processors = {name: b[2] for name, b in built.items()}
+    plans = {"infig": (INFIG_BATCHES, []), "rahp": _rahp_batches(built["rahp"][1])}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the spawned processes: the printed differences do not depend on OMP_NUM_THREADS
+    try:
+        single = {name: _run_steps(o, processors[name], Distributed(), *plans[name])
+                  for name, o in (("infig", INFIG), ("rahp", RAHP))}
+    finally:
+        torch.set_num_threads(threads)
+    torch.multiprocessing.spawn(_worker, args=(2, str(out / "init"), str(out), processors, plans), nprocs=2,
+                                join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return single, ranks
 
@@ -289,26 +363,45 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_two_processes_give_one_process_loss_terms_and_gradients(spawned, name):
     single, ranks = spawned
     one, two = single[name], [r[name] for r in ranks]
-    # Each rank's term is its share of the global batch; the mean over ranks is the single-process term.
-    terms = {k: (two[0]["terms"][0][k] + two[1]["terms"][0][k]) / 2 for k in one["terms"][0]}
-    loss_keys = {k for k in terms if k.startswith("loss")}
-    assert loss_keys == ({"loss_sc", "loss_g", "loss_f"} if name == "infig" else {"loss_reg", "loss_ret"})
-    for k, v in terms.items():
-        assert v == pytest.approx(one["terms"][0][k], abs=1e-5), k
-    assert two[0]["terms"][0]["loss_sc" if name == "infig" else "loss_reg"] != pytest.approx(
-        two[1]["terms"][0]["loss_sc" if name == "infig" else "loss_reg"], abs=1e-3)  # the shards differ
-    # DDP's averaged gradients (through the differentiable gathers) are the single-process gradients.
-    assert _max_diff(two[0]["grads"], one["grads"]) < 1e-5 and _max_diff(two[1]["grads"], one["grads"]) < 1e-5
-    assert len(one["grads"]) > 20
+    loss_diff = grad_diff = 0.0
+    for s, global_terms in enumerate(one["terms"]):
+        rows = [two[r]["rows"][s] for r in range(2)]
+        # Each rank's term is its share of the global batch: weighted by the ranks' sample counts (as the trainer
+        # weights them), the ranks' terms give the single-process term.
+        terms = {k: sum(two[r]["terms"][s][k] * rows[r] for r in range(2)) / sum(rows) for k in global_terms}
+        loss_keys = {k for k in terms if k.startswith("loss")}
+        assert loss_keys == ({"loss_sc", "loss_g", "loss_f"} if name == "infig" else {"loss_reg", "loss_ret"})
+        for k in loss_keys:
+            loss_diff = max(loss_diff, abs(terms[k] - global_terms[k]))
+        # DDP's averaged gradients (through the differentiable gathers) are the single-process gradients.
+        assert two[0]["grads"][s].keys() == one["grads"][s].keys() and len(one["grads"][s]) > 20
+        grad_diff = max(grad_diff, _max_diff(two[0]["grads"][s], one["grads"][s]),
+                        _max_diff(two[1]["grads"][s], one["grads"][s]))
+    assert [[t["rows"][s] for t in two] for s in range(len(one["terms"]))] == (
+        [[4, 4], [1, 2], [4, 4], [2, 3]] if name == "infig" else [[4, 4], [1, 2], [1, 1], [2, 3]])
+    first = "loss_sc" if name == "infig" else "loss_reg"
+    assert two[0]["terms"][0][first] != pytest.approx(two[1]["terms"][0][first], abs=1e-3)  # the shards differ
+    if name == "rahp":  # the cases of the plan: rank 0 without anchors, then no anchor anywhere
+        assert two[0]["terms"][1]["loss_ret"] == 0.0 and two[1]["terms"][1]["loss_ret"] > 0.1
+        assert one["terms"][2]["loss_ret"] == two[0]["terms"][2]["loss_ret"] == two[1]["terms"][2]["loss_ret"] == 0
+    size = max(abs(v) for t in one["terms"] for k, v in t.items() if k.startswith("loss"))
+    grad_size = max(float(g.abs().max()) for grads in one["grads"] for g in grads.values())
+    print(f"\n{name}: 2 processes vs 1 over {len(one['terms'])} steps (shards 4+4, 1+2, ..., 2+3): "
+          f"max |loss term difference| {loss_diff:.2g} (terms up to {size:.2g}), max |gradient difference| "
+          f"{grad_diff:.2g} (gradients up to {grad_size:.2g}); asserted < {TOLERANCE:g}")
+    assert loss_diff < TOLERANCE and grad_diff < TOLERANCE
 
 
 def test_gam_queues_are_identical_on_every_rank_and_equal_one_process(spawned):
     single, ranks = spawned
     one, two = single["infig"], [r["infig"] for r in ranks]
-    assert one["queues"]["image_queue"].shape[0] == 20  # 3 steps × 8 keys through a queue of 20: it wrapped
+    assert one["queues"]["image_queue"].shape[0] == 20  # 24 keys through a queue of 20: it wrapped
     for k in ("image_queue", "text_queue"):
         assert torch.equal(two[0]["queues"][k], two[1]["queues"][k])
-        torch.testing.assert_close(two[0]["queues"][k], one["queues"][k], atol=1e-5, rtol=0)
+    diff = _max_diff(two[0]["queues"], one["queues"])
+    print(f"\ninfig: GAM queues after {len(one['terms'])} steps bitwise identical on both processes, max |difference| "
+          f"from one process's {diff:.2g} (asserted < {TOLERANCE:g})")
+    assert diff < TOLERANCE
     assert torch.equal(two[0]["queue_ids"], one["queue_ids"]) and torch.equal(two[1]["queue_ids"], one["queue_ids"])
 
 
@@ -478,6 +571,39 @@ def test_killed_rank_stops_the_job_clearly_and_resume_finishes_like_the_uninterr
     assert _metrics(run) == _metrics(root / "two")
     wa, wb = _weights(run), _weights(root / "two")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+FAILING_RANK = """
+import os, sys
+from mmsenti.retrieval.losses import CrossModalSupConLoss
+if os.environ["RANK"] == "1":
+    def forward(self, *args, **kwargs):
+        raise ValueError("injected bug in the loss of rank 1")
+    CrossModalSupConLoss.forward = forward
+from mmsenti.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_an_error_in_the_code_of_one_rank_is_named_by_the_others_without_advising_resume(tmp_path):
+    """Rank 1 raises in its loss: rank 0, which only sees rank 1 vanish in a collective, names that error and says
+    resuming would meet it again (not "continue with --resume"); torchrun's summary names it too."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    sets = [a for o in RAHP + ["data.n_train=12", "data.batch_size=4", "optim.epochs=1"] for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), "train",
+           *sets, "--out", str(tmp_path / "run"), "--quiet"]
+    proc = _run(cmd, _env())
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert ("mmsenti: error: rank 0 of 2: stopped because rank 1 raised an error (not a lost process): "
+            "ValueError: injected bug in the loss of rank 1; resuming would meet it again") in err, err[-3000:]
+    assert "--resume" not in err and "lost the other training processes" not in err
+    assert "raise ValueError(\"injected bug in the loss of rank 1\")" in err  # rank 1's own traceback
+    root_cause = err[err.index("Root Cause"):]
+    assert "ValueError: injected bug in the loss of rank 1" in root_cause
+    assert "stopped because rank 1 raised an error" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -376,6 +376,30 @@ def test_supcon_gather_hook_reproduces_full_batch(present):
     torch.testing.assert_close(total, full, atol=1e-6, rtol=1e-6)
 
 
+def test_supcon_on_a_rank_without_anchors_keeps_the_gathered_keys_in_its_graph():
+    """This rank's only embedding has no positive in the global batch while the other rank has anchors: its share is
+    0, but the gathered keys stay in its graph, so it joins the all-reduce of the gather's backward that the other
+    rank runs (an early return skipped it: gloo aborted with "Received data size doesn't match expected size")."""
+    other = F.normalize(torch.randn(2, 4, generator=torch.Generator().manual_seed(8)), dim=1)  # rank 1: 2 × class 0
+    gathered = []
+
+    def gather(x):  # rank 0 of 2: this rank's rows first, then rank 1's
+        if x.is_floating_point():
+            gathered.append(torch.cat([x, other]))
+            gathered[-1].retain_grad()
+            return gathered[-1], 0
+        if x.shape == (1, 2):  # anchor and sample counts: none of 1 here, 2 of 2 on rank 1
+            return torch.cat([x, torch.tensor([[2, 2]])]), 0
+        return torch.cat([x, torch.tensor([0, 0], dtype=torch.long).to(x.dtype)]), 0  # classes 0; both valid
+
+    z = torch.randn(1, 1, 4, requires_grad=True)
+    out = CrossModalSupConLoss(temperature=0.5, gather=gather)(z, torch.tensor([1]))["loss_ret"]
+    out.backward()
+    assert out.item() == 0.0 and len(gathered) == 1
+    assert gathered[0].grad is not None and torch.equal(gathered[0].grad, torch.zeros(3, 4))
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
 # ------------------------------------------------------------------------------------------------ synthetic MMSA
 
 

@@ -19,6 +19,11 @@ row and returns it to the process that owns the row, so a loss over gathered fea
 encoder as one process with the global batch would. Rank order (rather than "this rank's rows first") is what
 keeps MoCo-style queues identical on every process and equal to a single process's.
 
+**Every process runs the same collectives in the same order**, whatever its shard holds (no anchor, no positive,
+a missing modality): a loss that gathers may not return early on some processes. A gathered floating-point tensor
+must be part of every process's loss graph, because its backward pass is itself a collective (an all-reduce or
+reduce-scatter) that every process has to join; mask what this process does not use instead of skipping it.
+
 **Global batches and shards**: a batch sampler yields *global* batches (lists of dataset indices, a function of
 (seed, epoch)); :class:`ShardedBatchSampler` gives each process its disjoint, contiguous slice of each, so the
 gathered features of a step are the global batch in its original order.
@@ -53,7 +58,8 @@ ENV_TIMEOUT = "MMSENTI_DIST_TIMEOUT"  # seconds, overrides DEFAULT_TIMEOUT
 
 
 class ProcessGroupError(RuntimeError):
-    """This process lost the others (one died or was stopped); the message says how to continue the run."""
+    """This process lost the others: one died, was stopped, or stopped on an error of its own. The message says
+    which, and how to continue the run when resuming can help (see :meth:`Distributed.failure_message`)."""
 
 
 class Terminated(BaseException):
@@ -62,6 +68,9 @@ class Terminated(BaseException):
 
 # Profiler ranges (benchmarks/ddp.py reads them): the loss gathers' forward and backward communication.
 PROFILE_GATHER, PROFILE_GATHER_BACKWARD = "mmsenti.all_gather", "mmsenti.all_gather.backward"
+
+# Process-group store key under which a process that stops on an error of its own leaves that error for the others.
+ERROR_KEY = "mmsenti/error/rank{}"
 
 
 # ------------------------------------------------------------------------------------------ differentiable gather
@@ -274,6 +283,58 @@ class Distributed:
                     tdist.all_reduce(buf)
                     buf.div_(self.world_size)
 
+    # ------------------------------------------------------------------------------------------- failures
+    def report_error(self, e: BaseException) -> None:
+        """This process stops on an error of its own (not a lost peer): leave it where the others and the launcher
+        find it. The others only see this process vanish; they read the error from the process group's store
+        (:meth:`failure_message`), and torchrun's failure summary from its error file (``TORCHELASTIC_ERROR_FILE``).
+        Call it from the ``except`` block that handles ``e``.
+        """
+        if not self.enabled or is_process_failure(e):
+            return
+        with contextlib.suppress(Exception):  # best effort: the process is stopping anyway
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            _store().set(ERROR_KEY.format(self.rank), f"{type(e).__name__}: {first_line}")
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(e)
+
+    def peer_error(self) -> tuple[int, str] | None:
+        """``(rank, error)`` that another process left with :meth:`report_error` before it stopped; None when the
+        others were lost without one (killed, out of memory, a lost machine, a crash in native code) or when the
+        store went with them."""
+        if not self.enabled:
+            return None
+        try:
+            store = _store()
+            for r in range(self.world_size):
+                if r != self.rank and store.check([ERROR_KEY.format(r)]):
+                    return r, store.get(ERROR_KEY.format(r)).decode()
+        except Exception:  # the store lived in a process that is gone
+            return None
+        return None
+
+    def failure_message(self, e: BaseException, checkpoint: str) -> str:
+        """What a process says when it lost the others (``is_process_failure(e)``), one line.
+
+        Another process stopped on an error of its own: that error, and no advice to resume (a resumed run would
+        meet it again). Otherwise (a process was killed or its machine lost): resume from ``checkpoint`` (a
+        description of the last checkpoint).
+        """
+        if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            # torchrun stops the survivors with SIGTERM: it must not interrupt the writing of this message.
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        who = f"rank {self.rank} of {self.world_size}"
+        peer = self.peer_error()
+        if peer is not None:
+            rank, error = peer
+            return (f"{who}: stopped because rank {rank} raised an error (not a lost process): {error}; resuming "
+                    f"would meet it again, fix its cause first (rank {rank}'s traceback is in its output)")
+        return (f"{who}: lost the other training processes ({describe_failure(e)}); {checkpoint}: "
+                "continue with the same command plus --resume")
+
     # ------------------------------------------------------------------------------------------- wrapping
     def wrap(self, module: nn.Module, device: torch.device, find_unused_parameters: bool = True) -> nn.Module:
         """``module`` in DistributedDataParallel (itself for a single process).
@@ -297,7 +358,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     """``mmsenti train --nproc N``: run ``python -m mmsenti ARGV`` in ``nproc`` processes on this machine with
     torchrun's own launcher (``torchrun --standalone --nproc-per-node N -m mmsenti ARGV``).
 
-    Returns 0, or 1 after a one-line summary of which process failed and how (each process has said why).
+    Returns 0, or 1 after a one-line summary of which process failed and how: the error it stopped on (see
+    :meth:`Distributed.report_error`), or the signal or exit code of a process that left none.
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
@@ -308,9 +370,15 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        print(f"mmsenti: error: training process {rank} of {nproc} failed ({how}); the others were stopped",
+        # The first process that left its error (the others then failed because they lost it), else the first.
+        reported = {r: f for r, f in e.failures.items() if isinstance(f.message, dict)}
+        rank = min(reported, key=lambda r: (reported[r].timestamp, r)) if reported else e.get_first_failure()[0]
+        failure = e.failures[rank]
+        if rank in reported:
+            how = f"with an error: {failure.message.get('message', '?')}"
+        else:
+            how = f"(signal {failure.signal_name()})" if failure.exitcode < 0 else f"(exit code {failure.exitcode})"
+        print(f"mmsenti: error: training process {rank} of {nproc} failed {how}; the others were stopped",
               file=sys.stderr)
         return 1
     return 0
@@ -318,6 +386,11 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
 
 def _raise_terminated(signum, frame) -> None:
     raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _store() -> tdist.Store:
+    """The default process group's key-value store (torchrun's agent holds it, so it outlives a failed worker)."""
+    return tdist.distributed_c10d._get_default_store()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -374,6 +447,13 @@ def shard(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
     return list(batch[rank * n // world_size: (rank + 1) * n // world_size])
 
 
+def shard_weight(n_local: int, n_global: int, world_size: int) -> float:
+    """The factor on a process's loss (a mean over its ``n_local`` samples) that makes DDP's average over processes
+    the loss of the global batch of ``n_global``: its share of the samples times the number of processes (1 for
+    even shards)."""
+    return n_local * world_size / n_global
+
+
 def round_robin(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """Items ``rank, rank + W, rank + 2W, ...``: how evaluation batches are spread (see ``gather_interleaved``)."""
     return list(items[rank::world_size])
@@ -384,7 +464,7 @@ class ShardedBatchSampler:
     sampler whose order is a function of (seed, epoch)), starting at (kept) global batch ``start``.
 
     Each global batch is split by :func:`shard`. Uneven splits are weighted by the trainer (each process's loss
-    times its share of the samples), so the averaged gradient is the global batch's. A global batch with fewer
+    times its share of the samples, :func:`shard_weight`), so the averaged gradient is the global batch's. A global batch with fewer
     samples than processes is **skipped** on every process: a process with no sample cannot take part in the
     step, and padding it with a duplicate would change the gradient and the contrastive negatives. Skipped
     batches are counted in ``skipped`` (and do not count towards ``start``).

@@ -122,20 +122,19 @@ class CrossModalSupConLoss(nn.Module):
         n_pos = pos.sum(1)
         anchors = valid & (n_pos > 0)
         n_anchors = anchors.sum()
-        scale = None
         if self.gather is not None:  # every process takes part in this gather, whatever its anchors
             counts, _ = self.gather(torch.stack([n_anchors, torch.tensor(b, device=z.device)]).reshape(1, 2))
             total_anchors, total_samples = counts.sum(0).tolist()
-            if total_anchors == 0:
-                return {"loss_ret": z.sum() * 0.0}
-            scale = total_samples / (total_anchors * b)
-        if not bool(anchors.any()):
-            return {"loss_ret": z.sum() * 0.0}
-        # Only anchors with a positive: each has a finite log-sum-exp, so no NaN reaches the gradients.
-        z, others, pos, n_pos = z[anchors], others[anchors], pos[anchors], n_pos[anchors]
-        logits = ((z @ keys.T) / self.temperature).masked_fill(~others, float("-inf"))
+            scale = total_samples / (total_anchors * b) if total_anchors else 0.0
+        else:
+            scale = 1.0 / n_anchors.clamp(min=1)  # the mean over anchors (0 when there is none)
+        # The same operations on every process whatever its shard holds (no anchor, no positive, a missing
+        # modality): the gathered keys are always part of the graph, so every process runs the gather's backward
+        # all-reduce that the others run (a process that skipped it would desynchronise the collectives). Rows that
+        # are not anchors score every key, so each log-sum-exp is finite and no NaN reaches the gradients, and are
+        # then dropped by masked_fill (not a product: 0 · inf would be NaN).
+        logits = ((z @ keys.T) / self.temperature).masked_fill(anchors[:, None] & ~others, float("-inf"))
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        # masked_fill, not a product: log_prob is -inf on the excluded keys and -inf * 0 would be NaN.
-        per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(1) / n_pos
-        loss = per_anchor.mean() if scale is None else per_anchor.sum() * scale
+        per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp(min=1)
+        loss = per_anchor.masked_fill(~anchors, 0.0).sum() * scale
         return {"loss_ret": self.weight * loss}

@@ -38,9 +38,9 @@ from mmsenti.distributed import (
     Distributed,
     ProcessGroupError,
     ShardedBatchSampler,
-    describe_failure,
     is_process_failure,
     no_sync,
+    shard_weight,
 )
 from mmsenti.losses import total_loss
 from mmsenti.metrics import format_table, higher_is_better
@@ -279,8 +279,8 @@ class Trainer:
         and an error that stops the run is written to its ``train.log`` too, so the folder keeps the evidence.
 
         Raises:
-            ProcessGroupError: (several processes) another process died or this one was stopped; the message
-                names the last checkpoint and how to continue.
+            ProcessGroupError: (several processes) another process died, failed or this one was stopped; the
+                message names the other's error, or the last checkpoint and how to continue.
         """
         with contextlib.ExitStack() as stack:
             self._lock_run_dir(stack)
@@ -289,15 +289,14 @@ class Trainer:
                 return self._fit()
             except BaseException as e:
                 if self.dist.enabled and is_process_failure(e):
-                    reason = describe_failure(e)
                     where = (f"the last checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'} "
                              f"(step {self._saved_step})" if self._saved_step is not None
                              else "no checkpoint was written yet")
-                    msg = (f"rank {self.dist.rank} of {self.dist.world_size}: lost the other training processes "
-                           f"({reason}); {where}: continue with the same command plus --resume")
+                    msg = self.dist.failure_message(e, where)
                     log.error(msg, extra={"file_only": True})
                     raise ProcessGroupError(msg) from None
                 if isinstance(e, Exception):
+                    self.dist.report_error(e)  # the other processes say that this one failed, and why
                     # The CLI prints a data/config error as one line on stderr; the log file gets it once as well.
                     one_line = isinstance(e, (DataError, ConfigError))
                     log.error("run stopped: %s", e if one_line else f"{type(e).__name__}: {e}",
@@ -365,7 +364,7 @@ class Trainer:
             last_in_group = (i + 1) % accum == 0 or i + 1 == n
             # Each process's share of the global batch: DDP averages gradients over processes, so the average is
             # the global batch's gradient also when the shards differ in size.
-            weight = len(batch["ids"]) * world / global_sizes[j]
+            weight = shard_weight(len(batch["ids"]), global_sizes[j], world)
             batch = move(batch, self.device)
             with no_sync(self.train_step, skip=not last_in_group):  # all-reduce once per optimiser step
                 with autocast(self.device, self.amp_dtype):
