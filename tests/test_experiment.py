@@ -176,7 +176,7 @@ def test_cross_validation_experiment_selects_on_the_mean_dev_metric_over_folds(g
   folds: 2
   seeds: [0]
   decisions:
-    - {name: fusion or text, rows: [fusion, text]}
+    - {name: fusion or text, rows: [fusion, text], note: "Asked after the test scores were seen."}
 """)
     out = run(cv, lanes=2)
     assert "cross-validation fold runs: 2 rows, 4 runs: 0 finished, 4 to run" in out
@@ -193,6 +193,14 @@ def test_cross_validation_experiment_selects_on_the_mean_dev_metric_over_folds(g
     line = next(ln for ln in md.splitlines() if ln.startswith("| late fusion | 2 × 1"))
     assert f"{means['fusion']:.4f} ±" in line
     assert ("✓" in line) == (selected == "fusion")
+    assert "### fusion or text\n\nAsked after the test scores were seen.\n\n2-fold cross-validation" in md
+    # the other row's test runs exist (made by the grid, outside this decision): shown, marked as not selected
+    other = next(r for r in ("fusion", "text") if r != selected)
+    name = {"fusion": "late fusion", "text": "text only"}
+    f1 = [json.loads((d / "runs/two" / other / f"seed{s}" / "metrics.json").read_text())["test"]["f1_weighted"]
+          for s in (0, 1)]
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {name[other]} | 2 × 1"))
+    assert f"| {statistics.fmean(f1):.4f} ± {statistics.stdev(f1):.4f} (2 seeds; not selected) |" in line
     assert "out-of-fold dev predictions" in md and "| 64 |" in md  # 48 + 16 train+dev posts, each once
 
 
@@ -260,3 +268,96 @@ def test_runs_side_by_side_wait_for_one_cache_builder(tmp_path):
         assert not entered.wait(0.3)  # blocked while the first builder holds the entry
     assert entered.wait(5)
     t.join()
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, T, Z, ...); None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _gone(pid: int) -> bool:
+    return _state(pid) in (None, "Z")  # a zombie has ended; only its exit status waits to be collected
+
+
+def _poll(predicate, timeout: float):
+    """``predicate()`` once it is true, polled every few milliseconds; its last value after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def test_killing_the_runner_ends_its_runs_and_a_rerun_completes_them(tmp_path):
+    import signal
+
+    path = experiment_file(tmp_path, "k", "runs/k", sets=[*TINY, "optim.epochs=3"])
+    exp = load_experiment(path)
+    job = Job(exp, exp.row("fusion"), 0)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    runner = subprocess.Popen([sys.executable, "-m", "mmsenti", "experiment", "run", path.name, "--only", "fusion",
+                               "--seeds", "0", "--threads", "1"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def training() -> int | None:
+        """The pid of the run once it holds its run directory (its lock records the holder)."""
+        try:
+            pid = json.loads((job.run_dir / "run.lock").read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return None if _gone(pid) else pid
+
+    pid = None
+    try:
+        pid = _poll(training, timeout=300)
+        assert pid, "the run never started"
+        os.kill(pid, signal.SIGSTOP)  # hold it mid-run, so that it cannot finish before its runner is killed
+        assert not job.finished, "the run finished before it could be held: give it more epochs"
+        runner.kill()
+        runner.wait()
+        os.kill(pid, signal.SIGCONT)
+        assert _poll(lambda: _gone(pid), timeout=60), f"run {pid} outlived its runner"
+        assert not job.finished  # it ended with its runner, not trained on to the end as an orphan
+    finally:
+        runner.kill()
+        runner.wait()
+        if pid and not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+    out = run(path, only=["fusion"], seeds=[0])
+    assert "1 runs: 0 finished, 1 to run" in out and "FAILED" not in out
+    assert job.finished
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def test_lifeline_without_the_kernel_tie_stops_the_command_when_its_parent_is_gone():
+    """The fallback of platforms without PR_SET_PDEATHSIG: lifeline.watch stays between parent and command."""
+    import signal
+
+    import mmsenti.experiment.lifeline as lifeline
+
+    watcher = (f"import sys; sys.path.insert(0, {str(Path(lifeline.__file__).parent)!r}); import lifeline; "
+               f"lifeline.watch(int(sys.argv[1]), [sys.executable, '-c', 'import time; time.sleep(600)'])")
+    parent = (f"import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-I', '-S', '-c', {watcher!r}, "
+              f"str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)")
+    # the parent ends at once, leaving the watcher and its command behind
+    middle = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
+
+    def command() -> int | None:
+        try:
+            return int(Path(f"/proc/{middle}/task/{middle}/children").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    sleeper = _poll(command, timeout=60)
+    try:
+        assert sleeper, "the watcher did not start its command"
+        assert _poll(lambda: _gone(sleeper) and _gone(middle), timeout=60), "the command outlived its parent"
+    finally:
+        for pid in (sleeper, middle):
+            if pid and not _gone(pid):
+                os.kill(pid, signal.SIGKILL)

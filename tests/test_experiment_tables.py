@@ -150,3 +150,84 @@ def test_write_refuses_to_blank_the_published_tables_without_runs(lite, tmp_path
     with pytest.raises(ConfigError, match="no finished runs"):
         write(lite, [doc])
     assert doc.read_text() == (ROOT / "docs" / "results.md").read_text()
+
+
+def test_table_refuses_runs_of_another_configuration_as_run_does(tmp_path, capsys):
+    """Runs made before a row's override was edited are refused by `experiment table` (the check of `experiment
+    run`), not printed under the edited command; `--write` leaves the document as it was."""
+    from mmsenti.cli import main
+    from mmsenti.config import load_config, save_config
+
+    path = tmp_path / "x.yaml"
+    path.write_text(f"name: x\nruns: {tmp_path / 'runs'}\nseeds: [0, 1]\nset: [optim.lr=0.001]\n"
+                    f"rows:\n  - {{id: a, name: late fusion, config: {ROOT}/configs/quickstart.yaml}}\n")
+    exp = load_experiment(path)
+    for seed, lr in [(0, "0.001"), (1, "0.5")]:  # seed 1 was made with the row's former override
+        _finish(exp, "a", seed, {"accuracy": 0.61, "f1_weighted": 0.6, "f1_macro": 0.5})
+        job = Job(exp, exp.row("a"), seed)
+        save_config(load_config(exp.config_path(job.row), [*job.overrides(), f"optim.lr={lr}"]),
+                    job.run_dir / "config.json")
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- begin experiment x: tables -->\nold\n<!-- end experiment x: tables -->\n")
+    for extra in ([], ["--write", str(doc)]):
+        assert main(["experiment", "table", str(path), *extra]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("mmsenti: error: ") and err.count("\n") == 1, err
+        assert f"{Job(exp, exp.row('a'), 1).run_dir} holds a run of another configuration" in err
+        assert "optim.lr: 0.5 there, 0.001 here" in err
+    assert "old" in doc.read_text()
+    # the same runs, once the stray one is moved away, make a table
+    (Job(exp, exp.row("a"), 1).run_dir / "config.json").unlink()
+    (Job(exp, exp.row("a"), 1).run_dir / "metrics.json").unlink()
+    assert main(["experiment", "table", str(path)]) == 0
+    assert "| late fusion | 1 | 0.6100 | 0.6000 | 0.5000 |" in capsys.readouterr().out
+
+
+def _block(path, name: str, block: str) -> str:
+    text = (ROOT / path).read_text()
+    start = text.index(f"<!-- begin experiment {name}: {block} ")
+    return text[start:text.index(f"<!-- end experiment {name}: {block} -->")]
+
+
+def test_the_published_blocks_hold_what_the_experiment_files_would_write():
+    """The published blocks hold the files' wording (the runs to regenerate them are not in the repository, so a
+    wording change is made in both); MVSA-Single keeps its dev-selected row beside the CV-selected one, and the
+    CV blocks say the questions were asked after test was seen."""
+    import textwrap
+
+    lite = load_experiment(ROOT / "experiments" / "lite.yaml")
+    head, tables = _block("README.md", "lite", "headline"), _block("docs/results.md", "lite", "tables")
+    for h in lite.spec.headline:
+        assert f"| {h.data} | {h.model} | 3 | " in head, h.row
+    assert [h.row for h in lite.spec.headline][:2] == ["mvsa-single-text", "mvsa-single-text-ft4"]
+    for row in lite.rows:
+        assert f"| {row.name} | 3 | " in tables, row.id
+    for group, note in lite.spec.notes.items():
+        assert textwrap.fill(" ".join(note.split()), 116) in tables, group
+    assert "reopened after test had been seen" in lite.spec.notes["MVSA-Single"]
+    for name in ("cm-memes-cv", "mvsa-single-cv"):
+        exp = load_experiment(ROOT / "experiments" / f"{name}.yaml")
+        cv = _block("docs/results.md", name, "cv")
+        for d in exp.spec.cv.decisions:
+            assert "test" in d.note and f"### {d.name}\n\n{textwrap.fill(' '.join(d.note.split()), 116)}\n\n" in cv
+        assert cv.count("not selected)") == {"cm-memes-cv": 4, "mvsa-single-cv": 1}[name]
+    results = (ROOT / "docs" / "results.md").read_text()
+    assert "not part of that choice" not in results
+    assert "No test post is involved" not in (ROOT / "docs" / "experiments.md").read_text()
+
+
+def test_a_run_killed_while_writing_its_config_starts_afresh(tmp_path):
+    """A run killed (with its runner) while its config.json was half written has nothing to reuse: the rerun starts
+    it again instead of refusing the folder; once it has a checkpoint, a damaged config.json is an error."""
+    path = tmp_path / "x.yaml"
+    path.write_text(f"name: x\nruns: {tmp_path / 'runs'}\nrows:\n  - {{id: a, config: {ROOT}/configs/quickstart.yaml}}\n")
+    exp = load_experiment(path)
+    job = Job(exp, exp.row("a"), 0)
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "config.json").write_text('{"model": {"na')
+    job.check_config()
+    assert "--config" in job.command()
+    (job.run_dir / "checkpoints").mkdir()
+    (job.run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"config.json:1:\d+: not valid JSON"):
+        job.check_config()

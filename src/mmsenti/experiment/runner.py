@@ -2,6 +2,9 @@
 
 * Resumable: a finished run (``metrics.json``) is skipped, a killed one resumes from its last checkpoint, and a
   run directory holding another configuration is an error rather than a silent reuse.
+* Runs end with the runner: each is started through :mod:`mmsenti.experiment.lifeline`, so killing the runner
+  (``kill -9`` included) stops its runs rather than leaving them training as orphans that hold their run
+  directories; a rerun resumes them.
 * ``--lanes N`` runs N processes side by side with ``threads`` = cores / N torch threads each (OMP_NUM_THREADS).
   A run's results do not depend on its lane; they may differ in the last digits between thread counts.
 * Before anything starts, every row is checked for what it needs (weights, images, splits); rows that cannot
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -235,6 +239,14 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
+_LIFELINE = Path(__file__).with_name("lifeline.py")
+
+
+def _tied(argv: list[str]) -> list[str]:
+    """``argv`` started through lifeline.py, so that it ends when this process does (see that module)."""
+    return [sys.executable, "-I", "-S", str(_LIFELINE), str(os.getpid()), *argv]
+
+
 def execute(tasks: list[Task], progress: Progress, lanes: int, threads: int, echo: Echo) -> list[str]:
     """Run ``tasks`` in ``lanes`` processes at a time; returns one line per failure."""
     env = _env(threads)
@@ -249,7 +261,8 @@ def execute(tasks: list[Task], progress: Progress, lanes: int, threads: int, ech
         with open(task.log, "a") as log:
             log.write(f"$ {' '.join(task.argv)}\n")
             log.flush()
-            proc = subprocess.Popen(task.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # Started and waited for by this lane thread: on Linux the run's tie is to this thread (lifeline.py).
+            proc = subprocess.Popen(_tied(task.argv), stdout=log, stderr=subprocess.STDOUT, env=env)
             with lock:
                 procs[id(task)] = proc
             return proc.wait()
@@ -308,8 +321,6 @@ def _train_task(job: Job) -> Task:
 
 
 def _backfill_task(r: RunResult) -> Task:
-    import sys
-
     splits = ["dev"] if r.test is None else ["dev", "test"]
     argv = [sys.executable, "-m", "mmsenti", "evaluate", str(r.job.run_dir), "--split", *splits,
             "--predictions", str(r.job.run_dir / "predictions")]

@@ -77,16 +77,29 @@ class Job:
         return [*head, "train", "--config", relative(self.exp.config_path(self.row)), *sets, "--quiet"]
 
     def check_config(self) -> None:
-        """A run already in ``run_dir`` must be of this job's configuration (else it would be reused wrongly)."""
+        """A run already in ``run_dir`` must be of this job's configuration, else it would be reused wrongly: by
+        `experiment run` (resumed or skipped) and by `experiment table` (its figures shown under this row's command).
+
+        A match is remembered per experiment (by the saved file's mtime), since tables read a run several times.
+        """
         saved = self.run_dir / "config.json"
         if not saved.is_file():
             return
+        stamp = (str(self.run_dir), saved.stat().st_mtime_ns)
+        if stamp in self.exp.checked_runs:
+            return
+        try:
+            have = _comparable(config_from_json(saved).to_dict())
+        except ConfigError:
+            if not self.started and not self.finished:
+                return  # killed while its config was being written: nothing to reuse, it starts afresh
+            raise
         want = _comparable(load_config(self.exp.config_path(self.row), self.overrides()).to_dict())
-        have = _comparable(config_from_json(saved).to_dict())
         if want != have:
             key = next(_differences(want, have), "?")
             raise ConfigError(f"{self.run_dir} holds a run of another configuration than row {self.row.id!r} "
                               f"({key}); move it away or give the experiment another `runs:` directory")
+        self.exp.checked_runs.add(stamp)
 
 
 def _comparable(cfg: dict) -> dict:
@@ -122,9 +135,12 @@ class RunResult:
 
 
 def result(job: Job) -> RunResult | None:
+    """The finished run's metrics (None while unfinished). A run of another configuration is refused
+    (:meth:`Job.check_config`), so no table shows its figures under this row's command."""
     path = job.run_dir / "metrics.json"
     if not path.is_file():
         return None
+    job.check_config()
     metrics = json.loads(path.read_text())
     return RunResult(job, metrics.get("dev", {}), metrics.get("test"))
 

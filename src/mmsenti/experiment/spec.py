@@ -56,6 +56,8 @@ class Decision:
     name: str
     rows: list[str]  # candidate rows; the one with the best mean dev metric over folds (and seeds) is selected
     metric: str = "auto"  # auto: the runs' selection metric (weighted F1 / MAE)
+    # Printed under the decision's heading: how the question came to be asked (e.g. after a test score was seen).
+    note: str = ""
 
 
 @dataclass
@@ -110,6 +112,8 @@ class Experiment:
     rows: list[Row]
     configs: dict[str, Config]  # row id → resolved config (seed and output not yet set)
     references: dict[str, list[Reference]]
+    # (run directory, config.json mtime) of the runs :meth:`Job.check_config` found to be of their row's config
+    checked_runs: set[tuple[str, int]] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def name(self) -> str:

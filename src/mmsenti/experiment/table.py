@@ -160,7 +160,10 @@ def headline_md(exp: Experiment, results: dict[str, list[RunResult]]) -> str:
 
 def cv_md(exp: Experiment, results: dict[str, list[RunResult]], seeds: list[int] | None = None) -> str:
     """Each decision: mean dev metric over the fold runs per row, the selected row, its test score, and paired
-    bootstraps of the selected row against each other candidate on the out-of-fold dev predictions."""
+    bootstraps of the selected row against each other candidate on the out-of-fold dev predictions.
+
+    A row not selected shows a test score too when its normal runs exist (made outside this decision, e.g. by an
+    experiment sharing the run directories): what was there to be seen is shown, marked as not selected."""
     cv = exp.spec.cv
     if cv is None:
         return ""
@@ -168,11 +171,14 @@ def cv_md(exp: Experiment, results: dict[str, list[RunResult]], seeds: list[int]
     bs = exp.spec.bootstrap
     for o in decide(exp, seeds):
         d = next(x for x in cv.decisions if x.name == o.name)
-        out += [f"### {o.name}", "",
-                f"{cv.folds}-fold cross-validation on train+dev (folds fixed by `run.cv_seed={cv.seed}`, the same "
+        out += [f"### {o.name}", ""]
+        if d.note:
+            out += [textwrap.fill(" ".join(d.note.split()), 116), ""]
+        out += [f"{cv.folds}-fold cross-validation on train+dev (folds fixed by `run.cv_seed={cv.seed}`, the same "
                 f"for every row and seed); {o.metric} of each fold run's dev fold, at the epoch selected on it; "
                 f"mean ± std over the fold runs. The selected row (best mean) alone is then trained on the normal "
-                f"train/dev split and scored on test, once per seed.", "",
+                f"train/dev split and scored on test, once per seed. A test score of a row not selected comes from "
+                f"runs made outside this decision (an experiment sharing its run directories), not from it.", "",
                 f"| model | fold runs | dev {o.metric} (CV) | selected | test {o.metric} | command |",
                 "|---|---|---|---|---|---|"]
         for row_id in d.rows:
@@ -180,9 +186,10 @@ def cv_md(exp: Experiment, results: dict[str, list[RunResult]], seeds: list[int]
             runs = o.runs[row_id]
             n_seeds = len(o.scores[row_id])
             test = "–"
-            if row_id == o.selected and results[row_id]:
-                vals = [r.test[o.metric] for r in results[row_id] if o.metric in r.test]
-                test = f"{fmt(vals)} ({len(vals)} seed{'s' if len(vals) > 1 else ''})"
+            vals = [r.test[o.metric] for r in results[row_id] if o.metric in r.test]
+            if vals:
+                chosen = "" if row_id == o.selected else "; not selected"
+                test = f"{fmt(vals)} ({len(vals)} seed{'s' if len(vals) > 1 else ''}{chosen})"
             mark = "✓" if row_id == o.selected else ""
             out.append(f"| {row.name} | {cv.folds} × {n_seeds} | {fmt(runs)} | {mark} | {test} | "
                        f"`{display_command(exp, row, cv=True)}` |")
