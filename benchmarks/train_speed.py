@@ -72,6 +72,35 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+# What decides whether bf16 autocast pays on a CPU: bf16 dot-product instructions (AVX512-BF16, or AMX tiles).
+# Without them (AVX2 only) bf16 is converted to fp32 around every product and runs slower than fp32.
+BF16_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> tuple[str, dict[str, bool]]:
+    """The CPU's model name and which of :data:`BF16_FLAGS` it has, read from ``/proc/cpuinfo`` (Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown CPU (no /proc/cpuinfo)", {}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's (all cores of a machine are alike)
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", "unknown CPU"), {f: f in flags for f in BF16_FLAGS}
+
+
+def describe_cpu(cpuinfo: str | None = None) -> str:
+    name, flags = cpu_flags(cpuinfo)
+    if not flags:
+        return f"CPU: {name}"
+    fast = flags["avx512_bf16"] or flags["amx_bf16"]
+    return (f"CPU: {name}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in flags.items())
+            + f" (bf16 autocast: {'expect it fast here' if fast else 'no bf16 dot products, expect it slower than fp32'})")
+
+
 def matmul_peak(dtype_name: str = "float32", n: int = 2048, seconds: float = 3.0) -> float:
     """Best GFLOP/s of a plain ``torch.mm`` loop over ``seconds`` (5 rounds), with the current threads."""
     import torch
@@ -586,6 +615,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {args.threads} threads ({physical_cores()} physical cores), "
           f"load average {load:.2f} at start")
+    print(describe_cpu())
     peak = first = matmul_peak()
     for name in args.workloads:
         peak = bench(name, args, peak)

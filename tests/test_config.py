@@ -11,6 +11,8 @@ from mmsenti.config import ConfigError, load_config, merge, parse_override
 from mmsenti.data.scenes import ScenesConfig
 from mmsenti.models.baselines import LateFusionConfig, TextOnlyConfig
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_defaults_are_typed_dataclasses():
     cfg = load_config()
@@ -92,3 +94,18 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     back = config_from_json(tmp_path / "c.json")
     assert back == cfg
     assert json.loads((tmp_path / "c.json").read_text())["model"]["name"] == "text-only"
+
+
+def test_resume_config_accepts_only_what_cannot_change_the_training(tmp_path):
+    from mmsenti.config import RESUME_OVERRIDES, resume_config
+
+    saved = load_config(ROOT / "configs" / "quickstart.yaml", ["run.seed=3"])
+    same, changes = resume_config(saved, overrides=["run.seed=3", "run.threads=2", "run.quiet=true"])
+    assert changes == {"run.threads": (0, 2), "run.quiet": (False, True)} and same.run.threads == 2
+    # --config: the same command as the run's start is no change at all.
+    assert resume_config(saved, load_config(ROOT / "configs" / "quickstart.yaml", ["run.seed=3"]))[1] == {}
+    for item, key in (("run.seed=4", "run.seed"), ("model.name=text-only", "model.name"),
+                      ("data.batch_size=7", "data.batch_size")):
+        with pytest.raises(ConfigError, match=rf"^--resume cannot change {key} ") as e:
+            resume_config(saved, overrides=[item, "data.root=/elsewhere"])
+        assert "\n" not in str(e.value) and all(k in str(e.value) for k in RESUME_OVERRIDES)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
+from mmsenti.cli import main
 from mmsenti.config import OptimConfig, load_config
 from mmsenti.train.checkpoint import atomic_save, load_checkpoint
 from mmsenti.train.optim import build_optimizer, lr_lambda, param_groups
@@ -52,6 +54,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_overrides, i
     assert all(torch.equal(a[k], b[k]) for k in a)
     csv_rows = (tmp_path / "cut" / "metrics.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 3
+    # The resumed epoch's train loss is the mean over all its batches (the checkpoint carries the partial sums),
+    # not over the batches after the resume: metrics.csv is the uninterrupted run's, byte for byte.
+    assert (tmp_path / "cut" / "metrics.csv").read_text() == (tmp_path / "full" / "metrics.csv").read_text()
 
 
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -131,3 +136,80 @@ def test_gradient_accumulation_matches_a_big_batch():
     for sl in (slice(0, 8), slice(8, 16)):
         (torch.nn.functional.cross_entropy(model(x[sl]), y[sl]) / 2).backward()
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(big, model.parameters(), strict=True))
+
+
+# ------------------------------------------------------------------------------------------ resume with --set
+def _error(capsys) -> str:
+    """The CLI's error line (the log shares stderr): one line, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def _jsonl_data(path, n=48):
+    """A text-only JSON-lines dataset (train/dev/test), so the run has a data.root that can move."""
+    words = "good bad film actor plot scene music ending story cast".split()
+    rows = [{"id": f"s{i}", "text": " ".join(words[(i * 3 + j) % len(words)] for j in range(2 + i % 5)),
+             "label": ["neg", "pos"][i % 2], "split": "train" if i < n - 16 else ("dev" if i % 2 else "test")}
+            for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _jsonl_overrides(tiny, data):
+    tiny = [o for o in tiny if not o.startswith(("data.num_", "model.image_encoder"))]
+    return tiny + ["model.name=text-only", "model.modalities=[text]", "data.name=jsonl", f"data.root={data}",
+                   "data.batch_size=8", "run.checkpoint_every=2", "optim.epochs=2"]
+
+
+def test_resume_accepts_a_moved_data_root_and_refuses_a_change_of_the_training(tmp_path, tiny_overrides, capsys):
+    data = _jsonl_data(tmp_path / "a" / "data.jsonl")
+    overrides = _jsonl_overrides(tiny_overrides, data)
+    full = _train(tmp_path / "full", overrides)
+    run = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted):
+        _train(run, overrides, interrupt=3)
+    moved = tmp_path / "b" / "data.jsonl"
+    moved.parent.mkdir()
+    shutil.move(data, moved)
+    resume = ["train", "--out", str(run), "--resume", "--quiet"]
+    # The data moved: resuming as before says how to point the run at it.
+    assert main(resume) == 2
+    err = _error(capsys)
+    assert err.startswith("mmsenti: error: cannot resume") and err.endswith("plus --set data.root=DIR")
+    # A change of what the run computes is refused, naming the setting (and nothing runs).
+    assert main(resume + ["--set", f"data.root={moved}", "--set", "optim.lr=0.5"]) == 2
+    err = _error(capsys)
+    assert err.startswith("mmsenti: error: --resume cannot change optim.lr (0.001 in the run, 0.5 asked)")
+    assert "may change only data.root, data.missing_images" in err
+    assert "resumes" not in json.loads((run / "run_info.json").read_text())
+    # --set data.root=NEW: accepted, recorded, and the run ends as the uninterrupted one did.
+    assert main(resume + ["--set", f"data.root={moved}"]) == 0
+    assert json.loads((run / "metrics.json").read_text()) == full
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["resumes"][-1]["changes"] == {"data.root": [str(data), str(moved)]}
+    assert f"resuming with data.root = '{moved}' (the run started with '{data}')" in (run / "train.log").read_text()
+    assert json.loads((run / "config.json").read_text())["data"]["root"] == str(data)  # the config it started with
+    assert json.loads((run / "model" / "config.json").read_text())["data"]["root"] == str(moved)
+
+
+def test_evaluate_of_a_run_whose_data_moved_says_how_to_point_at_it(tmp_path, tiny_overrides, capsys):
+    data = _jsonl_data(tmp_path / "a" / "data.jsonl")
+    run = tmp_path / "run"
+    _train(run, _jsonl_overrides(tiny_overrides, data) + ["optim.epochs=1"])
+    moved = tmp_path / "b"
+    shutil.move(data.parent, moved)
+    assert main(["evaluate", str(run)]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"mmsenti: error: {run}: the data it was trained on is not at data.root {data}")
+    assert err.endswith("give the data's directory with --root DIR")
+    assert main(["evaluate", str(run), "--root", str(moved / "data.jsonl")]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_fp16_on_cpu_is_an_error_not_fp32(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--set", "run.device=cpu", "--set", "run.precision=fp16",
+                 "--quiet"]) == 2
+    assert _error(capsys).startswith("mmsenti: error: run.precision=fp16: fp16 autocast runs on CUDA only")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

@@ -122,6 +122,80 @@ def test_checkpoint_of_an_older_mmsenti_is_converted(tmp_path):
     assert (random.random(), np.random.random()) == expected
 
 
+def _flip_inside_a_tensor(path: Path) -> None:
+    """Flip one bit in the middle of the data of the checkpoint's largest tensor (the zip stores it uncompressed)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26: entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_checkpoint_tensor_stops_the_resume_naming_the_file(tmp_path, tiny_overrides):
+    from mmsenti.train.trainer import Trainer, TrainingInterrupted
+
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(ROOT / "configs" / "quickstart.yaml", tiny_overrides + ["run.checkpoint_every=2"]),
+                      run)
+    trainer.interrupt_after_step = 3
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    last = run / "checkpoints" / "last.pt"
+    manifest = json.loads((run / "checkpoints" / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"last.pt"} and manifest["last.pt"]["size"] == last.stat().st_size
+    before = torch.load(last, weights_only=True)["model"]
+    _flip_inside_a_tensor(last)
+    after = torch.load(last, weights_only=True)["model"]  # torch reads it without a word (zip CRCs unchecked) ...
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # ... with other weights
+    r = run_cli("train", "--out", str(run), "--resume")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"mmsenti: error: {last}: SHA-256 ") and "the file is damaged or was modified" in line
+    assert load_checkpoint(last, verify=False)["state"]["step"] == 2  # the same file, read unverified, on request
+
+
+def test_a_checkpoint_verifies_whenever_its_write_was_killed(tmp_path, monkeypatch):
+    """The manifest lists the new file's checksum beside the old one's while the file is renamed into place: a
+    kill before the rename leaves the old file, a kill after it the new one, and either verifies."""
+    from mmsenti.train import checkpoint as ckpt
+
+    path = tmp_path / "last.pt"
+    atomic_save({"w": torch.zeros(100)}, path, checksum=True)
+    replace = os.replace
+
+    def killed_at_the_rename(src, dst):
+        if Path(dst) == path:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"w": torch.ones(100)}, path, checksum=True)
+    assert torch.equal(load_checkpoint(path)["w"], torch.zeros(100))  # the old file, verified
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    record = ckpt._record
+
+    def killed_after_the_rename(p, rec, pending=False):
+        if not pending:
+            raise KeyboardInterrupt
+        record(p, rec, pending)
+
+    monkeypatch.setattr(ckpt, "_record", killed_after_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"w": torch.full((100,), 2.0)}, path, checksum=True)
+    assert torch.equal(load_checkpoint(path)["w"], torch.full((100,), 2.0))  # the new file, verified
+    monkeypatch.setattr(ckpt, "_record", record)
+    atomic_save({"w": torch.full((100,), 3.0)}, path, checksum=True)
+    assert "pending" not in json.loads((tmp_path / "manifest.json").read_text())["files"]["last.pt"]
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"last\.pt: \d+ bytes, but \d+ when it was written"):
+        load_checkpoint(path)
+
+
 # ------------------------------------------------------------------------------------------------ run-dir lock
 def test_lock_refuses_a_second_holder_and_names_it(tmp_path):
     with hold_run_dir(tmp_path / "run") as lock:

@@ -40,8 +40,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist = Distributed.from_env()
     ok = False
     try:
-        if args.resume:
-            trainer = Trainer.from_run_dir(args.out, dist=dist)
+        if args.resume:  # --config/--set may change only what cannot change the training (RESUME_OVERRIDES)
+            requested = load_config(args.config, overrides) if args.config else None
+            trainer = Trainer.from_run_dir(args.out, dist=dist, config=requested, overrides=overrides)
             trainer.fit()
             out = trainer.run_dir
         else:
@@ -232,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (only its differences from the defaults)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=3e-4")
     t.add_argument("--out", help="run directory (default runs/<config>-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue the killed run in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the killed run in --out (--set/--config may change only data.root, "
+                        "data.missing_images, data.num_workers and how the run reports: run.threads, run.quiet, ...)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (torchrun's launcher; one GPU each on CUDA)")

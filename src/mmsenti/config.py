@@ -355,3 +355,51 @@ def config_from_json(path: str | Path) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- resuming
+# What `mmsenti train --resume` may change: where the data is, what to do with images that went missing, and how
+# the run reports and uses the machine. Nothing else: a resumed run continues the training it started.
+# (missing_images=drop/blank changes which posts are read from the resume on; the run records that it did.)
+RESUME_OVERRIDES = ("data.root", "data.missing_images", "data.num_workers", "run.threads", "run.quiet",
+                    "run.log_every", "run.checkpoint_every", "run.cache_dir", "run.out")
+
+
+def config_differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (value in a, value in b)}`` for every setting that differs (nested keys dotted)."""
+    out: dict[str, tuple[Any, Any]] = {}
+
+    def walk(x: Any, y: Any, key: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in [*x, *(k for k in y if k not in x)]:
+                walk(x.get(k), y.get(k), f"{key}.{k}" if key else k)
+        elif x != y:
+            out[key] = (x, y)
+
+    walk(a.to_dict(), b.to_dict(), "")
+    return out
+
+
+def resume_config(saved: Config, requested: Config | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """The config a resumed run continues with, and what changed: ``saved`` (the run's ``config.json``) with the
+    ``overrides`` applied, or ``requested`` (``--config`` with its ``--set``s) in place of both.
+
+    Raises:
+        ConfigError: a change outside :data:`RESUME_OVERRIDES` (one line naming it).
+    """
+    if requested is None:
+        data = saved.to_dict()
+        for item in overrides:
+            data = merge(data, parse_override(item))
+        requested = build_config(data)
+    changes = config_differences(saved, requested)
+    refused = [k for k in changes if k not in RESUME_OVERRIDES]
+    if refused:
+        k = refused[0]
+        more = f" (and {', '.join(refused[1:])})" if len(refused) > 1 else ""
+        raise ConfigError(f"--resume cannot change {k} ({changes[k][0]!r} in the run, {changes[k][1]!r} asked){more}: "
+                          f"a resumed run continues the training it started; it may change only "
+                          f"{', '.join(RESUME_OVERRIDES)}; to train with other settings, start a new run "
+                          "(another --out)")
+    return requested, changes

@@ -70,6 +70,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("  parity not checked (--no-parity)")
         return 0
     print(f"  parity inputs: {parity['inputs']}")
+    for warning in parity.get("warnings", []):
+        print(f"  warning: {warning}")
     for key in ("fp32", "int8"):
         if key in parity:
             print(f"  {key}: {describe(parity[key])}")

@@ -127,6 +127,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
                 raise ParityError(f"the exported graph does not answer as the PyTorch model: {describe(fp32)} "
                                   f"(needs max |Δlogit| <= {tolerance:g} and 100 % agreement); nothing written")
             report = {"inputs": data.description, "recipe": data.recipe, "tolerance": tolerance, "fp32": fp32}
+            if data.warnings:
+                report["warnings"] = data.warnings
         quantization = None
         if quantize:
             quantization = quantize_int8(graph, tmp / "model.int8.onnx")

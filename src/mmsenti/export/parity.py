@@ -39,6 +39,7 @@ class ParityInputs:
     description: str
     dev_posts: int = 0
     generated_posts: int = field(default=0)
+    warnings: list[str] = field(default_factory=list)  # why the dev split was not used (shown and in export.json)
 
     @property
     def posts(self) -> int:
@@ -62,6 +63,7 @@ def build_inputs(model, processor, config, specs: list[TensorSpec], *, posts: in
     recipe: dict[str, Any] = {"dev": None, "generated": {"seed": seed, "shapes": [list(s) for s in PROBE_SHAPES]}}
     dev_text = "no dev split"
     n_dev = 0
+    warnings: list[str] = []
     if use_dev:
         try:
             samples, dataset = _dev_samples(config, root)
@@ -69,8 +71,12 @@ def build_inputs(model, processor, config, specs: list[TensorSpec], *, posts: in
             if require_dev:
                 raise ExportError(f"the dev split the figures were computed on cannot be loaded ({e}); "
                                   "give its directory with --root") from None
-            log.info("parity: the dev split is not available (%s); generated inputs only", str(e).splitlines()[0])
-            dev_text = f"dev split not available ({str(e).splitlines()[0][:120]})"
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            # Not silent: without the dev split there is no check on real posts and no dev-metric figure.
+            warnings.append(f"the dev split could not be loaded ({reason[:300]}): parity was checked on generated "
+                            "inputs only, with no dev-metric figure; give the data's directory with --root DIR")
+            log.warning("parity: %s", warnings[-1])
+            dev_text = f"dev split not available ({reason[:120]})"
         else:
             samples = samples[:posts]
             n_dev = len(samples)
@@ -83,7 +89,7 @@ def build_inputs(model, processor, config, specs: list[TensorSpec], *, posts: in
     n_gen = sum(_batch_size(b) for b in probes)
     sizes = ", ".join(str(_batch_size(b)) for b in probes)
     return ParityInputs(batches + probes, labels, recipe, f"{dev_text} + {n_gen} generated posts (batches of {sizes})",
-                        n_dev, n_gen)
+                        n_dev, n_gen, warnings)
 
 
 def _dev_samples(config, root: str | None):

@@ -173,6 +173,8 @@ def build_setup(cfg: Config, *, dist: Distributed | None = None, processor=None,
             frozen parts).
     """
     dist = dist or Distributed()
+    device = dist.device(cfg.run.device)
+    amp_dtype = _amp_dtype(cfg, device)
     seed_everything(cfg.run.seed)
     bundle = build_dataset(cfg)
     info = TaskInfo(bundle.task, bundle.label_names)
@@ -182,7 +184,6 @@ def build_setup(cfg: Config, *, dist: Distributed | None = None, processor=None,
 
             processor = build_processor(cfg.model, [s.text or "" for s in bundle.split("train")], info.task)
         processor = dist.broadcast_object(processor)
-    device = dist.device(cfg.run.device)
     model = build_model(cfg.model, info, processor, load_weights=load_weights).to(device)
     if cfg.run.sync_batchnorm and dist.enabled:
         if device.type != "cuda":
@@ -196,8 +197,18 @@ def build_setup(cfg: Config, *, dist: Distributed | None = None, processor=None,
         if dist.rank > 0:
             seed_everything(cfg.run.seed + dist.rank)
     use_cache = cfg.run.feature_cache if feature_cache is None else feature_cache
-    return Setup(cfg, bundle, processor, model, device, dist, autocast_dtype(cfg.run.precision, device),
+    return Setup(cfg, bundle, processor, model, device, dist, amp_dtype,
                  feature_cache=bool(use_cache and model.cache_spec()))
+
+
+def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``run.precision`` on ``device``; fp16 where it does not run is an error, not fp32."""
+    if cfg.run.precision == "fp16" and device.type != "cuda":
+        from mmsenti.config import ConfigError
+
+        raise ConfigError(f"run.precision=fp16: fp16 autocast runs on CUDA only, this run is on {device.type}; "
+                          "use run.precision=bf16 (fast on CPUs with AVX512-BF16 or AMX) or fp32")
+    return autocast_dtype(cfg.run.precision, device)
 
 
 def load_setup(path: str | Path, *, device: str = "auto", dist: Distributed | None = None,
@@ -214,6 +225,9 @@ def load_setup(path: str | Path, *, device: str = "auto", dist: Distributed | No
     model, processor, cfg = load_pretrained(path, dev)
     if root:
         cfg.data.root = root
+    elif cfg.data.root and not Path(cfg.data.root).expanduser().exists():  # a run folder moved to another machine
+        raise DataError(f"{path}: the data it was trained on is not at data.root {cfg.data.root} (moved, or the "
+                        "folder comes from another machine?); give the data's directory with --root DIR")
     if dist.enabled:
         attach_gather(model, dist.all_gather)
     # fp32 and no feature cache: one pass over a split gains nothing from caching it first.

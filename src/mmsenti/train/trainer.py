@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmsenti.config import Config, ConfigError, config_from_json, save_config
+from mmsenti.config import Config, ConfigError, config_from_json, resume_config, save_config
 from mmsenti.data.base import DataError
 from mmsenti.distributed import (
     Distributed,
@@ -83,6 +83,9 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
+    # Mid-epoch checkpoints: each process's sums of the epoch's loss terms so far ({"count", "sums"}), so that a
+    # resumed epoch's mean train loss is over all its batches, as in the uninterrupted run.
+    partial: list[dict] = field(default_factory=list)
 
 
 class TrainStep(nn.Module):
@@ -101,35 +104,50 @@ class TrainStep(nn.Module):
 
 
 class Trainer:
-    """Train ``cfg`` into ``run_dir``; ``resume=True`` (``cfg`` None) continues from ``run_dir/checkpoints/last.pt``.
+    """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from ``run_dir/checkpoints/last.pt``.
 
     Args:
+        cfg: the run's config; with ``resume``, None (the run's own ``config.json``) or the config asked for, which
+            may differ from the run's only in :data:`mmsenti.config.RESUME_OVERRIDES` (as may ``overrides``).
         dist: this process's place in the process group (default: a single process); see
             :meth:`mmsenti.distributed.Distributed.from_env`.
     """
 
     interrupt_after_step: int | None = None  # test hook: raise TrainingInterrupted after this optimiser step
 
-    def __init__(self, cfg: Config | None, run_dir: str | Path, resume: bool = False, dist: Distributed | None = None):
+    def __init__(self, cfg: Config | None, run_dir: str | Path, resume: bool = False, dist: Distributed | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()):
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.dist = dist or Distributed()
+        self.resume_changes: dict[str, tuple] = {}  # setting → (in the run, now): what this resume changed
         if resume:
             saved = self.run_dir / "config.json"
             if not saved.is_file():
                 raise DataError(f"cannot resume: {saved} not found (was {self.run_dir} a training run?)")
-            cfg = config_from_json(saved)  # a resumed run continues with the config it started with
+            # A resumed run continues with the config it started with; `cfg` (--config) or `overrides` (--set) may
+            # change only what cannot change the training (config.RESUME_OVERRIDES), else a ConfigError.
+            cfg, self.resume_changes = resume_config(config_from_json(saved), cfg, overrides)
         elif cfg is None:
             raise ValueError("Trainer: a new run needs a config (or resume=True)")
         self.cfg: Config = cfg
         self.device = self.dist.device(cfg.run.device)
         self._prepared = False
         self._saved_step: int | None = None  # optimiser step of the last `last` checkpoint
+        self._epoch_sums: dict[str, torch.Tensor] = {}  # the epoch in progress: its loss terms summed so far
+        self._epoch_count = 0
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, dist: Distributed | None = None) -> Trainer:
-        """Continue the (killed) run in ``run_dir`` with the config it started with."""
-        return cls(None, run_dir, resume=True, dist=dist)
+    def from_run_dir(cls, run_dir: str | Path, dist: Distributed | None = None, config: Config | None = None,
+                     overrides: list[str] | tuple[str, ...] = ()) -> Trainer:
+        """Continue the (killed) run in ``run_dir`` with the config it started with.
+
+        Args:
+            config, overrides: the command's ``--config`` (loaded with its ``--set``s) or its ``--set``s alone; they
+                may differ from the run's config only in :data:`mmsenti.config.RESUME_OVERRIDES` (recorded in
+                ``run_info.json`` and the log); any other difference is a :class:`ConfigError`.
+        """
+        return cls(config, run_dir, resume=True, dist=dist, overrides=overrides)
 
     # ------------------------------------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -158,6 +176,10 @@ class Trainer:
             log.info("distributed training: %d process%s (%s)", dist.world_size, "es" if dist.world_size > 1 else "",
                      self.device)
 
+        if self.resume and cfg.data.root and not Path(cfg.data.root).expanduser().exists():
+            raise DataError(f"cannot resume {self.run_dir}: its data.root {cfg.data.root} does not exist (moved, or the "
+                            "run folder comes from another machine?); give the data's directory: the same command "
+                            "plus --set data.root=DIR")
         proc_dir = self.run_dir / "processor"
         processor = None
         if self.resume and proc_dir.is_dir():
@@ -195,10 +217,30 @@ class Trainer:
         self.state = TrainState()
         if self.resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
+            if dist.is_main:
+                self._record_resume()
         # After loading: every process starts from the same weights, and DDP's start-up broadcast agrees.
         self.train_step = dist.wrap(TrainStep(self.model), self.device, cfg.run.find_unused_parameters)
         self.tb = self._tensorboard() if dist.is_main else None
         self._prepared = True
+
+    def _record_resume(self) -> None:
+        """This resume (once it has loaded its checkpoint) in ``run_info.json`` (time, command, changed settings)
+        and the log; config.json keeps the config the run started with."""
+        for key, (was, now) in self.resume_changes.items():
+            log.log(logging.WARNING if key == "data.missing_images" else logging.INFO,
+                    "resuming with %s = %r (the run started with %r)%s", key, now, was,
+                    ": posts whose images are missing are handled so from here on" if key == "data.missing_images"
+                    else "")
+        path = self.run_dir / "run_info.json"
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            info = {}
+        info.setdefault("resumes", []).append({
+            "time": time.strftime("%F %T"), "command": sys.argv, "world_size": self.dist.world_size,
+            "changes": {k: list(v) for k, v in self.resume_changes.items()}})
+        path.write_text(json.dumps(info, indent=2) + "\n")
 
     def _tensorboard(self):
         try:
@@ -243,13 +285,17 @@ class Trainer:
     def _save(self, name: str) -> None:
         """Every process calls this (the RNG states are gathered); rank 0 writes."""
         self.dist.average_norm_statistics(self.model)
-        rng = self.dist.all_gather_object(rng_state())
+        partial = ({"count": self._epoch_count, "sums": {k: float(v) for k, v in self._epoch_sums.items()}}
+                   if self.state.batch else None)  # float(): the double sums exactly
+        gathered = self.dist.all_gather_object((rng_state(), partial))
+        rng = [g[0] for g in gathered]
+        self.state.partial = [g[1] for g in gathered] if partial is not None else []
         if self.dist.is_main:
             atomic_save({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "state": self.state.__dict__, "rng": rng, "config": self.cfg.to_dict(),
-            }, self.run_dir / "checkpoints" / f"{name}.pt")
+            }, self.run_dir / "checkpoints" / f"{name}.pt", checksum=True)
         if name == "last":
             self._saved_step = self.state.step
 
@@ -352,8 +398,18 @@ class Trainer:
         accum = cfg.optim.grad_accum
         n = self.batches_per_epoch
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per batch (read at the epoch's end)
+        # On the device: no host sync per batch (read at the epoch's end, or by a mid-epoch checkpoint).
+        sums: dict[str, torch.Tensor] = {}
         count = 0
+        if st.batch:  # resumed mid-epoch: the sums of the batches before the checkpoint
+            mine = st.partial[self.dist.rank] if len(st.partial) == world else None
+            if mine is None:
+                log.warning("the checkpoint holds no partial sums of epoch %d's loss for %d process(es): its train "
+                            "loss in metrics.csv is the mean over the batches after the resume", st.epoch + 1, world)
+            else:
+                count = int(mine["count"])
+                sums = {k: torch.tensor(v, dtype=torch.float64, device=self.device) for k, v in mine["sums"].items()}
+        self._epoch_sums, self._epoch_count = sums, count
         bar = tqdm(total=n, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.optim.epochs}", leave=False,
                    disable=not (self.dist.is_main and show_progress(cfg.run.quiet)), dynamic_ncols=True)
         loader = self.loader("train", st.epoch, st.batch)
@@ -381,6 +437,7 @@ class Trainer:
                 v = v.detach().double()
                 sums[k] = sums[k] + v if k in sums else v
             count += 1
+            self._epoch_count = count
             st.batch += 1
             bar.update(1)
             if last_in_group:
@@ -395,6 +452,7 @@ class Trainer:
                     bar.close()
                     raise TrainingInterrupted(f"interrupted after step {st.step}")
         bar.close()
+        self._epoch_sums, self._epoch_count = {}, 0
         # The epoch's mean terms over all processes (each process's mean over its micro-batches).
         return self.dist.mean({k: float(v) / max(1, count) for k, v in sums.items()})
 
