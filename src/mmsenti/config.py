@@ -354,7 +354,9 @@ def config_from_json(path: str | Path) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    from mmsenti.utils import write_atomic
+
+    write_atomic(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- resuming

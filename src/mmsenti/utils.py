@@ -22,6 +22,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("mmsenti")
 
 
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename: a kill never leaves a half-written file
+    (a half ``config.json`` would make a run folder unreadable for ``--resume`` and the experiment runner)."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +36,7 @@ from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
 from mmsenti.data.formats.common import canonical_split, find_file, finish, read_csv, require_root
 from mmsenti.registry import DATASETS
+from mmsenti.utils import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +175,7 @@ def convert_pickle(path: str | Path) -> Path:
     out = path.with_suffix(".npz")
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, out)  # atomic: a killed conversion leaves no half file that would be preferred to the pickle
+    write_atomic(out, buf.getvalue())  # a killed conversion leaves no half file that would be preferred to the pickle
     log.info("converted %s → %s (%d arrays)", path, out, len(arrays))
     return out
 
