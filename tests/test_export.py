@@ -188,18 +188,11 @@ def test_graph_form_of_the_bank_search_pads_like_the_index_when_the_bank_is_smal
 
 
 # --------------------------------------------------------------------------------------------- a trained model
-TRAIN = ["data.num_train=1200", "data.num_dev=100", "data.num_test=300", "data.batch_size=32", "data.image_size=32",
-         "model.text_encoder.width=32", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
-         "model.text_encoder.vocab_size=300", "model.image_encoder.width=8", "model.image_encoder.image_size=32",
-         "model.hidden=32", "optim.epochs=10", "optim.lr=3e-3", "run.log_every=1000"]
-
-
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """Late fusion trained on scenes (~70 % test accuracy, chance 33 %), exported fp32 and int8 with the CLI."""
+def trained(scenes_late_fusion, tmp_path_factory):
+    """A copy of the session's late fusion trained on scenes (conftest), exported fp32 and int8 with the CLI."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    argv = ["train", "--config", str(ROOT / "configs/quickstart.yaml"), "--out", str(run), "--quiet"]
-    assert main(argv + [x for o in TRAIN for x in ("--set", o)]) == 0
+    shutil.copytree(scenes_late_fusion, run)
     assert main(["export", str(run), "--format", "onnx"]) == 0
     assert main(["export", str(run), "--format", "onnx", "--quantize", "int8", "--out", str(run / "int8")]) == 0
     return run
