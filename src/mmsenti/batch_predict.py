@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmsenti.data.base import DataError, Sample
-from mmsenti.inference import Predictor
+from mmsenti.inference import Predictor, check_per_post
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,7 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
 
     from tqdm.auto import tqdm
 
+    check_per_post(predictor.config.model, "used for prediction")  # rows are regrouped by text length
     path = Path(input)
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
