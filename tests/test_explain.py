@@ -497,6 +497,64 @@ def test_explain_command_errors_are_one_line(trained, tmp_path, capsys, argv, me
     assert err.startswith("mmsenti: error: ") and message in err and "Traceback" not in err
 
 
+# ------------------------------------------------------------------------------ thin and large images
+@pytest.fixture(scope="module")
+def untrained_infig(tmp_path_factory):
+    """An untrained tiny INFIG (word → region figures need no skill)."""
+    return save_tiny_model(tmp_path_factory.mktemp("untrained-infig"), TINY_INFIG)
+
+
+def test_figures_are_bounded_whatever_the_image(untrained_infig):
+    """Figures were sized from the image's aspect ratio (panel height = 2 in x h/w): a 1x600 image made figures
+    1,200+ inches tall (3.3 GB, 100 s on the CLI), a 1x6000 one 24 GB in the server. Now every figure fits
+    MAX_FIGURE_INCHES, no panel is over MAX_PANEL_ASPECT times taller than wide, and the image is drawn from a copy
+    of at most MAX_DRAWN_SIDE pixels a side."""
+    from mmsenti.explain.figures import MAX_DRAWN_SIDE, MAX_FIGURE_INCHES, MAX_PANEL_ASPECT, word_region_figure
+
+    fig = word_region_figure(np.zeros((6000, 1, 3), np.uint8), (0, 0, 1, 6000), [("rows", np.zeros((4, 2, 2)))],
+                             ["a", "b", "c", "d"], "title")
+    w, h = fig.get_size_inches()
+    assert max(w, h) <= MAX_FIGURE_INCHES and h <= 2.0 * MAX_PANEL_ASPECT + 1.0, (w, h)
+    pred = load_model(untrained_infig)
+    for size in ((1, 600), (1500, 1200)):
+        image = Image.new("RGB", size, (90, 140, 200))
+        ex = pred.explain("hoping for sun at the picnic", image, ig_steps=2)
+        figs = figures_for(ex, image)
+        assert {"word_regions", "importance", "attribution"} <= set(figs)
+        for name, fig in figs.items():
+            assert max(fig.get_size_inches()) <= MAX_FIGURE_INCHES, (size, name)
+            drawn = [im.get_array().shape[:2] for ax in fig.axes for im in ax.get_images()]
+            assert drawn and max(max(d) for d in drawn) <= MAX_DRAWN_SIDE, (size, name, drawn)
+
+
+@pytest.mark.parametrize("size, message", [
+    ((1, 600), "image of 1x600 pixels: a side under 8 pixels (the minimum)"),
+    ((30, 900), "image of 30x900 pixels: aspect ratio 30.0:1, over the limit of 20:1"),
+])
+def test_explain_command_refuses_a_thin_image_in_one_line(untrained_infig, tmp_path, capsys, size, message):
+    from mmsenti.cli import main
+
+    path = tmp_path / "thin.png"
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    assert main(["explain", str(untrained_infig), "--text", "hoping for sun", "--image", str(path),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"mmsenti: error: --image {path}: {message}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_explain_refuses_a_lone_surrogate_in_one_line(untrained_infig, tmp_path, capsys):
+    """A byte that is not UTF-8 on the command line arrives as a lone surrogate (``\udcff``)."""
+    from mmsenti.cli import main
+
+    path = tmp_path / "post.png"
+    make_sample(1, "test", 0, 48).image.save(path)
+    assert main(["explain", str(untrained_infig), "--text", "sun \udcff", "--image", str(path),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "mmsenti: error: post cli: its text holds an unpaired UTF-16 surrogate (U+DCFF) at character 4"
+
+
 # ------------------------------------------------------------------------------------------------ service
 def _png_b64(img: Image.Image) -> str:
     buf = io.BytesIO()

@@ -1,12 +1,17 @@
 """The REST service: answers equal the Predictor's, errors are 4xx naming the field (a table of malformed
-requests, after which a valid request still answers correctly), API key, missing modality, micro-batching."""
+requests, after which a valid request still answers correctly), API key, missing modality, micro-batching, the
+OpenAPI schema; one model thread for predictions and explanations (they never mix), a failing model call that fails
+only its own posts, and models whose answers depend on their batch refused by every per-post command."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import json
+import logging
 import struct
+import threading
 import zlib
 
 import pytest
@@ -14,7 +19,7 @@ import pytest
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from serving_fixtures import TINY_INFIG, save_tiny_model  # noqa: E402
+from serving_fixtures import TINY_INFIG, TINY_RAHP_IN_BATCH, save_tiny_model, write_posts  # noqa: E402
 
 from mmsenti.data.scenes import make_sample  # noqa: E402
 from mmsenti.inference import load_model  # noqa: E402
@@ -40,6 +45,11 @@ def bomb_png(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
     return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+def json_bytes(body) -> bytes:
+    """JSON as a client sends it, escapes included (httpx's own encoder cannot send a lone surrogate)."""
+    return json.dumps(body).encode()
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +166,22 @@ def _malformed(image: Image.Image):
         ("posts[2] bad base64", j({"posts": [good, good, {**good, "image": "%%%"}]}), 422, "posts[2].image"),
         ("too many posts", j({"posts": [good] * 9}), 413, "posts"),
         ("body over the limit", raw(b'{"text": "' + b"a" * 700_000 + b'"}', "application/json"), 413, "body"),
+        ("a lone surrogate in the text", raw(json_bytes({**good, "text": "sun \ud800"}), "application/json"),
+         422, "text"),
+        ("a lone surrogate in posts[2].text", raw(json_bytes({"posts": [good, good, {**good, "text": "\udcff"}]}),
+                                                  "application/json"), 422, "posts[2].text"),
+        ("a lone surrogate in the id", raw(json_bytes({**good, "id": "\ud800"}), "application/json"), 422, "id"),
+        ("100,000 nested arrays", raw(b"[" * 100_000, "application/json"), 400, "body"),
+        ("a text nested 100,000 deep", raw(b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json"),
+         400, "body"),
+        ("a 1x6000 image (too thin)", j({**good, "image": b64(png_bytes(Image.new("RGB", (1, 6000))))}), 422, "image"),
+        ("a 6000x100 image (aspect 60:1)", j({**good, "image": b64(png_bytes(Image.new("RGB", (6000, 100))))}), 422,
+         "image"),
+        ("a 4x4 image (a side under 8)", j({**good, "image": b64(png_bytes(Image.new("RGB", (4, 4))))}), 422, "image"),
+        ("JSON sent as a URL-encoded form", raw(json_bytes(good), "application/x-www-form-urlencoded"), 415,
+         "content-type"),
+        ("multipart id too long", {"data": {"text": "hi", "id": "x" * 300}, **files(image=("a.png", b"1", "image/png"))},
+         422, "id"),
         ("text/plain", raw(b"hello", "text/plain"), 415, "content-type"),
         ("no content type", raw(b"hello", ""), 415, "content-type"),
         ("multipart without image", {"data": {"text": "hi"}, "files": {"x": ("", b"")}}, 422, "x"),
@@ -180,7 +206,8 @@ def test_malformed_requests_get_a_4xx_naming_the_field_and_the_server_keeps_answ
         assert r.status_code == status, (name, r.status_code, r.text)
         err = r.json()["error"]
         assert err["status"] == status and err["field"] == field and err["message"], (name, err)
-    assert client.get("/v1/predict").status_code == 405
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"  # RFC 9110: a 405 says what is allowed
     r = client.post("/v1/nothing", json={})
     assert r.status_code == 404 and r.json()["error"]["status"] == 404
     # Still alive and still right.
@@ -259,3 +286,278 @@ def test_concurrent_requests_are_batched_and_answered_in_order(model_dir, predic
         assert row["id"] == s.id
         _expect_same(row, ref)
     assert batcher.batches < len(samples) and max(batcher.batch_sizes) > 1 and max(batcher.batch_sizes) <= 8
+
+
+# ------------------------------------------------------------------------------------- the OpenAPI schema
+def test_openapi_schema_says_what_a_post_needs(client, tmp_path):
+    """The schema requires what the server requires: ``{}`` and all-null posts are invalid in it, not only at the
+    server (schemathesis found the gap)."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    post, form = schemas["Post"], schemas["PostForm"]
+    assert post["required"] == ["text", "image"] and form["required"] == ["text", "image"]
+    assert post["properties"]["text"] == {"type": "string", "minLength": 1, "maxLength": LIMITS["max_text_chars"],
+                                          "title": "Text", "description": "the post's text"}
+    assert post["properties"]["image"]["type"] == "string" and "anyOf" not in post["properties"]["image"]
+    assert post["additionalProperties"] is False
+    assert schemas["PostBatch"]["properties"]["posts"]["maxItems"] == LIMITS["max_posts"]
+    body = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"] == {"$ref": "#/components/schemas/PostForm"}
+    # A server that accepts a missing modality: either one, but at least one, as a non-empty string.
+    infig_dir = save_tiny_model(tmp_path / "infig", TINY_INFIG)
+    with TestClient(create_app(infig_dir, ServeSettings(api_key=None, allow_missing_modality=True))) as c:
+        post = c.get("/openapi.json").json()["components"]["schemas"]["Post"]
+    assert "required" not in post
+    assert post["anyOf"] == [{"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1,
+                                                                           "maxLength": 5000}}},
+                             {"required": ["image"], "properties": {"image": {"type": "string", "minLength": 1}}}]
+
+
+# -------------------------------------------------------------------------- one thread owns the model
+@pytest.fixture(scope="module")
+def infig_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("infig"), TINY_INFIG)
+
+
+def _close(got, ref, path="explanation"):
+    """Equal JSON, floats within 2e-6 (their rounding quantum is 1e-6)."""
+    if isinstance(ref, dict):
+        assert isinstance(got, dict) and got.keys() == ref.keys(), path
+        for k in ref:
+            _close(got[k], ref[k], f"{path}.{k}")
+    elif isinstance(ref, list):
+        assert isinstance(got, list) and len(got) == len(ref), path
+        for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+            _close(g, r, f"{path}[{i}]")
+    elif isinstance(ref, float):
+        assert got == pytest.approx(ref, abs=2e-6), path
+    else:
+        assert got == ref, path
+
+
+def test_explanations_and_predictions_share_one_model_thread_and_never_mix(infig_dir):
+    """Explanations (Captum hooks on the embedding layer, dozens of passes) run while a stream of predictions is
+    served: every model call runs on the model's thread, every prediction equals its post's answer alone, every
+    explanation equals the one computed alone. (Before: explanations ran the same model in another thread, and
+    predictions failed with shape errors or came back wrong.)"""
+    import httpx
+
+    predictor = load_model(infig_dir)
+    posts = [make_sample(i, "dev", seed=3, image_size=40) for i in range(12)]
+    alone = [predictor.predict_samples([s])[0] for s in posts]
+    explained = posts[:3]
+    ref_ex = [predictor.explain(s.text, s.image, ig_steps=8).to_dict() for s in explained]
+
+    threads = []  # the thread of every forward pass the service runs
+    forward = predictor.model.forward
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return forward(*args, **kwargs)
+
+    predictor.model.forward = recorded
+    app = create_app(infig_dir, ServeSettings(api_key=None, max_batch_size=4, max_wait_ms=1), predictor=predictor)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as c:
+                explanations = asyncio.gather(*[
+                    c.post("/v1/explain?ig_steps=8&figures=word_regions", json={"id": s.id, "text": s.text,
+                                                                                "image": b64(png_bytes(s.image))})
+                    for s in explained])
+                answers = []
+
+                async def stream(start: int):  # one client posting one post after another until the end
+                    i = start
+                    while not explanations.done() or i == start:
+                        s = posts[i % len(posts)]
+                        r = await c.post("/v1/predict", json={"id": s.id, "text": s.text,
+                                                               "image": b64(png_bytes(s.image))})
+                        answers.append((i % len(posts), r))
+                        i += 3
+
+                await asyncio.gather(*[stream(k) for k in range(3)])
+                return await explanations, answers
+
+    exs, answers = asyncio.run(main())
+    assert threads and set(threads) == {"mmsenti-model_0"}, sorted(set(threads))
+    for r, s, ref in zip(exs, explained, ref_ex, strict=True):
+        assert r.status_code == 200, r.text
+        got = r.json()["explanation"]
+        assert got["id"] == s.id
+        _close({**got, "id": ref["id"]}, ref)
+        assert r.json()["figures"]["word_regions"].startswith("data:image/png;base64,")
+    assert len(answers) >= 3
+    for i, r in answers:
+        assert r.status_code == 200, r.text
+        _expect_same(r.json()["predictions"][0], alone[i])
+
+
+# -------------------------------------------------------------------------------- batcher fault isolation
+def test_the_batcher_retries_a_failed_batch_post_by_post():
+    """A batch call that raises, or returns the wrong number of results, is retried one post at a time: only the
+    bad post fails, and the batcher goes on."""
+    from mmsenti.serve.batching import MicroBatcher
+
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("model failed")
+        out = [f"ok:{x}" for x in items]
+        return out[:-1] if "short" in items else out  # a wrong-length answer
+
+    async def main():
+        b = MicroBatcher(fn, max_batch_size=8, max_wait_ms=1)
+        await b.start()
+        try:
+            rs = await asyncio.wait_for(asyncio.gather(*[b.submit([x]) for x in ("a", "boom", "b", "short", "c")],
+                                                       return_exceptions=True), 60)  # a hang guard, not a timing
+            after = await asyncio.wait_for(b.submit(["d", "e"]), 60)
+            return rs, after, b.running, b.failed_calls
+        finally:
+            await b.stop()
+
+    rs, after, running, failed = asyncio.run(main())
+    assert calls[0] == ["a", "boom", "b", "short", "c"]  # tried as one batch first
+    assert calls[1:6] == [["a"], ["boom"], ["b"], ["short"], ["c"]]  # then one by one
+    assert rs[0] == ["ok:a"] and rs[2] == ["ok:b"] and rs[4] == ["ok:c"]
+    assert isinstance(rs[1], RuntimeError) and "model failed" in str(rs[1])
+    assert isinstance(rs[3], RuntimeError) and "returned 0 results for a batch of 1" in str(rs[3])
+    assert after == ["ok:d", "ok:e"] and running and failed == 3
+
+
+def test_a_failing_model_call_is_a_500_with_a_request_id_for_its_own_request_only(model_dir, predictor, caplog):
+    """Through the app, with a fault injected into the model call: the bad requests get a 500 whose request id is in
+    the log, their batch-mates their right answers, and the service keeps answering."""
+    import httpx
+
+    samples = [make_sample(i, "dev", seed=4, image_size=40) for i in range(6)]
+    refs = predictor.predict_samples(samples)
+    app = create_app(model_dir, ServeSettings(api_key=None, max_batch_size=8, max_wait_ms=20))
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            service = app.state.service
+            model_call = service.batcher.fn
+
+            def faulty(posts):
+                if any(p.id == "boom" for p in posts):
+                    raise RuntimeError("injected model fault")
+                rows = model_call(posts)
+                return rows[:-1] if any(p.id == "short" for p in posts) else rows
+
+            service.batcher.fn = faulty
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                ids = [s.id for s in samples[:2]] + ["boom"] + [s.id for s in samples[2:4]] + ["short"]
+                posts = samples[:2] + [samples[0]] + samples[2:4] + [samples[0]]
+                rs = await asyncio.wait_for(asyncio.gather(*[
+                    c.post("/v1/predict", json={"id": i, "text": s.text, "image": b64(png_bytes(s.image))})
+                    for i, s in zip(ids, posts, strict=True)]), 120)  # a hang guard, not a timing
+                s = samples[5]
+                after = await c.post("/v1/predict", json={"id": s.id, "text": s.text, "image": b64(png_bytes(s.image))})
+                ready = await c.get("/readyz")
+            return ids, rs, after, ready
+
+    with caplog.at_level(logging.ERROR, logger="mmsenti.serve"):
+        ids, rs, after, ready = asyncio.run(main())
+    by_id = {s.id: ref for s, ref in zip(samples, refs, strict=True)}
+    for i, r in zip(ids, rs, strict=True):
+        if i in ("boom", "short"):
+            assert r.status_code == 500, r.text
+            rid = r.headers["x-request-id"]
+            assert r.json()["error"]["message"].startswith(f"internal error (request {rid}")
+            assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records), rid
+        else:
+            assert r.status_code == 200, r.text
+            _expect_same(r.json()["predictions"][0], by_id[i])
+    assert after.status_code == 200 and ready.status_code == 200
+    _expect_same(after.json()["predictions"][0], by_id[samples[5].id])
+
+
+# ----------------------------------------------------------------------------- one bad post, many clients
+def test_a_lone_surrogate_is_a_422_and_the_other_clients_are_answered(model_dir, predictor):
+    """``"\\ud800"`` is legal JSON but no tokenizer takes it: a 422 naming ``posts[3].text``, while 15 other
+    clients' concurrent requests are answered right (before: a 500 for it and most of its batch-mates)."""
+    import httpx
+
+    samples = [make_sample(i, "test", seed=6, image_size=40) for i in range(16)]
+    refs = predictor.predict_samples(samples)
+    app = create_app(model_dir, ServeSettings(api_key=None, max_batch_size=32, max_wait_ms=20))
+    good = [{"id": s.id, "text": s.text, "image": b64(png_bytes(s.image))} for s in samples]
+    bad = {"posts": [*good[:3], {**good[0], "text": "sunny \ud800 day"}]}
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                return await asyncio.gather(
+                    c.post("/v1/predict", content=json_bytes(bad), headers={"content-type": "application/json"}),
+                    *[c.post("/v1/predict", json=g) for g in good])
+
+    rs = asyncio.run(main())
+    assert rs[0].status_code == 422 and rs[0].json()["error"]["field"] == "posts[3].text"
+    assert "surrogate" in rs[0].json()["error"]["message"]
+    for r, ref in zip(rs[1:], refs, strict=True):
+        assert r.status_code == 200, r.text
+        _expect_same(r.json()["predictions"][0], ref)
+    # In Python too: a clear error naming the post, not the tokenizer's.
+    from mmsenti.data.base import DataError
+
+    with pytest.raises(DataError, match="post 0: its text holds an unpaired UTF-16 surrogate"):
+        predictor.predict("sun \ud800", image=samples[0].image)
+
+
+# ------------------------------------------------------------------------------------ thin images, explain
+def test_a_thin_image_is_refused_by_explain_quickly(client, post):
+    """A 1x6000 PNG once sized an explanation figure 12,000 inches tall (24 GB); now a 422 naming the image."""
+    text, _ = post
+    thin = b64(png_bytes(Image.new("RGB", (1, 6000), (200, 30, 30))))
+    r = client.post("/v1/explain?figures=word_regions", json={"text": text, "image": thin})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "image" and "1x6000" in err["message"] and "aspect" not in err["message"]
+    assert client.get("/v1/model").json()["limits"]["max_image_aspect"] == 20.0
+
+
+# ------------------------------------------------------------- batch-dependent models: refused everywhere
+@pytest.fixture(scope="module")
+def in_batch_rahp(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("rahp-in-batch"), TINY_RAHP_IN_BATCH)
+
+
+@pytest.mark.parametrize("command, what", [
+    (["serve"], "served"),
+    (["predict", "--text", "hoping for sun", "--image", "{image}"], "used for prediction"),
+    (["predict", "--input", "{dir}/posts.jsonl"], "used for prediction"),
+    (["explain", "--text", "hoping for sun", "--image", "{image}", "--out", "{dir}/out"], "explained"),
+])
+def test_a_model_whose_answer_depends_on_its_batch_is_refused(in_batch_rahp, tmp_path, capsys, monkeypatch, command,
+                                                               what):
+    """RAHP with retrieval: in-batch retrieves among a post's batch-mates: serving (other clients' posts),
+    prediction (rows regrouped by length) and explanation (a batch of interpolated copies) refuse it in one line,
+    as export does (one check: mmsenti.inference.check_per_post)."""
+    import uvicorn
+
+    from mmsenti.cli import main
+
+    def serving(*args, **kwargs):  # a server that starts would never return
+        raise AssertionError("mmsenti serve started serving a batch-dependent model")
+
+    monkeypatch.setattr(uvicorn, "run", serving)
+
+    _, samples = write_posts(tmp_path, 2)
+    image = tmp_path / f"{samples[0].id}.png"
+    argv = [command[0], str(in_batch_rahp), *[a.format(dir=tmp_path, image=image) for a in command[1:]]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"mmsenti: error: rahp with model.retrieval=in-batch cannot be {what}: its neighbours are the "
+                       "other posts of the batch a post is predicted in, so its answer depends on that batch; train "
+                       "with model.retrieval=bank (a memory bank saved with the model) or none")
+    assert not (tmp_path / "out").exists()
+    if command[0] == "serve":  # the app itself, started from Python
+        with pytest.raises(ValueError, match="cannot be served"):
+            with TestClient(create_app(in_batch_rahp, ServeSettings(api_key=None))):
+                pass

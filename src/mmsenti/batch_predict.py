@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmsenti.data.base import DataError, Sample, text_problem
 from mmsenti.data.formats.common import field_problem, iter_csv_rows
-from mmsenti.inference import ModelRef, Predictor
+from mmsenti.inference import ModelRef, Predictor, check_per_post
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,7 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
 
     from tqdm.auto import tqdm
 
+    check_per_post(predictor.config.model, "used for prediction")  # rows are regrouped by text length
     path = Path(input)
     if not path.is_file():
         raise DataError(f"input file not found: {path}")

@@ -107,10 +107,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mmsenti.data.base import Sample, text_problem
-    from mmsenti.inference import load_model
+    from mmsenti.inference import check_per_post, load_model
     from mmsenti.utils import show_progress
 
     predictor = load_model(args.run_dir, args.device, backend=args.backend)
+    check_per_post(predictor.config.model, "used for prediction")
     if args.input:
         from mmsenti.batch_predict import predict_file
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mmsenti.backbones.weights import file_sha256
-from mmsenti.data.base import Sample
+from mmsenti.data.base import DataError, Sample, text_problem
 from mmsenti.models.base import TaskInfo, load_pretrained, resolve_model_dir
 from mmsenti.utils import resolve_device
 
@@ -109,6 +109,10 @@ class Predictor:
     # ----------------------------------------------------------------------------------------------- steps
     def preprocess(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """Samples (images as paths, PIL images or already transformed tensors) → the batch of model inputs."""
+        for s in samples:  # a clear error instead of the tokenizer's, deep inside the batch
+            problem = text_problem(s.text) if isinstance(s.text, str) else None
+            if problem:
+                raise DataError(f"post {s.id}: its text {problem}")
         return self.processor(samples, training=False)
 
     def run(self, batch: dict[str, Any]) -> np.ndarray:
@@ -180,6 +184,22 @@ class ModelRef:
 
     def as_dict(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version}
+
+
+def check_per_post(model_config: Any, what: str, error: type[Exception] = DataError) -> None:
+    """Refuse a model whose answer for a post depends on the other posts of its batch: raise ``error`` saying it
+    cannot be ``what`` ("served", "exported", ...), and why, in one line.
+
+    RAHP with ``retrieval: in-batch`` retrieves its neighbours among its batch-mates: the service batches the posts
+    of different clients, batch prediction regroups rows by length, an explanation's Integrated Gradients batch
+    interpolated copies of one post, and an exported graph has no batch to retrieve from. Evaluation (whole splits
+    in the training's batches) is where such a model is meant to be scored. Every command that needs per-post
+    answers calls this, so the rule and its message live here only.
+    """
+    if getattr(model_config, "name", None) == "rahp" and getattr(model_config, "retrieval", None) == "in-batch":
+        raise error(f"rahp with model.retrieval=in-batch cannot be {what}: its neighbours are the other posts of the "
+                    "batch a post is predicted in, so its answer depends on that batch; train with "
+                    "model.retrieval=bank (a memory bank saved with the model) or none")
 
 
 def load_model(path: str | Path, device: str = "auto", backend: str = "torch") -> Predictor:

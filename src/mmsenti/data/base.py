@@ -70,3 +70,21 @@ class DatasetBundle:
         if name not in self.splits:
             raise DataError(f"dataset '{self.name}' has no split '{name}' (has: {', '.join(self.splits)})")
         return self.splits[name]
+
+
+# Where one post's image is read to be served or explained (mmsenti serve, mmsenti explain): a long thin image costs
+# far more than its pixel count says. Resizing its shorter side to the model's input multiplies the longer one
+# (1x6000 -> 224x1,344,000), and figures drawn at its aspect ratio grow with it.
+MAX_IMAGE_ASPECT = 20.0  # longer side / shorter side
+MIN_IMAGE_SIDE = 8  # pixels
+
+
+def image_shape_problem(width: int, height: int, max_aspect: float = MAX_IMAGE_ASPECT,
+                        min_side: int = MIN_IMAGE_SIDE) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is refused (too thin, or a side too short), or None."""
+    short, long = min(width, height), max(width, height)
+    if short < min_side:
+        return f"image of {width}x{height} pixels: a side under {min_side} pixels (the minimum)"
+    if long > max_aspect * short:
+        return f"image of {width}x{height} pixels: aspect ratio {long / short:.1f}:1, over the limit of {max_aspect:g}:1"
+    return None

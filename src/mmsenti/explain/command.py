@@ -50,7 +50,7 @@ def add_explain_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from mmsenti.data.base import DataError, Sample
     from mmsenti.explain.core import explain
-    from mmsenti.inference import load_model
+    from mmsenti.inference import check_per_post, load_model
 
     try:
         options = ExplainOptions(words=args.words, select=tuple(args.word) if args.word else None,
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.sample and args.text is None and args.image is None:
         raise DataError("give --text and/or --image (or --sample SPLIT:INDEX)")
     predictor = load_model(args.run_dir, args.device)
+    check_per_post(predictor.config.model, "explained")  # before reading any post
     bundle = None
     if args.sample:
         bundle = _dataset(predictor, args.root)
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     for m, value, flag in (("image", sample.image, "--image PATH"), ("text", sample.text, "--text T")):
         if m in predictor.modalities and value is None and not predictor.allow_missing_modality:
             raise DataError(f"this model reads {m}: give {flag}")
+    if sample.image is not None and "image" in predictor.modalities:
+        sample = _checked_image(sample)
     neighbours = None
     if args.neighbour_texts and predictor.config.model.name == "rahp":
         bundle = bundle or _dataset(predictor, args.root)
@@ -128,6 +131,22 @@ def summary(ex) -> str:
         lines += ["retrieved neighbours:", ex.neighbours_table()]
     lines += [f"note: {n}" for n in ex.notes]
     return "\n".join(lines)
+
+
+def _checked_image(sample):
+    """The sample with its image read, refused (one line) when it is too thin or too small to explain: the
+    service's limits (:func:`mmsenti.data.base.image_shape_problem`)."""
+    import dataclasses
+
+    from mmsenti.data.base import DataError, image_shape_problem
+    from mmsenti.data.processing import open_image
+
+    image = open_image(sample.image, sample.id)
+    problem = image_shape_problem(*image.size)
+    if problem:
+        where = f"--image {sample.image}" if isinstance(sample.image, str | Path) else f"post {sample.id}"
+        raise DataError(f"{where}: {problem}")
+    return dataclasses.replace(sample, image=image)
 
 
 def _dataset(predictor, root: str | None):

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from mmsenti.data.base import Sample
+from mmsenti.data.base import DataError, Sample, text_problem
 from mmsenti.data.processing import open_image
 from mmsenti.explain import attribution, maps
 from mmsenti.explain.neighbours import neighbours_from
@@ -30,9 +30,16 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
         neighbour_samples: RAHP: the training samples by id, for the neighbours' texts (and labels when the bank
             stores none).
     """
+    from mmsenti.inference import check_per_post
     from mmsenti.models.infig.model import Infig
     from mmsenti.models.rahp import Rahp
 
+    # Integrated Gradients run interpolated copies of the post as one batch: in-batch retrieval would retrieve
+    # among them.
+    check_per_post(predictor.config.model, "explained")
+    problem = text_problem(sample.text) if isinstance(sample.text, str) else None
+    if problem:
+        raise DataError(f"post {sample.id}: its text {problem}")
     options = options or ExplainOptions()
     model, processor, device = predictor.model.eval(), predictor.processor, predictor.device
     reads = predictor.modalities
@@ -145,11 +152,8 @@ def _rahp_neighbours(ex: Explanation, model, out: dict, label_names, samples) ->
         ex.notes.append("rahp with retrieval: none has no neighbours")
         ex.neighbours = []
         return
-    ex.neighbours = neighbours_from(out["neighbours"], model.bank.ids if mode == "bank" else None, label_names,
-                                    samples)
-    if mode == "in-batch":
-        ex.notes.append("in-batch retrieval: the neighbours are the other posts of the batch; a post explained "
-                        "alone has none")
+    # (in-batch retrieval never gets here: explain() refuses it, check_per_post)
+    ex.neighbours = neighbours_from(out["neighbours"], model.bank.ids, label_names, samples)
 
 
 def _require_captum() -> None:

@@ -7,6 +7,11 @@ and :func:`save_png` records the panel count in the PNG's text chunk ``mmsenti:p
 Heat maps over the region grid are drawn over the image *as it was given*, at its own aspect ratio: the grid covers
 ``box``, the part of the image the model saw (all of it for ``squash`` resizing, stretched; the centre square for
 resize-shorter-side + crop, outlined).
+
+Every figure's size is bounded whatever the image: a panel is at most :data:`MAX_PANEL_ASPECT` times taller than
+wide (a taller image is drawn narrower inside it), no figure is larger than :data:`MAX_FIGURE_INCHES` on a side,
+and the image is drawn from a copy of at most :data:`MAX_DRAWN_SIDE` pixels a side. (A 1x6000 image once sized a
+figure 12,000 inches tall.)
 """
 
 from __future__ import annotations
@@ -17,13 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
-from mmsenti.experiment.plots import _figure as new_figure
+from mmsenti.experiment.plots import _figure
 from mmsenti.explain.results import Explanation
 
 PANEL = "panel"
 HEAT_CMAP = "jet"
 SIGNED_CMAP = "RdBu_r"
 MAX_WORDS = 40  # words drawn in a bar chart (the JSON has them all)
+MAX_PANEL_ASPECT = 3.0  # a panel's height / width at most
+MAX_FIGURE_INCHES = 40.0  # either side of a figure (4,000 pixels at save_png's 100 dpi)
+MAX_DRAWN_SIDE = 1024  # pixels of the post's image as drawn (a panel is about 200 pixels wide)
+
+
+def new_figure(width: float, height: float):
+    """A figure of ``width`` x ``height`` inches, scaled down (both sides alike) to fit :data:`MAX_FIGURE_INCHES`."""
+    scale = min(1.0, MAX_FIGURE_INCHES / max(width, height))
+    return _figure(width * scale, height * scale)
 
 
 def _panel(fig, grid, index) -> object:
@@ -74,7 +88,7 @@ def word_region_figure(image: np.ndarray, box: Sequence[float], rows: Sequence[t
         raise ValueError("every row needs one map per word")
     ih, iw = image.shape[:2]
     panel_w = 2.0
-    panel_h = panel_w * ih / iw + 0.45
+    panel_h = panel_w * min(ih / iw, MAX_PANEL_ASPECT) + 0.45
     fig = new_figure(panel_w * (n + 1) + 0.6, panel_h * len(rows) + (0.4 if title else 0.1))
     grid = fig.add_gridspec(len(rows), n + 1)
     for r, (label, row_maps) in enumerate(rows):
@@ -183,7 +197,7 @@ def figures_for(ex: Explanation, image=None, sources: Sequence[str] = ("similari
         image: the post's image (path, PIL image or array), needed for the image panels.
         sources: the rows of ``word_regions`` (those the explanation has).
     """
-    arr = _as_array(image) if image is not None else None
+    arr, box = _drawable(_as_array(image), ex.image_box) if image is not None else (None, ex.image_box)
     figs = {}
     words = ex.word_texts
     if arr is not None and ex.region_maps and ex.selected_words:
@@ -191,15 +205,15 @@ def figures_for(ex: Explanation, image=None, sources: Sequence[str] = ("similari
         sources = [s for s in sources if s in ex.region_maps]
         rows = [(ex.region_maps[s].label, ex.region_maps[s].maps[sel]) for s in sources]
         if rows:
-            figs["word_regions"] = word_region_figure(arr, ex.image_box, rows, [words[i] for i in sel], _title(ex))
+            figs["word_regions"] = word_region_figure(arr, box, rows, [words[i] for i in sel], _title(ex))
     if arr is not None and ex.word_importance is not None:
-        figs["importance"] = importance_figure(words, ex.word_importance, arr, ex.image_box, ex.region_importance,
+        figs["importance"] = importance_figure(words, ex.word_importance, arr, box, ex.region_importance,
                                                ex.image_cls_importance, _title(ex))
     if ex.modality is not None:
         ta, ia = ex.text_attribution, ex.image_attribution
         figs["attribution"] = attribution_figure(
             ex.modality.effects, ex.modality.target, words if ta is not None else None,
-            ta.word_scores if ta is not None else None, arr if ia is not None else None, ex.image_box,
+            ta.word_scores if ta is not None else None, arr if ia is not None else None, box,
             ia.pixel_map if ia is not None and arr is not None else None, _title(ex))
     return figs
 
@@ -210,6 +224,21 @@ def _as_array(image) -> np.ndarray:
     from mmsenti.data.processing import open_image
 
     return np.asarray(open_image(image).convert("RGB"))
+
+
+def _drawable(arr: np.ndarray, box: Sequence[float] | None) -> tuple[np.ndarray, Sequence[float] | None]:
+    """``arr`` subsampled to at most :data:`MAX_DRAWN_SIDE` pixels a side (every k-th pixel: the panels draw it
+    with nearest-neighbour interpolation anyway), and ``box`` in the copy's pixels."""
+    h, w = arr.shape[:2]
+    k = -(-max(h, w) // MAX_DRAWN_SIDE)
+    if k <= 1:
+        return arr, box
+    small = arr[::k, ::k]
+    sh, sw = small.shape[:2]
+    if box is not None:  # v * new / old: exact for the whole-image box (integers), so no crop outline appears
+        left, top, right, bottom = box
+        box = (left * sw / w, top * sh / h, right * sw / w, bottom * sh / h)
+    return small, box
 
 
 def panel_count(fig) -> int:

@@ -34,17 +34,13 @@ from mmsenti.export.format import PRESENT_KEYS, ExportError, TensorSpec
 # ------------------------------------------------------------------------------------------------- what exports
 def check_exportable(model: nn.Module) -> None:
     """Raise :class:`ExportError` for a model whose answers a fixed graph cannot reproduce."""
+    from mmsenti.inference import check_per_post
     from mmsenti.models.rahp import Rahp
 
     if not isinstance(model, Rahp):
         return
-    mode = model.config.retrieval
-    if mode == "in-batch":
-        raise ExportError("rahp with model.retrieval=in-batch cannot be exported: its neighbours are the other posts "
-                          "of the batch a post is predicted in, so its answer depends on that batch and no fixed "
-                          "graph reproduces it; train with model.retrieval=bank (a memory bank saved with the model) "
-                          "or none")
-    if mode != "bank":
+    check_per_post(model.config, "exported", ExportError)  # no fixed graph reproduces a batch-dependent answer
+    if model.config.retrieval != "bank":
         return
     if not model.bank.is_built:
         raise ExportError("rahp: the memory bank is empty (the model was never trained); nothing to retrieve from")

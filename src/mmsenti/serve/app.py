@@ -12,9 +12,9 @@ from fastapi.staticfiles import StaticFiles
 
 from mmsenti import __version__
 from mmsenti.inference import Predictor
-from mmsenti.serve.errors import BodyLimit, install_error_handlers
+from mmsenti.serve.errors import BodyLimit, RequestId, install_error_handlers
 from mmsenti.serve.routes import V1_ROUTERS, health, web
-from mmsenti.serve.schemas import Post, PostBatch
+from mmsenti.serve.schemas import post_schemas
 from mmsenti.serve.service import Service, require_api_key
 from mmsenti.serve.settings import ServeSettings
 
@@ -52,6 +52,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None, pre
                               "field: `{\"error\": {\"status\", \"field\", \"message\"}}`.")
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # outermost: every answer, a 413 included, carries the request's id
     install_error_handlers(app)
     app.include_router(health.router)
     for router in V1_ROUTERS:
@@ -63,17 +64,20 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None, pre
 
 
 def _document_post_schemas(app: FastAPI) -> None:
-    """Routes read posts themselves (JSON or multipart); add their schemas to the OpenAPI components."""
+    """Routes read posts themselves (JSON or multipart); add their schemas to the OpenAPI components, saying what
+    the served model requires (so the schema is kept once the model is loaded)."""
 
     def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (Post, PostBatch):
-                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(js.pop("$defs", {}))
-                components[model.__name__] = js
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        service = getattr(app.state, "service", None)
+        settings = app.state.settings
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(post_schemas(
+            service.modalities if service is not None else None, settings.allow_missing_modality,
+            settings.max_text_chars, settings.max_posts))
+        if service is not None:
             app.openapi_schema = schema
-        return app.openapi_schema
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

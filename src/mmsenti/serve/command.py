@@ -27,6 +27,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
     s.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / 2**20)
     s.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    s.add_argument("--max-image-aspect", type=float, default=d.max_image_aspect,
+                   help="longest side / shortest side of an image")
+    s.add_argument("--min-image-side", type=int, default=d.min_image_side, help="pixels")
     s.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
     s.add_argument("--max-posts", type=int, default=d.max_posts, help="posts per request")
     s.add_argument("--image-formats", default=",".join(d.image_formats), help="accepted image formats (PIL names)")
@@ -41,7 +44,8 @@ def add_serve_parser(sub) -> None:
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     kwargs = dict(
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
-        max_image_pixels=args.max_image_pixels, max_text_chars=args.max_text_chars, max_posts=args.max_posts,
+        max_image_pixels=args.max_image_pixels, max_image_aspect=args.max_image_aspect,
+        min_image_side=args.min_image_side, max_text_chars=args.max_text_chars, max_posts=args.max_posts,
         image_formats=tuple(f.strip() for f in args.image_formats.split(",") if f.strip()),
         allow_missing_modality=args.allow_missing_modality, max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms, model_name=args.model_name)
@@ -63,10 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from mmsenti.serve.app import create_app
     except ImportError as e:
         raise DataError(f"mmsenti serve needs FastAPI and uvicorn ({e}): pip install 'mmsenti[serve]'") from None
-    from mmsenti.inference import load_model
+    from mmsenti.inference import check_per_post, load_model
 
-    # Before listening: a bad model directory is a clear error.
+    # Before listening: a bad model directory, or one that cannot be served, is a clear error.
     predictor = load_model(args.run_dir, args.device, backend=args.backend)
+    check_per_post(predictor.config.model, "served")
     if settings.allow_missing_modality:
         try:
             predictor.allow_missing()

@@ -1,13 +1,16 @@
 """Errors as JSON naming the field: ``{"error": {"status": 422, "field": "posts[0].image", "message": "..."}}``.
 
 Bad input is always a 4xx: validation errors, bodies over the limit (checked while the body streams in, by
-:class:`BodyLimit`, for every route), unknown routes. Only a bug in the service itself is a 500.
+:class:`BodyLimit`, for every route), unknown routes. Only a bug in the service itself (or a model call that
+failed) is a 500; its message gives the request id (:class:`RequestId`) under which the log has the traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import uuid
 from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
@@ -57,12 +60,48 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, None, str(exc.detail)), status_code=exc.status_code)
+        # Starlette's headers kept: a 405 carries ``Allow`` (RFC 9110 15.5.6).
+        return JSONResponse(error_body(exc.status_code, None, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, None, "internal error"), status_code=500)
+        rid = request_id(request)
+        log.error("internal error on %s %s (request %s)", request.method, request.url.path, rid, exc_info=exc)
+        return JSONResponse(error_body(500, None, f"internal error (request {rid}; the server's log has the details)"),
+                            status_code=500, headers={REQUEST_ID_HEADER: rid})
+
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_GIVEN_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # a proxy's id is kept only if it is safe to log as is
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "-")
+
+
+class RequestId:
+    """ASGI middleware: every request gets an id (the client's ``X-Request-ID`` when it is a plain token, else a
+    new one), answered in the ``X-Request-ID`` header and named by the log line of a 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
+        rid = given if _GIVEN_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        # scope["state"] is what Request.state reads; the error handlers see the same scope.
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class BodyLimit:

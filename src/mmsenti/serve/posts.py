@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from mmsenti.data.base import image_shape_problem, text_problem
 from mmsenti.serve.errors import ServeError, field_path, validation_message
 from mmsenti.serve.schemas import Post, PostBatch
 from mmsenti.serve.settings import ServeSettings
@@ -44,7 +45,7 @@ async def read_posts(request: Request, settings: ServeSettings, modalities: list
         posts, prefix = await _json_posts(request, settings)
         images = [(p.image, _join(prefix(i), "image"), False) for i, p in enumerate(posts)]
     elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):  # an HTML form
-        post, data = await _multipart_post(request)
+        post, data = await _multipart_post(request, ctype)
         posts, prefix = [post], (lambda i: "")
         images = [(data, "image", True)]
     else:
@@ -58,6 +59,8 @@ async def _json_posts(request: Request, settings: ServeSettings):
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ServeError(400, "body", f"invalid JSON: {getattr(e, 'msg', e)}") from None
+    except RecursionError:  # e.g. 100,000 nested '[': no post is nested more than a few levels
+        raise ServeError(400, "body", "invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ServeError(422, "body", f"expected a JSON object (one post, or {{\"posts\": [...]}}), "
                                       f"got {type(data).__name__}")
@@ -72,9 +75,14 @@ async def _json_posts(request: Request, settings: ServeSettings):
     return posts, (lambda i: f"posts[{i}]") if batch else (lambda i: "")
 
 
-async def _multipart_post(request: Request) -> tuple[Post, bytes | None]:
+async def _multipart_post(request: Request, ctype: str) -> tuple[Post, bytes | None]:
     from starlette.datastructures import UploadFile
 
+    if ctype == "application/x-www-form-urlencoded" and (await request.body()).lstrip()[:1] in (b"{", b"["):
+        # A JSON body sent with a form's content type (curl -d without -H): parsed as a form, its whole text
+        # would become one field's name.
+        raise ServeError(415, "content-type", "the body is JSON but was sent as application/x-www-form-urlencoded: "
+                                              "send it with Content-Type: application/json")
     try:
         form = await request.form(max_files=1, max_fields=len(MULTIPART_FIELDS))
     except ServeError:
@@ -83,7 +91,8 @@ async def _multipart_post(request: Request) -> tuple[Post, bytes | None]:
         raise ServeError(400, "body", f"invalid multipart body: {e}") from None
     unknown = [k for k in form.keys() if k not in MULTIPART_FIELDS]
     if unknown:
-        raise ServeError(422, unknown[0], f"unknown field (expected {', '.join(MULTIPART_FIELDS)})")
+        name = unknown[0] if len(unknown[0]) <= 64 else unknown[0][:61] + "..."
+        raise ServeError(422, name, f"unknown field (expected {', '.join(MULTIPART_FIELDS)})")
     values = {}
     for key in ("id", "text"):
         v = form.get(key)
@@ -96,7 +105,11 @@ async def _multipart_post(request: Request) -> tuple[Post, bytes | None]:
         if not isinstance(image, UploadFile):
             raise ServeError(422, "image", "expected a file upload (multipart file field)")
         data = await image.read()
-    return Post(id=values["id"], text=values["text"]), data
+    try:
+        return Post(id=values["id"], text=values["text"]), data
+    except ValidationError as e:  # e.g. an id over its length limit
+        err = e.errors()[0]
+        raise ServeError(422, field_path(err["loc"]), validation_message(err)) from None
 
 
 def _prepare(posts: list[Post], images, prefix, settings: ServeSettings, modalities: list[str],
@@ -106,6 +119,11 @@ def _prepare(posts: list[Post], images, prefix, settings: ServeSettings, modalit
         text_field = _join(prefix(i), "text")
         if post.text is not None and len(post.text) > settings.max_text_chars:
             raise ServeError(422, text_field, f"{len(post.text)} characters, at most {settings.max_text_chars}")
+        # Legal JSON that no tokenizer (text) or UTF-8 answer (id) can take: refused here, not in the model's batch.
+        for name, value in (("text", post.text), ("id", post.id)):
+            problem = text_problem(value) if value is not None else None
+            if problem:
+                raise ServeError(422, _join(prefix(i), name), f"the {name} {problem}")
         text = post.text if "text" in modalities and post.text not in (None, "") else None
         image = pixels = None
         if "image" in modalities and encoded not in (None, b"", ""):
@@ -154,6 +172,9 @@ def decode_image(data: bytes, field: str, settings: ServeSettings) -> Image.Imag
             width, height = im.size
             if width * height > settings.max_image_pixels:
                 raise ServeError(413, field, f"image of {width}x{height} pixels, at most {settings.max_image_pixels}")
+            problem = image_shape_problem(width, height, settings.max_image_aspect, settings.min_image_side)
+            if problem:
+                raise ServeError(422, field, problem)
             im.load()
             return im.convert("RGB")
     except ServeError:

@@ -23,6 +23,35 @@ class PostBatch(BaseModel):
     posts: list[Post] = Field(..., min_length=1)
 
 
+def post_schemas(modalities: list[str] | None, allow_missing: bool, max_text_chars: int, max_posts: int) -> dict:
+    """JSON schemas of ``Post``, ``PostBatch`` and ``PostForm`` (a multipart post) that say what the server checks:
+    the modalities the model reads are required non-empty strings, or (``allow_missing``, or the model not known yet)
+    at least one of them is. Pydantic's schema of :class:`Post` alone would allow ``{}`` and all-null posts."""
+    modalities = modalities or ["text", "image"]
+    post = Post.model_json_schema(ref_template="#/components/schemas/{model}")
+    batch = PostBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+    batch.pop("$defs", None)
+    batch["properties"]["posts"]["maxItems"] = max_posts
+    form = {"type": "object", "additionalProperties": False, "description": "one post as multipart/form-data",
+            "properties": {"id": {"type": "string", "maxLength": 256}, "text": {"type": "string"},
+                           "image": {"type": "string", "format": "binary", "description": "the image file"}}}
+    given = {"text": {"type": "string", "minLength": 1, "maxLength": max_text_chars}, "image": {"type": "string",
+                                                                                               "minLength": 1}}
+    post["properties"]["text"]["anyOf"][0]["maxLength"] = max_text_chars
+    form["properties"]["text"]["maxLength"] = max_text_chars
+    reads = [m for m in ("text", "image") if m in modalities]
+    if allow_missing and len(reads) > 1:
+        for schema in (post, form):
+            schema["anyOf"] = [{"required": [m], "properties": {m: given[m]}} for m in reads]
+    else:
+        for m in reads:
+            post["properties"][m] = {**{k: v for k, v in post["properties"][m].items() if k not in ("anyOf", "default")},
+                                     **given[m]}
+            form["properties"][m] = {**form["properties"][m], "minLength": 1}
+        post["required"] = form["required"] = reads
+    return {"Post": post, "PostBatch": batch, "PostForm": form}
+
+
 class ModelRef(BaseModel):
     name: str
     version: str = Field(..., description="first 12 hex digits of the sha256 of model.safetensors")

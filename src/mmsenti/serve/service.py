@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
 from mmsenti.data.base import Sample
-from mmsenti.inference import ModelRef, Predictor
+from mmsenti.inference import ModelRef, Predictor, check_per_post
 from mmsenti.serve.batching import MicroBatcher
 from mmsenti.serve.errors import ServeError
 from mmsenti.serve.posts import PreparedPost
@@ -19,9 +22,12 @@ from mmsenti.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class Service:
     def __init__(self, predictor: Predictor, settings: ServeSettings, model_dir: str | Path):
+        check_per_post(predictor.config.model, "served")  # micro-batches mix the posts of different clients
         self.predictor, self.settings = predictor, settings
         ref = ModelRef.of(predictor, model_dir, settings.model_name)
         self.model_dir, self.name, self.version = ref.directory, ref.name, ref.version
@@ -33,6 +39,8 @@ class Service:
         metrics_path = ref.run_dir / "metrics.json"
         self.metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
         self.batcher = MicroBatcher(self._predict_batch, settings.max_batch_size, settings.max_wait_ms)
+        # Explanations' figures are drawn here, off the model thread (matplotlib needs no model); one at a time.
+        self._figures = ThreadPoolExecutor(1, thread_name_prefix="mmsenti-figures")
         self.ready = False
 
     # ------------------------------------------------------------------------------------------- lifecycle
@@ -43,6 +51,7 @@ class Service:
     async def stop(self) -> None:
         self.ready = False
         await self.batcher.stop()
+        self._figures.shutdown(wait=False)
 
     # ------------------------------------------------------------------------------------------- prediction
     @property
@@ -58,6 +67,15 @@ class Service:
     async def predict(self, posts: list[PreparedPost]) -> list[dict]:
         rows = await self.batcher.submit(posts)
         return [{"id": post.id, **row, "modalities": post.modalities} for post, row in zip(posts, rows, strict=True)]
+
+    async def on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the model's thread, between prediction batches (an explanation: its forward and
+        backward passes and Captum's hooks never overlap a prediction). Predictions wait while it runs."""
+        return await self.batcher.run_on_model_thread(fn, *args)
+
+    async def drawing(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the figure thread (matplotlib; no model)."""
+        return await asyncio.get_running_loop().run_in_executor(self._figures, fn, *args)
 
     def model_ref(self) -> dict:
         return {"name": self.name, "version": self.version}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from mmsenti.data.base import MAX_IMAGE_ASPECT, MIN_IMAGE_SIDE
+
 API_KEY_ENV = "MMSENTI_API_KEY"
 
 
@@ -14,6 +16,8 @@ class ServeSettings:
     max_body_bytes: int = 32 * 2**20  # whole request body
     max_image_bytes: int = 8 * 2**20  # one encoded image
     max_image_pixels: int = 40_000_000  # width × height, checked before decoding (decompression bombs)
+    max_image_aspect: float = MAX_IMAGE_ASPECT  # longer side / shorter side (a thin image's resize and figures)
+    min_image_side: int = MIN_IMAGE_SIDE  # pixels
     max_text_chars: int = 5000
     max_posts: int = 64  # posts in one request
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # PIL format names
@@ -29,7 +33,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars", "max_posts",
-                     "max_batch_size"):
+                     "max_batch_size", "min_image_side", "max_image_aspect"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -38,5 +42,6 @@ class ServeSettings:
 
     def limits(self) -> dict[str, object]:
         return {"max_body_bytes": self.max_body_bytes, "max_image_bytes": self.max_image_bytes,
-                "max_image_pixels": self.max_image_pixels, "max_text_chars": self.max_text_chars,
+                "max_image_pixels": self.max_image_pixels, "max_image_aspect": self.max_image_aspect,
+                "min_image_side": self.min_image_side, "max_text_chars": self.max_text_chars,
                 "max_posts": self.max_posts, "image_formats": list(self.image_formats)}

@@ -1,15 +1,15 @@
 """``POST /v1/explain``: why the model said it, for one post: the explanation as JSON (with the figures as PNG data
 URLs on request) or one figure as ``image/png``.
 
-An explanation runs dozens of forward and backward passes (Integrated Gradients), so explanations run one at a
-time in their own thread, off the event loop and beside the prediction batcher.
+An explanation runs dozens of forward and backward passes (Integrated Gradients) and adds Captum's hooks to the
+model, so it runs on the model's own thread, between prediction batches (:meth:`Service.on_model_thread`): nothing
+ever runs the model concurrently, and predictions that arrive meanwhile wait for it. Its figures are drawn after,
+off that thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -21,7 +21,7 @@ from mmsenti.serve.errors import ServeError
 from mmsenti.serve.posts import read_posts
 from mmsenti.serve.routes.predict import _BODY
 from mmsenti.serve.schemas import ERROR_RESPONSES, ModelRef
-from mmsenti.serve.service import ServiceDep
+from mmsenti.serve.service import Service, ServiceDep
 
 router = APIRouter(tags=["explain"])
 
@@ -36,13 +36,6 @@ class ExplainResponse(BaseModel):
                                                "prediction, words, word_regions, modality, text_attribution, "
                                                "image_attribution, neighbours, notes")
     figures: dict[str, str] | None = Field(None, description="requested figures as data:image/png;base64 URLs")
-
-
-def _executor(request: Request) -> ThreadPoolExecutor:
-    ex = getattr(request.app.state, "explain_executor", None)
-    if ex is None:
-        ex = request.app.state.explain_executor = ThreadPoolExecutor(1, thread_name_prefix="mmsenti-explain")
-    return ex
 
 
 @router.post("/explain", response_model=ExplainResponse, response_model_exclude_none=True,
@@ -79,9 +72,9 @@ async def explain(
                              image_baseline=image_baseline)
     if format == "png":
         wanted = [figure] if figure else []
-    loop = asyncio.get_running_loop()
-    ex, pngs = await loop.run_in_executor(_executor(request), _explain, service, posts[0], options, wanted,
-                                          format == "png" and figure is None)
+    post = posts[0]
+    ex = await service.on_model_thread(_explain, service, post, options)
+    pngs = await service.drawing(_figures, ex, post, options, wanted, format == "png" and figure is None)
     if format == "png":
         name, data = next(iter(pngs.items()), (None, None))
         if data is None:
@@ -94,21 +87,25 @@ async def explain(
     return body
 
 
-def _explain(service, post, options: ExplainOptions, wanted: list[str], default_figure: bool):
-    """In the explain thread: the explanation, and the wanted figures as PNG bytes (those it has)."""
+def _explain(service: Service, post, options: ExplainOptions):
+    """On the model's thread: the explanation."""
     from mmsenti.data.base import Sample
     from mmsenti.explain.core import explain
-    from mmsenti.explain.figures import figures_for, save_png
 
     sample = Sample(id=post.id, label=None, text=post.text, image=post.image)
     try:
-        ex = explain(service.predictor, sample, options)
+        return explain(service.predictor, sample, options)
     except ValueError as e:  # an option this model cannot honour (e.g. an HFAM layer it does not have)
         raise ServeError(422, "layer" if "hfam_layer" in str(e) else None, str(e)) from None
-    pngs = {}
-    if wanted or default_figure:
-        figs = figures_for(ex, post.image, options.sources)
-        if default_figure:
-            wanted = ["word_regions" if "word_regions" in figs else "attribution"]
-        pngs = {name: save_png(figs[name]) for name in wanted if name in figs}
-    return ex, pngs
+
+
+def _figures(ex, post, options: ExplainOptions, wanted: list[str], default_figure: bool) -> dict[str, bytes]:
+    """In the figure thread: the wanted figures as PNG bytes (those the explanation has)."""
+    from mmsenti.explain.figures import figures_for, save_png
+
+    if not (wanted or default_figure):
+        return {}
+    figs = figures_for(ex, post.image, options.sources)
+    if default_figure:
+        wanted = ["word_regions" if "word_regions" in figs else "attribution"]
+    return {name: save_png(figs[name]) for name in wanted if name in figs}

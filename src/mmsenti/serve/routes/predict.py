@@ -11,16 +11,14 @@ from mmsenti.serve.service import ServiceDep
 router = APIRouter(tags=["predict"])
 
 # The body is read by read_posts (JSON or multipart), so its schema is declared here for the OpenAPI docs
-# (create_app adds the Post and PostBatch schemas to the components).
+# (create_app adds the Post, PostBatch and PostForm schemas to the components: post_schemas).
 _BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Post"},
                                                       {"$ref": "#/components/schemas/PostBatch"}]}},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "text": {"type": "string"}, "image": {"type": "string", "format": "binary"},
-                "id": {"type": "string"}}}},
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/PostForm"}},
         },
     }
 }
