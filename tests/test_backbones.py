@@ -7,6 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -551,3 +552,28 @@ def test_tiny_random_open_clip_forward(offline):
     txt = model.encode_text(tokens)
     assert img.shape == txt.shape == (2, 16)
     assert transform.interpolation == "bicubic"
+
+
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_transform_resizes_only_what_the_model_sees(crop_pct, monkeypatch):
+    """Same pixels as resizing the whole image then centre-cropping (timm's eval transform), to one 8-bit level; a
+    1x6000 image is resized as a 224x224 box, never to 256x1.5M pixels (an operator's thin image ran a server out of
+    memory through the figures; the transform must not do the same)."""
+    from PIL import Image
+    from skimage import data
+
+    from mmsenti.data.processing import ImageTransform
+
+    t = ImageTransform(size=224, resize="shorter", crop_pct=crop_pct, mean=[0.0] * 3, std=[1.0] * 3)
+    photo = Image.fromarray(data.astronaut()).resize((640, 480))
+    w, h, left, top = t._plan(photo.width, photo.height)
+    naive = photo.resize((w, h), Image.Resampling.BILINEAR).crop((left, top, left + 224, top + 224))
+    want = torch.from_numpy(np.asarray(naive, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    got = t(photo)
+    assert (got - want).abs().max() <= 1.5 / 255 and (got - want).abs().mean() < 1e-4
+
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a, **k))
+    assert t(Image.new("RGB", (1, 6000), (200, 10, 10))).shape == (3, 224, 224)
+    assert sizes == [(224, 224)]

@@ -94,10 +94,9 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = img.convert("RGB")
         interp = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[self.interpolation]
-        w, h, left, top = self._plan(img.width, img.height)
-        img = img.resize((w, h), interp)
-        if (w, h) != (self.size, self.size):
-            img = img.crop((left, top, left + self.size, top + self.size))
+        # Resize only the part the model sees (the centre crop's box in source pixels), never the whole image: the
+        # same pixels as resize-then-crop (to one 8-bit level), and a 1x6000 image costs size^2, not size x 1.5M.
+        img = img.resize((self.size, self.size), interp, box=self.source_box(img.width, img.height))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
