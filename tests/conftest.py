@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers), each worker and the processes its tests start run one
+    thread unless OMP_NUM_THREADS says otherwise: two workers of two threads each on two cores wait for each other at
+    every op. (No test's outcome may depend on this: the suite is also run at OMP_NUM_THREADS=1 and 2.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+
 
 # Small enough for seconds per run, large enough that late fusion learns something in a few epochs.
 TINY = [
