@@ -78,8 +78,9 @@ def build_saved_model(config: str, directory: Path):
     import torch
 
     from mmsenti.config import load_config
-    from mmsenti.models.base import TaskInfo, build_model, save_pretrained
+    from mmsenti.models.base import TaskInfo, build_model
     from mmsenti.models.encoders import build_processor
+    from mmsenti.models.folder import ModelFolder
 
     os.chdir(ROOT)  # configs name data roots relative to the repository
     cfg = load_config(config, ["run.quiet=true"])
@@ -94,7 +95,7 @@ def build_saved_model(config: str, directory: Path):
     processor = build_processor(cfg.model, texts, info.task)
     torch.manual_seed(0)
     model = build_model(cfg.model, info, processor).eval()
-    save_pretrained(directory, model, processor, cfg)
+    ModelFolder.save(directory, model, processor, cfg)
     return model
 
 
@@ -200,7 +201,7 @@ def run_onnx(model_name: str, args) -> dict:
     import torch
 
     from mmsenti.batch_predict import predict_file
-    from mmsenti.export import export_onnx, load_onnx_predictor
+    from mmsenti.export import export_onnx
     from mmsenti.inference import load_model
 
     config, option = ONNX_MODELS[model_name]
@@ -221,8 +222,8 @@ def run_onnx(model_name: str, args) -> dict:
         exports[quantize or "fp32"] = (out, meta)
     threads = torch.get_num_threads()  # onnxruntime gets the same cores as torch
     predictors = {"torch": load_model(source, "cpu"),
-                  "onnx fp32": load_onnx_predictor(exports["fp32"][0], threads=threads),
-                  "onnx int8": load_onnx_predictor(exports["int8"][0], threads=threads)}
+                  "onnx fp32": load_model(exports["fp32"][0], backend="onnx", threads=threads),
+                  "onnx int8": load_model(exports["int8"][0], backend="onnx", threads=threads)}
     posts_path, source_text = write_posts(tmp, args.posts)
     posts = posts_path.read_text().splitlines()
     files = {1: tmp / "posts-b1.jsonl", 32: posts_path}

@@ -16,8 +16,9 @@ import torch
 
 from mmsenti.config import load_config
 from mmsenti.data.scenes import ScenesConfig, build_scenes, make_sample
-from mmsenti.models.base import TaskInfo, build_model, save_pretrained
+from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
+from mmsenti.models.folder import ModelFolder
 
 TINY_MODEL = ["model.text_encoder.width=32", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
               "model.text_encoder.vocab_size=300", "model.image_encoder.width=8", "model.image_encoder.image_size=32",
@@ -37,7 +38,7 @@ def save_tiny_model(directory: Path, overrides=(), seed: int = 0) -> Path:
     processor = build_processor(cfg.model, [s.text for s in data.splits["train"]], data.task)
     torch.manual_seed(seed)
     model = build_model(cfg.model, TaskInfo(data.task, data.label_names), processor).eval()
-    save_pretrained(directory, model, processor, cfg)
+    ModelFolder.save(directory, model, processor, cfg)
     return directory
 
 

@@ -22,8 +22,9 @@ from mmsenti.data.base import Sample  # noqa: E402
 from mmsenti.export import ExportError, OnnxBackend, ParityError, export_onnx  # noqa: E402
 from mmsenti.export.graph import GraphModule  # noqa: E402
 from mmsenti.inference import load_model  # noqa: E402
-from mmsenti.models.base import TaskInfo, build_model, load_pretrained, save_pretrained  # noqa: E402
+from mmsenti.models.base import TaskInfo, build_model  # noqa: E402
 from mmsenti.models.encoders import build_processor  # noqa: E402
+from mmsenti.models.folder import ModelFolder  # noqa: E402
 from mmsenti.registry import MODELS  # noqa: E402
 from mmsenti.train.setup import build_dataset  # noqa: E402
 
@@ -70,7 +71,7 @@ def save_case(directory: Path, overrides: list[str]) -> Path:
     if hasattr(model, "refresh_bank") and cfg.model.retrieval == "bank":
         train = data.split("train")
         model.refresh_bank([processor(train[i:i + 16], training=False) for i in range(0, len(train), 16)])
-    save_pretrained(directory / "model", model.eval(), processor, cfg)
+    ModelFolder.save(directory / "model", model.eval(), processor, cfg)
     return directory
 
 
@@ -100,7 +101,8 @@ def test_every_model_exports_and_answers_as_torch_at_any_batch_size_and_length(c
     folder = exports(case)
     meta = json.loads((folder / "export.json").read_text())
     assert meta["parity"]["fp32"]["agreement"] == 1.0 and meta["parity"]["fp32"]["max_abs_diff"] <= 1e-4
-    model, processor, _ = load_pretrained(folder.parent / "model")
+    source = ModelFolder.open(folder.parent / "model")
+    model, processor = source.load_model(), source.processor
     backend = OnnxBackend(folder / "model.onnx")
     # The declared axes are symbolic in the graph itself, not fixed to the export's example sizes.
     import onnx
@@ -138,9 +140,17 @@ def test_every_registered_model_has_an_export_case():
     assert set(MODELS.names()) <= set(CASES)
 
 
+def test_the_export_help_names_the_default_folder():
+    from mmsenti.export.command import OUT_HELP
+    from mmsenti.models.folder import EXPORT_SUBDIR
+
+    assert f"(default RUN_DIR/{EXPORT_SUBDIR}, RUN_DIR/{EXPORT_SUBDIR}-int8 with --quantize int8)" in OUT_HELP
+
+
 def test_rahp_neighbours_in_the_graph_are_the_banks_for_a_batch_and_each_post_alone(exports):
     folder = exports("rahp")
-    model, processor, cfg = load_pretrained(folder.parent / "model")
+    source = ModelFolder.open(folder.parent / "model")
+    model, processor, cfg = source.load_model(), source.processor, source.config
     backend = OnnxBackend(folder / "model.onnx")
     assert backend.output_names == ["logits", "neighbours"]
     posts = build_dataset(cfg).split("test")[:10]
@@ -170,7 +180,8 @@ def test_graph_form_of_the_bank_search_pads_like_the_index_when_the_bank_is_smal
     from mmsenti.export.graph import graph_mode, input_specs
 
     run = save_case(tmp_path, CASES["rahp"] + ["model.k=60"])
-    model, processor, cfg = load_pretrained(run / "model")
+    folder = ModelFolder.open(run / "model")
+    model, processor, cfg = folder.load_model(), folder.processor, folder.config
     specs = input_specs(model, processor)
     batch = processor(build_dataset(cfg).split("test")[:5], training=False)
     with torch.no_grad():
@@ -226,7 +237,8 @@ def test_int8_export_of_a_trained_model_keeps_its_answers(trained):
                   "int8": load_model(trained / "int8", backend="onnx")}
     test = build_dataset(predictors["torch"].config).split("test")
     logits = {name: _logits(p, test) for name, p in predictors.items()}
-    labels = {name: np.asarray([r["label"] for r in predictors[name].decode(z)]) for name, z in logits.items()}
+    labels = {name: np.asarray([r.label for r in predictors[name].decode(z, [s.id for s in test])])
+              for name, z in logits.items()}
 
     graph = onnx.load(str(trained / "int8" / "model.onnx"))
     quantised = sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph.node)
@@ -255,7 +267,7 @@ def test_check_recomputes_the_recorded_figures_and_fails_on_a_changed_one(traine
     meta["parity"]["fp32"]["max_abs_diff"] *= 100
     meta["parity"]["fp32"]["metric"]["reference"] += 0.01
     (copy / "export.json").write_text(json.dumps(meta))
-    from mmsenti.models.files import write_manifest
+    from mmsenti.models.folder import write_manifest
 
     write_manifest(copy)
     assert main(["export", "--check", str(copy)]) == 1

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from mmsenti.config import load_config
 from mmsenti.data.scenes import ScenesConfig, build_scenes
 from mmsenti.losses import total_loss
-from mmsenti.models.base import TaskInfo, build_model, load_pretrained, save_pretrained
+from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
+from mmsenti.models.folder import ModelFolder
 from mmsenti.registry import MODELS
 
 SMALL = ["model.text_encoder.width=32", "model.text_encoder.num_heads=2", "model.image_encoder.width=8",
@@ -74,8 +75,9 @@ def test_saved_inference_model_answers_as_the_trained_model(name, scenes, tmp_pa
     with torch.no_grad():
         ref_batch = model(processor(dev, training=False))["logits"]
         ref_alone = [model(processor([s], training=False))["logits"] for s in dev]
-    save_pretrained(tmp_path, model, processor, cfg)
-    loaded, proc2, _ = load_pretrained(tmp_path)
+    ModelFolder.save(tmp_path, model, processor, cfg)
+    folder = ModelFolder.open(tmp_path)
+    loaded, proc2 = folder.load_model(), folder.processor
     assert loaded.inference and not loaded.training
     # Strict: the file holds exactly the loaded model's state, which is the trained model's minus training-only parts.
     saved = load_file(str(tmp_path / "model.safetensors"))
@@ -107,31 +109,32 @@ def test_infig_inference_build_has_no_training_state(scenes, tmp_path):
 def test_loading_is_strict_and_reads_older_complete_files(scenes, tmp_path):
     cfg, model, processor = _build("infig", scenes)
     model.eval()
-    save_pretrained(tmp_path, model, processor, cfg)
+    ModelFolder.save(tmp_path, model, processor, cfg)
     path = tmp_path / "model.safetensors"
     lean = load_file(str(path))
     # A model saved before the lean format holds everything: its training-only tensors are skipped.
-    from mmsenti.models.files import write_manifest
+    from mmsenti.models.folder import write_manifest
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     write_manifest(tmp_path)
-    loaded, proc2, _ = load_pretrained(tmp_path)
+    folder = ModelFolder.open(tmp_path)
+    loaded, proc2 = folder.load_model(), folder.processor
     batch = scenes.splits["dev"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(proc2(batch, training=False))["logits"],
                                    model(processor(batch, training=False))["logits"], rtol=0, atol=0)
     # Anything else is still an error: an unexpected tensor, or a missing one (the files' checksums are rewritten,
     # so that this checks the keys, not the manifest).
-    from mmsenti.models.files import ModelFileError, write_manifest
+    from mmsenti.models.folder import ModelFileError, write_manifest
 
     save_file({**lean, "fusion.99.weight": torch.zeros(1)}, str(path))
     write_manifest(tmp_path)
     with pytest.raises(ModelFileError, match="do not fit.*unexpected keys.*fusion.99.weight"):
-        load_pretrained(tmp_path)
+        ModelFolder.open(tmp_path).load_model()
     save_file({k: v for k, v in lean.items() if k != "classifier.weight"}, str(path))
     write_manifest(tmp_path)
     with pytest.raises(ModelFileError, match="missing keys.*classifier.weight"):
-        load_pretrained(tmp_path)
+        ModelFolder.open(tmp_path).load_model()
 
 
 def test_models_declare_their_inputs_and_eval_batches_carry_no_clip_inputs(scenes, tmp_path):
@@ -140,10 +143,11 @@ def test_models_declare_their_inputs_and_eval_batches_carry_no_clip_inputs(scene
     samples = scenes.splits["train"][:4]
     assert CLIP_KEYS <= set(processor(samples))
     assert not CLIP_KEYS & set(processor(samples, training=False))
-    save_pretrained(tmp_path, model, processor, cfg)
+    ModelFolder.save(tmp_path, model, processor, cfg)
     meta = json.loads((tmp_path / "preprocessing.json").read_text())
     assert meta["clip_transform"] is None and not (tmp_path / "clip_tokenizer").exists()
-    _, proc2, _ = load_pretrained(tmp_path)
+    folder = ModelFolder.open(tmp_path)
+    proc2 = folder.processor
     assert not CLIP_KEYS & set(proc2(samples))  # the saved processor is an inference one
     # rahp on feature sequences declares them instead of token ids.
     rcfg = load_config(None, ["model.name=rahp", "model.modalities=[text, audio]", "model.text_input=features",
@@ -185,9 +189,10 @@ def test_clip_adapter_trains_and_saves_with_a_tiny_random_clip(kind, scenes, tmp
     with torch.no_grad():
         torch.testing.assert_close(twin._clip_features(batch), model._clip_features(batch), rtol=0, atol=0)
         ref = model(processor(scenes.splits["dev"], training=False))["logits"]
-    save_pretrained(tmp_path / "model", model, processor, cfg)
+    ModelFolder.save(tmp_path / "model", model, processor, cfg)
     assert not any(k.startswith("clip.") for k in load_file(str(tmp_path / "model" / "model.safetensors")))
-    loaded, proc2, _ = load_pretrained(tmp_path / "model")
+    folder = ModelFolder.open(tmp_path / "model")
+    loaded, proc2 = folder.load_model(), folder.processor
     with torch.no_grad():
         torch.testing.assert_close(loaded(proc2(scenes.splits["dev"]))["logits"], ref, rtol=0, atol=1e-6)
 

@@ -8,8 +8,9 @@ import torch
 from mmsenti.config import load_config
 from mmsenti.data.scenes import ScenesConfig, build_scenes
 from mmsenti.losses import total_loss
-from mmsenti.models.base import TaskInfo, build_model, load_pretrained, save_pretrained
+from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
+from mmsenti.models.folder import ModelFolder
 from mmsenti.registry import MODELS
 
 SMALL = ["model.text_encoder.width=32", "model.text_encoder.num_heads=2", "model.image_encoder.width=8",
@@ -65,8 +66,9 @@ def test_save_load_round_trip_gives_identical_outputs(name, scenes, tmp_path):
     batch = processor(scenes.splits["dev"])
     with torch.no_grad():
         ref = model(batch)["logits"]
-    save_pretrained(tmp_path, model, processor, cfg)
-    loaded, proc2, cfg2 = load_pretrained(tmp_path)
+    ModelFolder.save(tmp_path, model, processor, cfg)
+    folder = ModelFolder.open(tmp_path)
+    loaded, proc2, cfg2 = folder.load_model(), folder.processor, folder.config
     assert cfg2 == cfg
     with torch.no_grad():
         out = loaded(proc2(scenes.splits["dev"]))["logits"]

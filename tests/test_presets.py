@@ -12,8 +12,9 @@ from mmsenti.backbones import OFFLINE_PACKAGES, MissingWeightsError
 from mmsenti.config import load_config
 from mmsenti.data.base import Sample
 from mmsenti.losses import total_loss
-from mmsenti.models.base import TaskInfo, build_model, load_pretrained, save_pretrained
+from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import TimmImageEncoder, build_processor
+from mmsenti.models.folder import ModelFolder
 
 PAPER = str(ROOT / "configs/presets/infig-paper.yaml")
 LITE = str(ROOT / "configs/presets/infig-lite.yaml")
@@ -72,9 +73,10 @@ def test_paper_preset_with_tiny_random_stand_ins_trains_and_round_trips(tmp_path
     assert model.text_encoder.backbone.encoder.layer[0].attention.self.query_proj.weight.grad is not None
     assert model.clip_image_proj.weight.grad is not None
     assert all(p.grad is None for p in model.clip.parameters())  # the CLIP prior stays frozen
-    save_pretrained(tmp_path, model, proc, cfg)
+    ModelFolder.save(tmp_path, model, proc, cfg)
     assert (tmp_path / "text_backbone" / "config.json").is_file()  # the architecture travels with the model
-    loaded, proc2, cfg2 = load_pretrained(tmp_path)
+    folder = ModelFolder.open(tmp_path)
+    loaded, proc2, cfg2 = folder.load_model(), folder.processor, folder.config
     assert cfg2.model.text_encoder.pretrained is False
     model.eval()
     torch.testing.assert_close(loaded(proc2(samples))["logits"], model(batch)["logits"])

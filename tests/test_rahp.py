@@ -9,8 +9,9 @@ import torch
 
 from mmsenti.config import Config, ConfigError, load_config
 from mmsenti.data.synthetic_mmsa import SyntheticMMSADataConfig, build_synthetic_mmsa
-from mmsenti.models.base import TaskInfo, build_model, load_pretrained, save_pretrained
+from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
+from mmsenti.models.folder import ModelFolder
 from mmsenti.models.rahp import Rahp, RahpConfig
 
 DIMS = {"text": 32, "audio": 16, "vision": 24}
@@ -108,8 +109,9 @@ def test_bank_round_trips_through_saved_model(tmp_path, bank_model, data):
     test = data.split("test")
     expected = _predict(model, proc, test)
     config = Config(data=SyntheticMMSADataConfig(n_train=96, n_valid=16, n_test=24), model=cfg)
-    save_pretrained(tmp_path / "m", model, proc, config)
-    loaded, proc2, _ = load_pretrained(tmp_path / "m")  # strict load, no training data
+    ModelFolder.save(tmp_path / "m", model, proc, config)
+    folder = ModelFolder.open(tmp_path / "m")  # strict load, no training data
+    loaded, proc2 = folder.load_model(), folder.processor
     assert len(loaded.bank) == 96 and loaded.bank.ids == model.bank.ids
     assert torch.allclose(_predict(loaded, proc2, test), expected, atol=1e-6)
     # The trainer's checkpoints: a plain state_dict into a fresh model (strict) restores the bank too.
@@ -163,5 +165,5 @@ def test_tokens_and_image_inputs_train_on_scenes(tmp_path, tiny_overrides):
     results = Trainer(load_config(None, overrides), tmp_path).fit()
     cm = torch.tensor(results["test"]["confusion_matrix"])  # the reported accuracy is that of the confusion matrix
     assert cm.sum() > 0 and abs(results["test"]["accuracy"] - cm.trace().item() / cm.sum().item()) < 1e-9
-    model, proc, _ = load_pretrained(tmp_path)
+    model = ModelFolder.open(tmp_path).load_model()
     assert len(model.bank) == 96 and model.bank.payload["labels"].dtype == torch.long

@@ -1,7 +1,8 @@
 """The REST service: answers equal the Predictor's, errors are 4xx naming the field (a table of malformed
 requests, after which a valid request still answers correctly), API key, missing modality, micro-batching, the
 OpenAPI schema; one model thread for predictions and explanations (they never mix), a failing model call that fails
-only its own posts, and models whose answers depend on their batch refused by every per-post command."""
+only its own posts, and models whose answers depend on their batch refused by every per-post command. One
+prediction type for Python, the command line and the service; the settings and their flags written once."""
 
 from __future__ import annotations
 
@@ -538,7 +539,7 @@ def test_a_model_whose_answer_depends_on_its_batch_is_refused(in_batch_rahp, tmp
                                                                what):
     """RAHP with retrieval: in-batch retrieves among a post's batch-mates: serving (other clients' posts),
     prediction (rows regrouped by length) and explanation (a batch of interpolated copies) refuse it in one line,
-    as export does (one check: mmsenti.inference.check_per_post)."""
+    as export does (one check: mmsenti.models.base.check_per_post)."""
     import uvicorn
 
     from mmsenti.cli import main
@@ -561,3 +562,77 @@ def test_a_model_whose_answer_depends_on_its_batch_is_refused(in_batch_rahp, tmp
         with pytest.raises(ValueError, match="cannot be served"):
             with TestClient(create_app(in_batch_rahp, ServeSettings(api_key=None))):
                 pass
+
+
+# --------------------------------------------------------------------------- one prediction type, one settings list
+def test_a_post_is_the_same_record_from_python_the_command_line_and_the_service(model_dir, client, tmp_path):
+    """``load_model(...).predict``, ``mmsenti predict --input`` and ``POST /v1/predict`` write one Prediction: the
+    same fields in the same order with the same values. Beside it, the file's row names the model as the service's
+    answer does, and the service says which modalities the post had."""
+    from mmsenti.cli import main
+    from mmsenti.inference import Prediction
+
+    _, samples = write_posts(tmp_path, 1)
+    s, image = samples[0], tmp_path / f"{samples[0].id}.png"
+    (tmp_path / "one.jsonl").write_text(json.dumps({"id": "0", "text": s.text, "image": image.name}) + "\n")
+    python = load_model(model_dir).predict(s.text, image=str(image))  # its id: "0"
+    assert main(["predict", str(model_dir), "--input", str(tmp_path / "one.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl"), "--quiet"]) == 0
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    r = client.post("/v1/predict", json={"id": "0", "text": s.text, "image": b64(image.read_bytes())})
+    assert r.status_code == 200, r.text
+    served = r.json()["predictions"][0]
+
+    assert row.pop("model") == r.json()["model"]
+    assert served.pop("modalities") == ["text", "image"]
+    assert list(row) == list(served) == list(python.to_dict()) == ["id", "label", "probabilities"]
+    assert Prediction(**row) == Prediction(**served) == python
+    # It still reads as the dict predictions were before they had a type.
+    assert python["label"] == python.label and dict(python) == row and "score" not in python
+
+
+def test_the_served_prediction_schema_is_the_prediction_type(client):
+    """The response schema is derived from the Prediction dataclass: a field added to it is served and documented,
+    never silently dropped by the response model."""
+    from dataclasses import field, fields, make_dataclass
+
+    from mmsenti.inference import Prediction
+    from mmsenti.serve.schemas import NOT_SERVED, served_model
+
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["Prediction"]
+    assert list(schema["properties"]) == [f.name for f in fields(Prediction) if f.name not in NOT_SERVED]
+    assert schema["required"] == ["id", "modalities"]
+    assert schema["properties"]["score"]["description"] == "regression: the predicted score"
+    added = make_dataclass("Prediction", [("confidence", float | None, field(default=None, metadata={"doc": "how "
+                                                                                                         "sure"}))],
+                           bases=(Prediction,))
+    model = served_model(added, omit=NOT_SERVED)
+    assert model.model_json_schema()["properties"]["confidence"]["description"] == "how sure"
+    assert model(id="a", confidence=0.5).model_dump(exclude_none=True) == {"id": "a", "confidence": 0.5}
+
+
+def test_every_setting_is_a_serve_flag_with_its_default(monkeypatch):
+    """ServeSettings' fields are the flags of ``mmsenti serve``: no flags, the settings' defaults (the API key from
+    the environment); each flag sets its field (sizes in MB, formats comma-separated)."""
+    import argparse
+    from dataclasses import fields
+
+    from mmsenti.serve.command import add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    monkeypatch.delenv("MMSENTI_API_KEY", raising=False)
+    assert ServeSettings.from_args(parser.parse_args(["serve", "RUN"])) == ServeSettings()
+    monkeypatch.setenv("MMSENTI_API_KEY", "from-env")
+    assert ServeSettings.from_args(parser.parse_args(["serve", "RUN"])).api_key == "from-env"
+    given = ServeSettings.from_args(parser.parse_args([
+        "serve", "RUN", "--api-key", "k", "--allow-missing-modality", "--max-batch-size", "4", "--max-wait-ms", "0",
+        "--max-body-mb", "0.5", "--max-image-mb", "2", "--max-image-pixels", "100", "--max-image-aspect", "3",
+        "--min-image-side", "9", "--max-text-chars", "10", "--max-posts", "2", "--image-formats", "png, jpeg",
+        "--model-name", "m"]))
+    assert given == ServeSettings(api_key="k", allow_missing_modality=True, max_batch_size=4, max_wait_ms=0,
+                                  max_body_bytes=2**19, max_image_bytes=2 * 2**20, max_image_pixels=100,
+                                  max_image_aspect=3, min_image_side=9, max_text_chars=10, max_posts=2,
+                                  image_formats=("PNG", "JPEG"), model_name="m")
+    assert all(getattr(given, f.name) != getattr(ServeSettings(), f.name) for f in fields(ServeSettings))
+    assert list(given.limits()) == [f.name for f in fields(ServeSettings) if f.metadata["limit"]]

@@ -21,9 +21,9 @@ import torch
 from mmsenti.config import load_config
 from mmsenti.data.base import DataError
 from mmsenti.data.scenes import ScenesConfig, build_scenes, make_sample
-from mmsenti.models.base import TaskInfo, build_model, load_pretrained, save_pretrained
+from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
-from mmsenti.models.files import MANIFEST, ModelFileError
+from mmsenti.models.folder import MANIFEST, ModelFileError, ModelFolder
 from mmsenti.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from mmsenti.train.lock import LOCK_FILE, RunDirLock, RunDirLocked, check_run_dir_free, hold_run_dir
 from mmsenti.utils import rng_state, set_rng_state
@@ -286,7 +286,7 @@ def saved_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model(cfg.model, info, processor)
     directory = tmp_path_factory.mktemp("model")
-    save_pretrained(directory, model, processor, cfg)
+    ModelFolder.save(directory, model, processor, cfg)
     return directory
 
 
@@ -340,7 +340,8 @@ def test_intact_folder_has_a_manifest_and_loads(saved_model):
     manifest = json.loads((saved_model / MANIFEST).read_text())
     assert {"model.safetensors", "config.json", "labels.json", "preprocessing.json"} <= set(manifest["files"])
     assert any(name.startswith("tokenizer/") for name in manifest["files"])
-    model, _, _ = load_pretrained(saved_model)
+    folder = ModelFolder.open(saved_model)
+    model = folder.load_model()
     assert model.info.label_names == ["negative", "neutral", "positive"]
 
 
@@ -351,10 +352,10 @@ def test_damaged_model_folder_is_a_clear_error(saved_model, tmp_path, case, mani
     d = _copy(saved_model, tmp_path / "m", manifest)
     damage(d)
     if not manifest and without is None:  # nothing to check against: this is what the manifest is for
-        load_pretrained(d)
+        ModelFolder.open(d).load_model()
         return
     with pytest.raises(ModelFileError, match=with_manifest if manifest else without) as e:
-        load_pretrained(d)
+        ModelFolder.open(d).load_model()
     assert isinstance(e.value, DataError) and "\n" not in str(e.value) and str(d) in str(e.value)
 
 

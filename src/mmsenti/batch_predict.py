@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmsenti.data.base import DataError, Sample, text_problem
 from mmsenti.data.formats.common import field_problem, iter_csv_rows
-from mmsenti.inference import ModelRef, Predictor, check_per_post
+from mmsenti.inference import Prediction, Predictor
+from mmsenti.models.base import check_per_post
+from mmsenti.models.folder import ModelFolder
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +185,7 @@ def _worker_init(_: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- resume
-def _resume_point(output: Path, input: Path, model: ModelRef) -> int:
+def _resume_point(output: Path, input: Path, model: ModelFolder) -> int:
     """How many complete rows ``output`` holds; a partly written last line (the interruption) is cut off.
 
     Every row must be an output row of ``model`` for the same row of ``input``: resuming after anything else would
@@ -223,7 +225,7 @@ def _resume_point(output: Path, input: Path, model: ModelRef) -> int:
 def predict_file(predictor: Predictor, input: str | Path, output: str | Path | None = None, *,
                  batch_size: int = 32, workers: int = 0, resume: bool = False, strict: bool = False,
                  progress: bool = False, out_stream: TextIO | None = None, sort_window: int = 4,
-                 model: ModelRef | None = None) -> PredictStats:
+                 model: ModelFolder | None = None) -> PredictStats:
     """Predict every row of ``input`` into ``output`` (JSON lines; ``None`` writes to ``out_stream``).
 
     Args:
@@ -233,7 +235,8 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
         strict: stop at the first bad row (DataError naming file and line) instead of writing an error row.
         progress: a progress bar with posts/s (on a terminal).
         sort_window: batches whose rows are sorted by text length before batching (1: batches in input order).
-        model: the name and version every row carries (default: those of the folder ``predictor`` was loaded from).
+        model: the folder whose name and version every row carries (default: the one ``predictor`` was loaded
+            from).
     """
     import sys
 
@@ -245,7 +248,9 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
         raise DataError(f"input file not found: {path}")
     if batch_size < 1 or workers < 0:
         raise DataError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
-    model = model or ModelRef.of(predictor)
+    model = model or predictor.folder
+    if model is None:
+        raise ValueError("this predictor does not know the folder it was loaded from: pass it (model=)")
     skip = 0
     if resume:
         if output is None:
@@ -261,27 +266,26 @@ def predict_file(predictor: Predictor, input: str | Path, output: str | Path | N
                dynamic_ncols=True, desc="predict")
     sink = open(output, "a" if resume else "w", encoding="utf-8") if output is not None else (out_stream or sys.stdout)
     t0 = time.perf_counter()
-    ref = model.as_dict()
-    done: dict[int, tuple[Row, dict | None]] = {}  # finished rows by position, until every earlier one is written
+    ref = model.ref()
+    done: dict[int, Prediction] = {}  # finished rows by position, until every earlier one is written
     next_position = skip
     try:
         for rows, batch in loader:
-            preds = iter(predictor.decode(predictor.run(batch))) if batch is not None else iter(())
+            good = [row.id for row in rows if row.error is None]
+            preds = iter(predictor.decode(predictor.run(batch), good) if batch is not None else ())
             for row in rows:
-                done[row.position] = (row, next(preds) if row.error is None else None)
+                done[row.position] = next(preds) if row.error is None else Prediction(row.id, line=row.line,
+                                                                                      error=row.error)
             written = 0
             while next_position in done:  # in input order, whatever order the rows were predicted in
-                row, pred = done.pop(next_position)
+                pred = done.pop(next_position)
                 next_position += 1
-                if row.error is not None:
+                if pred.error is not None:
                     if strict:
                         sink.flush()
-                        raise DataError(f"{path}:{row.line}: {row.error}")
-                    out = {"id": row.id, "line": row.line, "error": row.error, "model": ref}
+                        raise DataError(f"{path}:{pred.line}: {pred.error}")
                     stats.errors += 1
-                else:
-                    out = {"id": row.id, **pred, "model": ref}
-                sink.write(json.dumps(out, ensure_ascii=False) + "\n")
+                sink.write(json.dumps({**pred.to_dict(), "model": ref}, ensure_ascii=False) + "\n")
                 stats.rows += 1
                 written += 1
             sink.flush()

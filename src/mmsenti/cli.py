@@ -107,7 +107,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mmsenti.data.base import Sample, text_problem
-    from mmsenti.inference import check_per_post, load_model
+    from mmsenti.inference import load_model
+    from mmsenti.models.base import check_per_post
     from mmsenti.utils import show_progress
 
     predictor = load_model(args.run_dir, args.device, backend=args.backend)
@@ -127,8 +128,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise _UsageError("this model reads text: give --text T")
     if args.text is not None and (problem := text_problem(args.text)) is not None:  # argv bytes that are not UTF-8
         raise _UsageError(f"--text {problem}: is the shell's encoding UTF-8?")
-    row = predictor.predict_samples([Sample(id="cli", label=None, text=args.text, image=args.image)])[0]
-    print(json.dumps(row, ensure_ascii=False, indent=2))
+    prediction = predictor.predict_samples([Sample(id="cli", label=None, text=args.text, image=args.image)])[0]
+    print(json.dumps(prediction.to_dict(), ensure_ascii=False, indent=2))
     return 0
 
 
@@ -209,8 +210,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from mmsenti.explain.command import run
+    from mmsenti.inference import load_model
 
-    return run(args)
+    return run(args, load_model)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:

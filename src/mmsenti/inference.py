@@ -5,23 +5,66 @@ A :class:`Predictor` runs three separate steps, so each can be replaced on its o
 1. :meth:`Predictor.preprocess` — samples → a batch dict of tensors (the processor's evaluation inputs);
 2. :meth:`Predictor.run` — batch → logits, through a *backend* (:class:`TorchBackend`, or onnxruntime running an
    exported graph: :class:`mmsenti.export.OnnxBackend`, ``backend="onnx"``); only this step differs between them;
-3. :meth:`Predictor.decode` — logits → label + probabilities (or a score for regression) per sample.
+3. :meth:`Predictor.decode` — logits → a :class:`Prediction` per post: label + probabilities (or a score).
+
+:meth:`Predictor.from_pretrained` chooses the backend: both read the folder with
+:class:`~mmsenti.models.folder.ModelFolder`, which also names the model (name and version) for every answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from mmsenti.backbones.weights import file_sha256
 from mmsenti.data.base import DataError, Sample, text_problem
-from mmsenti.models.base import TaskInfo, load_pretrained, resolve_model_dir
+from mmsenti.models.base import TaskInfo, check_per_post
+from mmsenti.models.folder import ModelFolder
 from mmsenti.utils import resolve_device
+
+# check_per_post lives with the models now; named here too, where the docs named it before.
+__all__ = ["Backend", "Prediction", "Predictor", "TorchBackend", "check_per_post", "load_model"]
+
+
+@dataclass(repr=False)
+class Prediction(Mapping[str, Any]):
+    """One post's answer, the same object wherever it is asked for: :meth:`Predictor.predict`, ``mmsenti predict``
+    (a JSON line per input row, with the model's name and version) and ``POST /v1/predict`` (whose response schema
+    is derived from these fields). Written as :meth:`to_dict`: the fields that are set, in this order.
+
+    It also reads as that dict (``prediction["label"]``, ``"score" in prediction``), as predictions did before
+    they had a type.
+    """
+
+    id: str
+    line: int | None = field(default=None, metadata={"doc": "batch prediction: the input file's line of a row that "
+                                                            "was not predicted"})
+    label: str | None = field(default=None, metadata={"doc": "classification: the most probable label"})
+    probabilities: dict[str, float] | None = field(default=None, metadata={
+        "doc": "classification: probability per label"})
+    score: float | None = field(default=None, metadata={"doc": "regression: the predicted score"})
+    modalities: list[str] | None = field(default=None, metadata={"doc": "the modalities the prediction read"})
+    error: str | None = field(default=None, metadata={"doc": "batch prediction: why the row was not predicted"})
+
+    def to_dict(self, exclude: Collection[str] = ()) -> dict[str, Any]:
+        """The fields that are set (not None), in declaration order, less ``exclude``."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None and f.name not in exclude}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    def __repr__(self) -> str:
+        return f"Prediction({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
 
 class Backend(Protocol):
@@ -55,32 +98,31 @@ class Predictor:
 
         model = mmsenti.load_model("runs/quickstart")
         model.predict("Hoping for sun at the picnic, anything but rain", image="photo.png")
-        # {'label': 'positive', 'probabilities': {'negative': 0.01, 'neutral': 0.02, 'positive': 0.97}}
+        # Prediction(id='0', label='positive', probabilities={'negative': 0.01, 'neutral': 0.02, 'positive': 0.97})
     """
 
-    source: Path | None = None  # the folder it was loaded from (names the model: ModelRef.of)
-
-    def __init__(self, model, processor, config, backend: Backend | None = None, info: TaskInfo | None = None):
+    def __init__(self, model, processor, config, backend: Backend | None = None, info: TaskInfo | None = None,
+                 folder: ModelFolder | None = None):
         """``model`` may be None when a ``backend`` runs the model elsewhere (an ONNX graph); ``info`` then says
-        its task and labels."""
+        its task and labels. ``folder``: the folder it was loaded from (it names the model's answers)."""
         self.model, self.processor, self.config = model, processor, config
         self.info: TaskInfo = info if info is not None else model.info
         self.backend: Backend = backend if backend is not None else TorchBackend(model)
+        self.folder = folder
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "auto", backend: str = "torch") -> Predictor:
+    def from_pretrained(cls, path: str | Path, device: str = "auto", backend: str = "torch",
+                        threads: int | None = None) -> Predictor:
         """``backend="torch"``: a model or run folder; ``"onnx"``: an export folder (``mmsenti export``; a run folder
-        whose export is in ``RUN/onnx`` also works), run by onnxruntime on the CPU."""
-        if backend == "onnx":
-            from mmsenti.export.runtime import load_onnx_predictor
+        whose export is in ``RUN/onnx`` also works), run by onnxruntime on the CPU with ``threads`` intra-op threads
+        (default: onnxruntime's choice)."""
+        folder = ModelFolder.open(path, backend)
+        if folder.kind == "onnx":
+            from mmsenti.export.runtime import OnnxBackend
 
-            return load_onnx_predictor(path)
-        if backend != "torch":
-            raise ValueError(f"unknown backend {backend!r} (known: torch, onnx)")
-        model, processor, cfg = load_pretrained(path, resolve_device(device))
-        predictor = cls(model, processor, cfg)
-        predictor.source = Path(path)
-        return predictor
+            return cls(None, folder.processor, folder.config, backend=OnnxBackend(folder.weights, threads),
+                       info=folder.info, folder=folder)
+        return cls(folder.load_model(resolve_device(device)), folder.processor, folder.config, folder=folder)
 
     @property
     def device(self) -> torch.device:
@@ -119,17 +161,19 @@ class Predictor:
         """Batch → (B, num_outputs) logits, through the backend."""
         return self.backend(batch)
 
-    def decode(self, logits: np.ndarray) -> list[dict]:
-        """Logits → per sample ``{"label", "probabilities"}`` (classification) or ``{"score"}`` (regression)."""
+    def decode(self, logits: np.ndarray, ids: Sequence[str]) -> list[Prediction]:
+        """Logits → the :class:`Prediction` of each post (``ids`` in the batch's order): label + probabilities
+        (classification, rounded to 6 decimals) or score (regression)."""
         if self.info.task == "regression":
-            return [{"score": float(row[0])} for row in logits]
+            return [Prediction(i, score=float(row[0])) for i, row in zip(ids, logits, strict=True)]
         probs = torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=-1).numpy()
         names = self.label_names
-        return [{"label": names[int(p.argmax())],
-                 "probabilities": {n: round(float(v), 6) for n, v in zip(names, p, strict=True)}} for p in probs]
+        return [Prediction(i, label=names[int(p.argmax())],
+                           probabilities={n: round(float(v), 6) for n, v in zip(names, p, strict=True)})
+                for i, p in zip(ids, probs, strict=True)]
 
     # -------------------------------------------------------------------------------------------- shortcuts
-    def predict(self, text: str | None = None, image: Any = None) -> dict:
+    def predict(self, text: str | None = None, image: Any = None) -> Prediction:
         """Predict one post; ``image`` is a path or a PIL image."""
         return self.predict_samples([Sample(id="0", label=None, text=text, image=image)])[0]
 
@@ -151,58 +195,16 @@ class Predictor:
         options = options or ExplainOptions(**kwargs)
         return explain(self, Sample(id=post_id, label=None, text=text, image=image), options, neighbour_samples)
 
-    def predict_samples(self, samples: Sequence[Sample], batch_size: int = 64) -> list[dict]:
-        results: list[dict] = []
+    def predict_samples(self, samples: Sequence[Sample], batch_size: int = 64) -> list[Prediction]:
+        results: list[Prediction] = []
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
-            rows = self.decode(self.run(self.preprocess(chunk)))
-            results += [{"id": s.id, **row} for s, row in zip(chunk, rows, strict=True)]
+            results += self.decode(self.run(self.preprocess(chunk)), [s.id for s in chunk])
         return results
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """Which model answers: what ``GET /v1/model`` and every row of ``mmsenti predict --input`` name."""
-
-    name: str  # the run folder's name (an export's: its source model's), unless the caller names it
-    version: str  # the first 12 hex digits of the weights' SHA-256 (model.safetensors; model.onnx for an export)
-    directory: Path  # the model folder (or the export's)
-    run_dir: Path  # the run holding the model folder (metrics.json), else the folder itself
-
-    @classmethod
-    def of(cls, predictor: Predictor, path: str | Path | None = None, name: str | None = None) -> ModelRef:
-        """The model ``predictor`` runs, loaded from ``path`` (default: where ``load_model`` found it)."""
-        export = getattr(predictor.backend, "meta", None)  # an ONNX export: its own folder and copy of the metrics
-        path = path if path is not None else predictor.source
-        if not export and path is None:
-            raise ValueError("this predictor does not know the folder it was loaded from: pass it")
-        backend: Any = predictor.backend
-        directory = backend.directory if export else resolve_model_dir(path)  # type: ignore[arg-type]
-        run_dir = directory.parent if directory.name == "model" and not export else directory
-        version = file_sha256(backend.path if export else directory / "model.safetensors")[:12]
-        return cls(name or (export["source"]["name"] if export else run_dir.name), version, directory, run_dir)
-
-    def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "version": self.version}
-
-
-def check_per_post(model_config: Any, what: str, error: type[Exception] = DataError) -> None:
-    """Refuse a model whose answer for a post depends on the other posts of its batch: raise ``error`` saying it
-    cannot be ``what`` ("served", "exported", ...), and why, in one line.
-
-    RAHP with ``retrieval: in-batch`` retrieves its neighbours among its batch-mates: the service batches the posts
-    of different clients, batch prediction regroups rows by length, an explanation's Integrated Gradients batch
-    interpolated copies of one post, and an exported graph has no batch to retrieve from. Evaluation (whole splits
-    in the training's batches) is where such a model is meant to be scored. Every command that needs per-post
-    answers calls this, so the rule and its message live here only.
-    """
-    if getattr(model_config, "name", None) == "rahp" and getattr(model_config, "retrieval", None) == "in-batch":
-        raise error(f"rahp with model.retrieval=in-batch cannot be {what}: its neighbours are the other posts of the "
-                    "batch a post is predicted in, so its answer depends on that batch; train with "
-                    "model.retrieval=bank (a memory bank saved with the model) or none")
-
-
-def load_model(path: str | Path, device: str = "auto", backend: str = "torch") -> Predictor:
+def load_model(path: str | Path, device: str = "auto", backend: str = "torch", threads: int | None = None
+               ) -> Predictor:
     """Load a trained model (a model directory or a training run directory) for prediction; ``backend="onnx"``
     loads its ONNX export instead (see :meth:`Predictor.from_pretrained`)."""
-    return Predictor.from_pretrained(path, device, backend)
+    return Predictor.from_pretrained(path, device, backend, threads)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mmsenti.explain.options import IMAGE_BASELINES, SOURCES, ExplainOptions
 
@@ -47,10 +49,12 @@ def add_explain_parser(sub) -> argparse.ArgumentParser:
     return s
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, load_model: Callable[..., Any]) -> int:
+    """``mmsenti explain``; ``load_model`` is :func:`mmsenti.inference.load_model`, handed down by the CLI (the
+    predictor calls this package, so this package never calls up to it)."""
     from mmsenti.data.base import DataError, Sample
     from mmsenti.explain.core import explain
-    from mmsenti.inference import check_per_post, load_model
+    from mmsenti.models.base import check_per_post
 
     try:
         options = ExplainOptions(words=args.words, select=tuple(args.word) if args.word else None,

@@ -30,7 +30,7 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
         neighbour_samples: RAHP: the training samples by id, for the neighbours' texts (and labels when the bank
             stores none).
     """
-    from mmsenti.inference import check_per_post
+    from mmsenti.models.base import check_per_post
     from mmsenti.models.infig.model import Infig
     from mmsenti.models.rahp import Rahp
 
@@ -55,7 +55,7 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
               else {"return_neighbours": True} if isinstance(model, Rahp) else {})
     out = attribution.run(model, batch, **kwargs)
     logits = out["logits"].float().cpu().numpy()
-    prediction = predictor.decode(logits)[0]
+    prediction = predictor.decode(logits, [sample.id])[0].to_dict(exclude=("id",))  # the explanation names the post
     target = int(logits[0].argmax()) if predictor.info.task == "classification" else None
 
     ex = Explanation(id=sample.id, model=predictor.config.model.name, modalities=list(reads), prediction=prediction,

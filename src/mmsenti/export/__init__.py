@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ExportError", "OnnxBackend", "ParityError", "check_export", "export_onnx", "load_onnx_predictor"]
+__all__ = ["ExportError", "OnnxBackend", "ParityError", "check_export", "export_onnx"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:
         from mmsenti.export import format
 
         return getattr(format, name)
-    if name in ("OnnxBackend", "load_onnx_predictor"):
+    if name == "OnnxBackend":
         from mmsenti.export import runtime
 
         return getattr(runtime, name)

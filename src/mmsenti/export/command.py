@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmsenti.export.format import DEFAULT_OPSET, DEFAULT_SUBDIR, ExportError, TensorSpec
+from mmsenti.export.format import DEFAULT_OPSET, ExportError, TensorSpec
+
+# Names models.folder.EXPORT_SUBDIR without importing it (mmsenti.models imports torch); tests/test_export.py checks.
+OUT_HELP = ("the export folder (default RUN_DIR/onnx, RUN_DIR/onnx-int8 with --quantize int8); an earlier export is "
+            "replaced")
 
 
 def add_export_parser(sub) -> None:
@@ -18,8 +22,7 @@ def add_export_parser(sub) -> None:
                     "recomputes an export's figures.")
     e.add_argument("run_dir", nargs="?", help="the trained model: a run folder or a model folder")
     e.add_argument("--format", choices=["onnx"], default="onnx", help="the export format (default onnx)")
-    e.add_argument("--out", help=f"the export folder (default RUN_DIR/{DEFAULT_SUBDIR}, "
-                                 f"RUN_DIR/{DEFAULT_SUBDIR}-int8 with --quantize int8); an earlier export is replaced")
+    e.add_argument("--out", help=OUT_HELP)
     e.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     e.add_argument("--quantize", choices=["int8"],
                    help="int8 weights for CPU (onnxruntime dynamic quantisation); agreement and the dev-metric "

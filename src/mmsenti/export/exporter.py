@@ -7,7 +7,7 @@ sequence length into a ``Reshape``, so the graph fails (INFIG) at any other leng
 dynamic. The dynamo exporter keeps those sizes symbolic and gives the same logits to ~1e-7 (HF BERT/MiniLM, timm
 CNNs, nn.MultiheadAttention and ``scaled_dot_product_attention``).
 
-An export folder::
+An export folder (written around the graph by :meth:`~mmsenti.models.folder.ModelFolder.write_export`)::
 
     model.onnx            the graph (fp32, or int8 with --quantize int8)
     export.json           mmsenti version, opset, inputs/outputs (names, dtypes, shapes), parity figures
@@ -28,18 +28,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from mmsenti.export.format import (
-    DEFAULT_OPSET,
-    DEFAULT_SUBDIR,
-    EXPORT_FILE,
-    ONNX_FILE,
-    ExportError,
-    ParityError,
-    TensorSpec,
-)
+from mmsenti.export.format import DEFAULT_OPSET, ExportError, ParityError, TensorSpec
 from mmsenti.export.graph import GraphModule, check_exportable, graph_mode, input_specs, output_specs, uses_bank
 from mmsenti.export.parity import (
     build_inputs,
@@ -51,13 +42,13 @@ from mmsenti.export.parity import (
     torch_outputs,
 )
 from mmsenti.export.runtime import OnnxBackend, require_onnxruntime
+from mmsenti.models.folder import EXPORT_FILE, EXPORT_SUBDIR, ONNX_FILE, ModelFolder
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 18  # the opset its translation library is written in; older ones go through the version converter
 TOLERANCE = 1e-4  # fp32 parity: max |Δlogit|
 QUANT_OPS = ["MatMul", "Gemm"]  # dynamic int8: the weights of linear layers
-COPIED = ("config.json", "labels.json", "preprocessing.json", "tokenizer")  # from the model folder, unchanged
 EXTERNAL_DATA_BYTES = 1.5 * 2**30  # protobuf's 2 GB limit: larger graphs keep their weights in model.onnx.data
 
 
@@ -82,8 +73,6 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
         threads: onnxruntime intra-op threads for the parity run.
     """
     from mmsenti import __version__
-    from mmsenti.backbones.weights import file_sha256
-    from mmsenti.models.base import load_pretrained, resolve_model_dir
     from mmsenti.train.setup import select_metric
 
     if quantize not in (None, "int8"):
@@ -93,11 +82,11 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
     require_onnxruntime()
     if (Path(source) / EXPORT_FILE).is_file():
         raise ExportError(f"{source}: is an export already; export the run or model folder it came from")
-    model_dir = resolve_model_dir(source)
-    run_dir = model_dir.parent if model_dir.name == "model" else model_dir
-    out = Path(out) if out is not None else run_dir / (DEFAULT_SUBDIR + (f"-{quantize}" if quantize else ""))
+    folder = ModelFolder.open(source)
+    model_dir, processor, cfg = folder.directory, folder.processor, folder.config
+    out = Path(out) if out is not None else folder.run_dir / (EXPORT_SUBDIR + (f"-{quantize}" if quantize else ""))
     _check_out(out, model_dir)
-    model, processor, cfg = load_pretrained(model_dir, "cpu")
+    model = folder.load_model("cpu")
     check_exportable(model)
     inputs, outputs = input_specs(model, processor), output_specs(model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +128,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
                 log.info("parity int8: %s", describe(report["int8"]))
         meta = {
             "format": "onnx", "mmsenti_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source": {"name": run_dir.name, "model_dir": str(model_dir.resolve()), "model": cfg.model.name,
-                       "dataset": cfg.data.name, "weights_sha256": file_sha256(model_dir / "model.safetensors")},
+            "source": {"name": folder.name, "model_dir": str(model_dir.resolve()), "model": cfg.model.name,
+                       "dataset": cfg.data.name, "weights_sha256": folder.sha256},
             "exporter": "torch.onnx.export(dynamo=True)", "versions": _versions(), "opset": opset,
             "precision": quantize or "fp32", "quantization": quantization,
             "task": model.info.task, "labels": model.info.label_names,
@@ -148,7 +137,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
             "supports_missing_modality": bool(getattr(model, "supports_missing_modality", False)),
             "retrieval": _retrieval_info(model), "parity": report,
         }
-        _write_folder(tmp, model_dir, run_dir, meta)
+        folder.write_export(tmp, meta)
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
@@ -254,30 +243,6 @@ def _retrieval_info(model) -> dict[str, Any] | None:
             "metric": model.bank.metric, "search": "exact (MatMul + TopK) over the bank as constants"}
 
 
-def _write_folder(tmp: Path, model_dir: Path, run_dir: Path, meta: dict[str, Any]) -> None:
-    import json
-
-    from mmsenti.models.files import write_manifest
-
-    for name in COPIED:
-        src = model_dir / name
-        if src.is_dir():
-            shutil.copytree(src, tmp / name)
-        elif src.is_file():
-            shutil.copy2(src, tmp / name)
-    if (run_dir / "metrics.json").is_file():
-        shutil.copy2(run_dir / "metrics.json", tmp / "metrics.json")
-    meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.glob(ONNX_FILE + "*"))}
-    (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
-    write_manifest(tmp)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 # --------------------------------------------------------------------------------------------------------- check
 def check_export(directory: str | Path, source: str | Path | None = None, root: str | None = None,
                  threads: int | None = None) -> tuple[list[str], list[str]]:
@@ -287,28 +252,24 @@ def check_export(directory: str | Path, source: str | Path | None = None, root: 
         source: the model it was exported from (default: the folder recorded in ``export.json``).
         root: the dataset directory, if it moved.
     """
-    from mmsenti.backbones.weights import file_sha256
     from mmsenti.data.base import DataError
     from mmsenti.export.parity import mismatches
-    from mmsenti.export.runtime import find_export_dir, read_export
-    from mmsenti.models.base import load_pretrained, resolve_model_dir
-    from mmsenti.models.files import verify_manifest
     from mmsenti.train.setup import select_metric
 
-    folder = find_export_dir(directory)
-    verify_manifest(folder)
-    meta = read_export(folder)
+    export = ModelFolder.open(directory, "onnx")
+    folder, meta = export.directory, export.export
     report = meta.get("parity")
     if not report:
         raise ExportError(f"{folder}: exported with --no-parity: there are no figures to check")
     src = Path(source) if source else Path(meta["source"]["model_dir"])
     try:
-        model_dir = resolve_model_dir(src)
+        model_dir = ModelFolder.find(src)
     except DataError as e:
         raise ExportError(f"the model it was exported from is not available ({e}); give it with --run") from None
-    if file_sha256(model_dir / "model.safetensors") != meta["source"]["weights_sha256"]:
+    source_folder = ModelFolder.open(model_dir)
+    if source_folder.sha256 != meta["source"]["weights_sha256"]:
         raise ExportError(f"{model_dir}: its weights are not those {folder} was exported from (SHA-256 differs)")
-    model, processor, cfg = load_pretrained(model_dir, "cpu")
+    model, processor, cfg = source_folder.load_model("cpu"), source_folder.processor, source_folder.config
     inputs = [TensorSpec(**s) for s in meta["inputs"]]
     recipe = report["recipe"]
     dev = recipe.get("dev")
@@ -316,7 +277,7 @@ def check_export(directory: str | Path, source: str | Path | None = None, root: 
                         batch_size=dev["batch_size"] if dev else 16, seed=recipe["generated"]["seed"], root=root,
                         use_dev=dev is not None, require_dev=dev is not None)
     reference, rows = torch_outputs(model, data)
-    logits, got_rows = onnx_outputs(OnnxBackend(folder / ONNX_FILE, threads), data)
+    logits, got_rows = onnx_outputs(OnnxBackend(export.weights, threads), data)
     metric = select_metric(cfg, model.info.task) if data.labels is not None else None
     figures = compare(model.info.task, reference, logits, labels=data.labels, metric=metric,
                       label_names=model.info.label_names, rows_ref=rows, rows_exported=got_rows)

@@ -1,4 +1,7 @@
-"""The export folder's names and the description of a graph's tensors (no torch: onnxruntime alone reads them)."""
+"""The description of an exported graph's tensors and the export's errors (no torch: onnxruntime alone reads them).
+
+The export folder's files are named with the saved-model format: :mod:`mmsenti.models.folder`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,6 @@ from typing import Any
 
 from mmsenti.data.base import DataError
 
-EXPORT_FILE = "export.json"
-ONNX_FILE = "model.onnx"
-DEFAULT_SUBDIR = "onnx"  # `mmsenti export RUN` writes RUN/onnx (RUN/onnx-int8 quantised) unless --out says otherwise
 DEFAULT_OPSET = 20  # torch.onnx's default for the dynamo exporter
 PRESENT_KEYS = ("image_present", "text_present")  # which modalities a post has (models that can hide one)
 

@@ -34,7 +34,7 @@ from mmsenti.export.format import PRESENT_KEYS, ExportError, TensorSpec
 # ------------------------------------------------------------------------------------------------- what exports
 def check_exportable(model: nn.Module) -> None:
     """Raise :class:`ExportError` for a model whose answers a fixed graph cannot reproduce."""
-    from mmsenti.inference import check_per_post
+    from mmsenti.models.base import check_per_post
     from mmsenti.models.rahp import Rahp
 
     if not isinstance(model, Rahp):

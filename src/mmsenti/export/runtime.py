@@ -1,9 +1,9 @@
 """Running an exported model: the onnxruntime backend of :class:`~mmsenti.inference.Predictor`.
 
 ``mmsenti.load_model(EXPORT_DIR, backend="onnx")`` (and ``mmsenti predict/serve --backend onnx``) reads an export
-folder written by ``mmsenti export``: the same preprocessing files as the PyTorch model folder (so posts are
-tokenized and transformed exactly as before) and ``model.onnx`` in place of the weights; only the model call of the
-predictor changes (:class:`OnnxBackend`).
+folder written by ``mmsenti export`` (:class:`~mmsenti.models.folder.ModelFolder`): the same preprocessing files as
+the PyTorch model folder (so posts are tokenized and transformed exactly as before) and ``model.onnx`` in place of
+the weights; only the model call of the predictor changes (:class:`OnnxBackend`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mmsenti.export.format import DEFAULT_SUBDIR, EXPORT_FILE, ONNX_FILE, PRESENT_KEYS, ExportError
+from mmsenti.export.format import PRESENT_KEYS, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,17 @@ class OnnxBackend:
         path: the ``model.onnx`` file.
         threads: intra-op threads (default: onnxruntime's choice, one per physical core).
         providers: onnxruntime execution providers (default: the CPU).
-        meta: the folder's ``export.json`` (what the graph takes and returns, its parity figures), if known.
     """
 
     name = "onnx"
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
-                 meta: dict[str, Any] | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
         ort = require_onnxruntime()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 4  # a failed run raises with its message; no warnings on every load
         self.path = Path(path)
-        self.directory, self.meta = self.path.parent, meta or {}
         self.session = ort.InferenceSession(str(self.path), options, providers=providers or ["CPUExecutionProvider"])
         self.inputs = [(i.name, _NUMPY.get(i.type)) for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -75,41 +72,3 @@ class OnnxBackend:
 
     def __call__(self, batch: dict[str, Any]) -> np.ndarray:
         return self.session.run(["logits"], self.feed(batch))[0]
-
-
-def find_export_dir(path: str | Path) -> Path:
-    """An export folder (``export.json``), or a run/model folder holding one in ``onnx/``."""
-    path = Path(path)
-    for cand in (path, path / DEFAULT_SUBDIR):
-        if (cand / EXPORT_FILE).is_file():
-            return cand
-    raise ExportError(f"{path}: not an ONNX export (no {EXPORT_FILE}); write one with "
-                      f"`mmsenti export {path} --format onnx [--out DIR]`")
-
-
-def read_export(directory: Path) -> dict[str, Any]:
-    from mmsenti.models.files import ModelFileError, read_json
-
-    meta = read_json(directory / EXPORT_FILE, "export description")
-    if not isinstance(meta, dict) or meta.get("format") != "onnx":
-        raise ModelFileError(f"{directory / EXPORT_FILE}: expected an object with \"format\": \"onnx\"")
-    return meta
-
-
-def load_onnx_predictor(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
-    """A :class:`~mmsenti.inference.Predictor` of an export folder, running ``model.onnx`` with onnxruntime.
-
-    The folder's checksums (``manifest.json``) are verified first, as for a PyTorch model folder.
-    """
-    from mmsenti.data.processing import Processor
-    from mmsenti.inference import Predictor
-    from mmsenti.models.base import TaskInfo
-    from mmsenti.models.files import read_config, read_labels, verify_manifest
-
-    directory = find_export_dir(path)
-    verify_manifest(directory)
-    meta = read_export(directory)
-    cfg = read_config(directory)
-    task, label_names = read_labels(directory)
-    backend = OnnxBackend(directory / ONNX_FILE, threads, providers, meta)
-    return Predictor(None, Processor.load(directory), cfg, backend=backend, info=TaskInfo(task, label_names))

@@ -1,34 +1,22 @@
-"""Base class of every mmsenti model, model building, and the saved-model directory format.
+"""Base class of every mmsenti model, model building, and whether a model's answer for a post depends on its batch.
 
-A trained model is a directory::
-
-    config.json          the full resolved config (data, model, optim, run) it was trained with
-    labels.json          task and label names
-    model.safetensors    weights: only what eval-mode ``forward`` reads (training checkpoints keep the rest)
-    preprocessing.json   + tokenizer/   what turns raw text/images into inputs
-    text_backbone/       the HF config of a pretrained text encoder (its architecture; weights are in the above)
-    manifest.json        size and SHA-256 of every file above, verified at load (:mod:`mmsenti.models.files`)
+A trained model is saved as a folder: :mod:`mmsenti.models.folder` writes and reads it.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmsenti.config import Config, ModelConfig
+from mmsenti.config import ModelConfig
+from mmsenti.data.base import DataError
 from mmsenti.losses import task_loss
-from mmsenti.models.files import ModelFileError, read_config, read_labels, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
-
-TEXT_BACKBONE_DIR = "text_backbone"  # saved HF config of a pretrained text encoder
 
 
 @dataclass
@@ -148,96 +136,22 @@ def build_model(cfg: ModelConfig, info: TaskInfo, processor, load_weights: bool 
     return builder(cfg, info, processor, load_weights=load_weights, **({"inference": True} if inference else {}))
 
 
-def save_pretrained(directory: str | Path, model: MultimodalModel, processor, config: Config) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    (directory / "labels.json").write_text(
-        json.dumps({"task": model.info.task, "label_names": model.info.label_names}, indent=2) + "\n")
-    processor.for_inference().save(directory)
-    text = getattr(model, "text_encoder", None)
-    if text is not None and config.model.text_encoder.name != "tiny-bert":
-        # The exact architecture, so loading needs neither the pretrained weights nor the hub.
-        text.backbone.config.save_pretrained(str(directory / TEXT_BACKBONE_DIR))
-    save_inference_weights(model, directory / "model.safetensors")
-    write_manifest(directory)  # last: it records the checksums of whatever was written above
+def depends_on_batch(model_config: Any) -> bool:
+    """Whether the model's answer for a post depends on the other posts of its batch.
 
-
-def save_inference_weights(model: MultimodalModel, path: str | Path) -> None:
-    """Write :meth:`MultimodalModel.inference_state_dict` as safetensors (tensors that share memory stored once,
-    as ``safetensors.torch.save_model`` does, so ``load_model`` reads them back strictly)."""
-    from safetensors.torch import _remove_duplicate_names, save_file
-
-    state = model.inference_state_dict()
-    metadata: dict[str, str] = {}
-    for kept, removed in _remove_duplicate_names(state).items():
-        for name in removed:
-            metadata[name] = kept
-            del state[name]
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata or None)
-
-
-def load_inference_weights(model: MultimodalModel, path: str | Path, device: str | torch.device = "cpu") -> None:
-    """Load saved weights strictly: every key of ``model`` present, nothing unexpected. A file written before
-    saved models were lean also holds the training-only modules; those tensors (and only those) are skipped."""
-    from safetensors import SafetensorError
-    from safetensors.torch import _remove_duplicate_names, load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing (the model folder is incomplete)")
-    try:
-        state = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ModelFileError(f"{path}: not a readable safetensors file ({e}); the weights are damaged") from None
-    drop = tuple(f"{name}." for name in model.training_only_modules())
-    skipped = [k for k in state if drop and k.startswith(drop)]
-    if skipped:
-        log.info("%s: skipping %d training-only tensors (saved before models were lean)", path, len(skipped))
-        state = {k: v for k, v in state.items() if not k.startswith(drop)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = set(missing)
-    unexpected = list(unexpected)
-    # Tensors that share memory are stored once (see save_inference_weights): their other names are not missing.
-    for group in _remove_duplicate_names(model.state_dict(), preferred_names=list(state)).values():
-        for name in group:
-            if name in missing:
-                missing.remove(name)
-            else:
-                unexpected.append(name)
-    if missing or unexpected:
-        raise ModelFileError(f"{path}: the weights do not fit the model config.json describes (missing keys "
-                             f"{sorted(missing)[:10]}, unexpected keys {sorted(unexpected)[:10]})")
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """Accept a model directory or a run directory (whose exported model lives in ``RUN_DIR/model``)."""
-    path = Path(path)
-    for cand in (path, path / "model"):
-        # config.json + any other file of the format: a model folder, whose missing files are then named
-        if (cand / "config.json").is_file() and any((cand / f).is_file() for f in (
-                "model.safetensors", "labels.json", "preprocessing.json", "manifest.json")):
-            return cand
-    raise ModelFileError(f"{path}: not a trained mmsenti model or run directory (no model.safetensors + "
-                         f"config.json)")
-
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Load ``(model, processor, config)`` from a model or run directory; weights are loaded strictly.
-
-    The files' checksums are verified first; a damaged or missing file is a :class:`ModelFileError` naming it.
+    RAHP with ``retrieval: in-batch`` retrieves its neighbours among its batch-mates: the service batches the posts
+    of different clients, batch prediction regroups rows by length, an explanation's Integrated Gradients batch
+    interpolated copies of one post, and an exported graph has no batch to retrieve from. Evaluation (whole splits
+    in the training's batches) is where such a model is meant to be scored.
     """
-    from mmsenti.data.processing import Processor
+    return getattr(model_config, "name", None) == "rahp" and getattr(model_config, "retrieval", None) == "in-batch"
 
-    directory = resolve_model_dir(path)
-    verify_manifest(directory)
-    cfg = read_config(directory)
-    task, label_names = read_labels(directory)
-    processor = Processor.load(directory)
-    model_cfg = cfg.model
-    if (directory / TEXT_BACKBONE_DIR / "config.json").is_file():
-        model_cfg = copy.deepcopy(cfg.model)
-        model_cfg.text_encoder.pretrained = str(directory / TEXT_BACKBONE_DIR)  # architecture only (no weights read)
-    model = build_model(model_cfg, TaskInfo(task, label_names), processor, load_weights=False, inference=True)
-    load_inference_weights(model, directory / "model.safetensors", device)
-    return model.to(device).eval(), processor, cfg
+
+def check_per_post(model_config: Any, what: str, error: type[Exception] = DataError) -> None:
+    """Refuse a model whose answer for a post depends on its batch (:func:`depends_on_batch`): raise ``error``
+    saying it cannot be ``what`` ("served", "exported", ...), and why, in one line. Every command that needs
+    per-post answers calls this, so the rule and its message live here only."""
+    if depends_on_batch(model_config):
+        raise error(f"rahp with model.retrieval=in-batch cannot be {what}: its neighbours are the other posts of the "
+                    "batch a post is predicted in, so its answer depends on that batch; train with "
+                    "model.retrieval=bank (a memory bank saved with the model) or none")

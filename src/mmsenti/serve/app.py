@@ -12,10 +12,11 @@ from fastapi.staticfiles import StaticFiles
 
 from mmsenti import __version__
 from mmsenti.inference import Predictor
+from mmsenti.serve.dependencies import require_api_key
 from mmsenti.serve.errors import BodyLimit, RequestId, install_error_handlers
 from mmsenti.serve.routes import V1_ROUTERS, health, web
 from mmsenti.serve.schemas import post_schemas
-from mmsenti.serve.service import Service, require_api_key
+from mmsenti.serve.service import Service
 from mmsenti.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import dataclasses
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from mmsenti import inference
 
 
 class Post(BaseModel):
@@ -57,12 +63,33 @@ class ModelRef(BaseModel):
     version: str = Field(..., description="first 12 hex digits of the sha256 of model.safetensors")
 
 
-class Prediction(BaseModel):
-    id: str
-    label: str | None = Field(None, description="classification: the most probable label")
-    probabilities: dict[str, float] | None = Field(None, description="classification: probability per label")
-    score: float | None = Field(None, description="regression: the predicted score")
-    modalities: list[str] = Field(..., description="the modalities the prediction read")
+# The service answers a bad post with a 4xx, never with a row saying what was wrong with it (a prediction file's).
+NOT_SERVED = ("line", "error")
+ALWAYS_SERVED = ("modalities",)  # every answer says which modalities it read (a post may lack one)
+
+
+def served_model(cls: type, omit: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> type[BaseModel]:
+    """The pydantic model of a dataclass's fields, with their ``doc`` metadata as descriptions: what the service
+    writes is then what it documents, and a field added to the dataclass is served, never silently dropped."""
+    hints = typing.get_type_hints(cls)
+    spec: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in omit:
+            continue
+        hint, description = hints[f.name], f.metadata.get("doc")
+        if f.default is dataclasses.MISSING or f.name in required:
+            spec[f.name] = (_without_none(hint), Field(..., description=description))
+        else:
+            spec[f.name] = (hint, Field(f.default, description=description))
+    return create_model(cls.__name__, **spec)
+
+
+def _without_none(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
+
+
+Prediction = served_model(inference.Prediction, omit=NOT_SERVED, required=ALWAYS_SERVED)
 
 
 class PredictResponse(BaseModel):

@@ -218,11 +218,12 @@ def load_setup(path: str | Path, *, device: str = "auto", dist: Distributed | No
     Args:
         root: the dataset directory, if it moved since training.
     """
-    from mmsenti.models.base import load_pretrained
+    from mmsenti.models.folder import ModelFolder
 
     dist = dist or Distributed()
     dev = dist.device(device)
-    model, processor, cfg = load_pretrained(path, dev)
+    folder = ModelFolder.open(path)
+    model, processor, cfg = folder.load_model(dev), folder.processor, folder.config
     if root:
         cfg.data.root = root
     elif cfg.data.root and not Path(cfg.data.root).expanduser().exists():  # a run folder moved to another machine

@@ -44,7 +44,8 @@ from mmsenti.distributed import (
 )
 from mmsenti.losses import total_loss
 from mmsenti.metrics import format_table, higher_is_better
-from mmsenti.models.base import MultimodalModel, save_pretrained
+from mmsenti.models.base import MultimodalModel
+from mmsenti.models.folder import MODEL_SUBDIR, ModelFolder
 from mmsenti.train.checkpoint import atomic_save, load_checkpoint
 from mmsenti.train.evaluate import move
 from mmsenti.train.lock import hold_run_dir
@@ -537,7 +538,7 @@ class Trainer:
         # Saved before scoring: should scoring fail (an image that only fails to decode), the model is kept and
         # `mmsenti evaluate RUN_DIR` can score it once the data is fixed.
         if self.dist.is_main:
-            save_pretrained(self.run_dir / "model", self.model, self.processor, self.cfg)
+            ModelFolder.save(self.run_dir / MODEL_SUBDIR, self.model, self.processor, self.cfg)
         # Per-post predictions of the selected model: what paired significance tests (mmsenti experiment) need.
         results = {split: self.setup.evaluate(split, save_predictions=self.run_dir / "predictions" / f"{split}.npz")
                    for split in ("dev", "test") if split in self.bundle.splits}
@@ -545,7 +546,7 @@ class Trainer:
             (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
             log.info("results (selected on dev %s, epoch %d):\n%s", self.metric, self.state.best_epoch + 1,
                      format_table(results))
-            log.info("model saved to %s", self.run_dir / "model")
+            log.info("model saved to %s", self.run_dir / MODEL_SUBDIR)
         if self.tb:
             self.tb.close()
         self.dist.barrier()  # the saved model is complete before any process returns

@@ -17,11 +17,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from mmsenti.explain.options import IMAGE_BASELINES, SOURCES, ExplainOptions
+from mmsenti.serve.dependencies import ServiceDep
 from mmsenti.serve.errors import ServeError
 from mmsenti.serve.posts import read_posts
 from mmsenti.serve.routes.predict import _BODY
 from mmsenti.serve.schemas import ERROR_RESPONSES, ModelRef
-from mmsenti.serve.service import Service, ServiceDep
+from mmsenti.serve.service import Service
 
 router = APIRouter(tags=["explain"])
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from mmsenti.serve.dependencies import loaded_service
+
 router = APIRouter(tags=["health"])
 
 
@@ -15,7 +17,7 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="the model is loaded and answering")
 async def readyz(request: Request):
-    service = getattr(request.app.state, "service", None)
+    service = loaded_service(request)
     if service is None or not service.ready or not service.batcher.running:
         return JSONResponse({"status": "not ready"}, status_code=503)
     return {"status": "ready", "model": service.model_ref()}

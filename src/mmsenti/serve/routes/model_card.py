@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from mmsenti.serve.dependencies import ServiceDep
 from mmsenti.serve.schemas import ERROR_RESPONSES, ModelInfo
-from mmsenti.serve.service import ServiceDep
 
 router = APIRouter(tags=["model"])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from mmsenti.serve.dependencies import ServiceDep
 from mmsenti.serve.posts import read_posts
 from mmsenti.serve.schemas import ERROR_RESPONSES, PredictResponse
-from mmsenti.serve.service import ServiceDep
 
 router = APIRouter(tags=["predict"])
 
@@ -29,5 +29,5 @@ _BODY = {
              summary="predict the sentiment of one post or a list of posts")
 async def predict(request: Request, service: ServiceDep) -> dict:
     posts = await read_posts(request, service.settings, service.modalities, service.predictor.processor)
-    return {"model": service.model_ref(), "predictions": await service.predict(posts)}
+    return {"model": service.model_ref(), "predictions": [p.to_dict() for p in await service.predict(posts)]}
 
