@@ -18,10 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mmsenti.backbones.weights import file_sha256
 from mmsenti.data.base import DataError, Sample, text_problem
 from mmsenti.models.base import TaskInfo, load_pretrained, resolve_model_dir
-from mmsenti.utils import resolve_device
+from mmsenti.utils import file_sha256, move, resolve_device
 
 
 class Backend(Protocol):
@@ -42,8 +41,6 @@ class TorchBackend:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     def __call__(self, batch: dict[str, Any]) -> np.ndarray:
-        from mmsenti.train.evaluate import move
-
         with torch.inference_mode():
             return self.model(move(batch, self.device))["logits"].float().cpu().numpy()
 

@@ -81,10 +81,10 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
         seed: of the generated inputs.
         threads: onnxruntime intra-op threads for the parity run.
     """
-    from mmsenti import __version__
-    from mmsenti.backbones.weights import file_sha256
     from mmsenti.models.base import load_pretrained, resolve_model_dir
-    from mmsenti.train.setup import select_metric
+    from mmsenti.train.workbench import select_metric
+    from mmsenti.utils import file_sha256
+    from mmsenti.version import __version__
 
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
@@ -287,13 +287,13 @@ def check_export(directory: str | Path, source: str | Path | None = None, root: 
         source: the model it was exported from (default: the folder recorded in ``export.json``).
         root: the dataset directory, if it moved.
     """
-    from mmsenti.backbones.weights import file_sha256
     from mmsenti.data.base import DataError
     from mmsenti.export.parity import mismatches
     from mmsenti.export.runtime import find_export_dir, read_export
     from mmsenti.models.base import load_pretrained, resolve_model_dir
     from mmsenti.models.files import verify_manifest
-    from mmsenti.train.setup import select_metric
+    from mmsenti.train.workbench import select_metric
+    from mmsenti.utils import file_sha256
 
     folder = find_export_dir(directory)
     verify_manifest(folder)

@@ -88,7 +88,8 @@ def find_export_dir(path: str | Path) -> Path:
 
 
 def read_export(directory: Path) -> dict[str, Any]:
-    from mmsenti.models.files import ModelFileError, read_json
+    from mmsenti.errors import ModelFileError
+    from mmsenti.utils import read_json
 
     meta = read_json(directory / EXPORT_FILE, "export description")
     if not isinstance(meta, dict) or meta.get("format") != "onnx":

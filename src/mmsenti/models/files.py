@@ -13,18 +13,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from mmsenti.data.base import DataError
+from mmsenti.errors import ModelFileError
+from mmsenti.utils import file_sha256, read_json
+from mmsenti.version import __version__
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-
-
-class ModelFileError(DataError):
-    """A saved model folder with a missing or damaged file; the message names the file and the problem."""
 
 
 def _folder_files(directory: Path) -> list[Path]:
@@ -34,9 +31,6 @@ def _folder_files(directory: Path) -> list[Path]:
 
 def write_manifest(directory: str | Path) -> Path:
     """Record the size and SHA-256 of every file in ``directory`` (call it after everything else is written)."""
-    from mmsenti import __version__
-    from mmsenti.backbones.weights import file_sha256
-
     directory = Path(directory)
     files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in _folder_files(directory)}
@@ -45,22 +39,8 @@ def write_manifest(directory: str | Path) -> Path:
     return path
 
 
-def read_json(path: Path, what: str = "JSON file") -> Any:
-    """A JSON file of a model folder; missing or invalid is a :class:`ModelFileError` naming it (and line:column)."""
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing (the model folder is incomplete)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); the {what} is damaged") from None
-    except UnicodeDecodeError as e:
-        raise ModelFileError(f"{path}: not UTF-8 text (byte offset {e.start}); the {what} is damaged") from None
-
-
 def verify_manifest(directory: str | Path) -> bool:
     """Check every file ``manifest.json`` lists (size, then SHA-256); returns False when there is no manifest."""
-    from mmsenti.backbones.weights import file_sha256
-
     directory = Path(directory)
     if not (directory / MANIFEST).is_file():
         log.warning("%s: no %s (saved by an older mmsenti?): the files' checksums are not verified", directory,

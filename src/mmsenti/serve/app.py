@@ -10,13 +10,13 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
-from mmsenti import __version__
 from mmsenti.inference import Predictor
 from mmsenti.serve.errors import BodyLimit, RequestId, install_error_handlers
 from mmsenti.serve.routes import V1_ROUTERS, health, web
 from mmsenti.serve.schemas import post_schemas
 from mmsenti.serve.service import Service, require_api_key
 from mmsenti.serve.settings import ServeSettings
+from mmsenti.version import __version__
 
 log = logging.getLogger(__name__)
 
