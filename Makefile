@@ -45,8 +45,10 @@ test: $(VENV)/.test
 	-@sh scripts/install_browser.sh
 	$(BIN)/python -m pytest -q --timeout=900 --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
+# ruff, then the layers of src/mmsenti (pyproject.toml's [tool.importlinter]; docs/architecture.md).
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

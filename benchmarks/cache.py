@@ -74,11 +74,11 @@ def main() -> None:
 
     import torch
 
-    from mmsenti.cache import CachedCollator, open_or_build
     from mmsenti.config import load_config
     from mmsenti.models.base import TaskInfo, build_model
     from mmsenti.models.encoders import build_processor
     from mmsenti.registry import DATASETS
+    from mmsenti.train.cache import CachedCollator, open_or_build
     from mmsenti.train.optim import build_optimizer
     from mmsenti.train.sampler import build_batch_sampler, sample_lengths
     from mmsenti.utils import autocast_dtype

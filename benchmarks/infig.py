@@ -36,8 +36,8 @@ def run_variant(config: str, overrides: list[str], batch: int, steps: int, warmu
     from mmsenti.losses import total_loss
     from mmsenti.models.base import TaskInfo, build_model
     from mmsenti.models.encoders import build_processor
-    from mmsenti.train.evaluate import move
     from mmsenti.train.optim import build_optimizer
+    from mmsenti.utils import move
 
     cfg = load_config(config, [f"data.num_train={batch * 4}", "data.num_dev=1", "data.num_test=1"] + overrides)
     data = build_scenes(cfg.data)

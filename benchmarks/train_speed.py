@@ -195,8 +195,8 @@ class Variant:
     def __init__(self, wl: Workload, label: str, overrides: list[str], cache: bool = True):
         import torch
 
-        from mmsenti.cache import CachedCollator, default_cache_dir, open_or_build
         from mmsenti.models.base import build_model
+        from mmsenti.train.cache import CachedCollator, default_cache_dir, open_or_build
         from mmsenti.train.optim import build_optimizer, build_scheduler
         from mmsenti.train.sampler import build_batch_sampler, sample_lengths
         from mmsenti.utils import autocast_dtype
@@ -335,7 +335,7 @@ class Useful:
     """Useful FLOPs: each sample alone (no padding) through the layers a cached run executes, plus the batch losses."""
 
     def __init__(self, v: Variant):
-        from mmsenti.cache import CachedCollator, default_cache_dir, open_or_build
+        from mmsenti.train.cache import CachedCollator, default_cache_dir, open_or_build
 
         self.model = copy.deepcopy(v.model)
         self.model.train()

@@ -10,7 +10,12 @@ import torch
 from PIL import Image
 
 from mmsenti.backbones import load_text_backbone
-from mmsenti.cache import (
+from mmsenti.cli import main
+from mmsenti.config import load_config
+from mmsenti.data.base import Sample
+from mmsenti.models.base import TaskInfo, build_model
+from mmsenti.models.encoders import TextEncoder, build_processor, text_state_key
+from mmsenti.train.cache import (
     MANIFEST,
     CachedCollator,
     cache_key,
@@ -19,11 +24,6 @@ from mmsenti.cache import (
     open_or_build,
     verify_entry,
 )
-from mmsenti.cli import main
-from mmsenti.config import load_config
-from mmsenti.data.base import Sample
-from mmsenti.models.base import TaskInfo, build_model
-from mmsenti.models.encoders import TextEncoder, build_processor, text_state_key
 from mmsenti.train.trainer import Trainer
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=200,

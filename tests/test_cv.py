@@ -10,7 +10,7 @@ import pytest
 
 from mmsenti.config import ConfigError, load_config
 from mmsenti.data.base import Sample
-from mmsenti.experiment.cv import fold_bundle, make_folds, pooled
+from mmsenti.data.splits import fold_bundle, make_folds, pooled
 from mmsenti.train.trainer import build_dataset
 
 

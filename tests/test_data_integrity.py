@@ -226,8 +226,9 @@ def test_text_a_tokenizer_cannot_take_names_file_line_and_field(tmp_path):
 
 def test_every_other_reader_refuses_such_text_too(tmp_path):
     from mmsenti.data.base import Sample
-    from mmsenti.data.formats.common import finish, read_json_list
+    from mmsenti.data.formats.bundle import finish
     from mmsenti.data.formats.hfm import parse_literal_line
+    from mmsenti.data.formats.readers import read_json_list
 
     clmlf = tmp_path / "train.json"  # MVSA/HFM as CLMLF ships them, and translation.json
     clmlf.write_text(json.dumps([{"id": 1, "text": "ok", "emotion_label": 0},

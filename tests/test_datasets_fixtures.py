@@ -16,15 +16,16 @@ import mmsenti.data.formats  # noqa: F401  (registers the datasets)
 from mmsenti.config import DataConfig, build_config
 from mmsenti.data import doctor
 from mmsenti.data.base import DataError, Sample
-from mmsenti.data.formats.common import carve_split, random_splits, read_csv
 from mmsenti.data.formats.hfm import FILTER_WORDS, HFMConfig, build_hfm
 from mmsenti.data.formats.images import BLANK_RGB, inspect_image
 from mmsenti.data.formats.memes import MemesConfig, build_memes
 from mmsenti.data.formats.mmsa import MMSAConfig, build_mmsa, convert_pickle
 from mmsenti.data.formats.mvsa import MVSAConfig, MVSAMultipleConfig, build_mvsa, majority, merge_labels, merge_pair
+from mmsenti.data.formats.readers import read_csv
 from mmsenti.data.formats.text import normalize_tweet
 from mmsenti.data.formats.tumemo import TumEmoConfig, build_tumemo
 from mmsenti.data.formats.user import CsvDataConfig, UserDataConfig, build_csv, build_jsonl
+from mmsenti.data.splits import carve_split, random_splits
 from mmsenti.registry import DATASETS
 
 LABEL = {"positive": 0, "neutral": 1, "negative": 2}  # MVSA label ids

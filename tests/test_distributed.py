@@ -47,8 +47,8 @@ from mmsenti.losses import total_loss
 from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
 from mmsenti.train.checkpoint import load_checkpoint
-from mmsenti.train.setup import build_dataset
 from mmsenti.train.trainer import EpochBatchSampler, Trainer, TrainStep
+from mmsenti.train.workbench import build_dataset
 
 NO_DROPOUT = ["model.dropout=0", "model.text_encoder.arch={hidden_dropout_prob: 0, attention_probs_dropout_prob: 0}"]
 INFIG = [
@@ -516,7 +516,7 @@ def test_two_processes_train_like_one(runs):
     assert "distributed training: 2 processes" in log
     assert (root / "two" / "model" / "model.safetensors").is_file()
     # Per-post predictions gathered back in the split's order (what paired significance tests read).
-    from mmsenti.train.evaluate import Predictions
+    from mmsenti.metrics import Predictions
 
     p1, p2 = (Predictions.load(root / run / "predictions" / "test.npz") for run in ("one", "two"))
     assert list(p1.ids) == list(p2.ids) and len(p1.ids) == 32 and (p1.labels == p2.labels).all()

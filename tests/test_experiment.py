@@ -17,9 +17,9 @@ from conftest import ROOT
 
 from mmsenti.config import ConfigError
 from mmsenti.experiment import load_experiment
+from mmsenti.experiment.jobs import Job
 from mmsenti.experiment.plots import experiment_bar_charts
 from mmsenti.experiment.runner import run_experiment
-from mmsenti.experiment.runs import Job
 from mmsenti.experiment.table import collect, markdown, to_csv, to_latex, write
 
 pytestmark = pytest.mark.slow
@@ -114,7 +114,7 @@ def test_table_mean_and_std_are_those_of_the_runs_metrics(grid):
 
 def test_runs_keep_the_selected_models_predictions(grid):
     from mmsenti.config import config_from_json
-    from mmsenti.train.evaluate import Predictions
+    from mmsenti.metrics import Predictions
     from mmsenti.train.trainer import build_dataset
 
     run_dir = grid["dir"] / "runs/two/fusion/seed1"
@@ -220,8 +220,7 @@ def test_write_replaces_the_marked_blocks_only(grid, tmp_path):
 def test_evaluate_plots(grid, tmp_path):
     from PIL import Image
 
-    from mmsenti.experiment.plots import softmax
-    from mmsenti.train.evaluate import Predictions
+    from mmsenti.metrics import Predictions, softmax
 
     run_dir = grid["dir"] / "runs/two/fusion/seed0"
     out = cli(grid["dir"], "evaluate", str(run_dir), "--split", "test", "--plots", str(tmp_path)).stdout
@@ -254,7 +253,7 @@ def test_finished_runs_without_predictions_get_them_from_their_saved_model(grid)
 def test_runs_side_by_side_wait_for_one_cache_builder(tmp_path):
     import threading
 
-    from mmsenti.cache import _build_lock
+    from mmsenti.train.cache import _build_lock
 
     entered = threading.Event()
 

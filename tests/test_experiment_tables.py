@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from mmsenti.config import ConfigError
 from mmsenti.experiment import load_experiment
-from mmsenti.experiment.runs import Job
+from mmsenti.experiment.jobs import Job
 from mmsenti.experiment.spec import REGRESSION
 from mmsenti.experiment.table import begin_marker, collect, end_marker, headline_md, replace_blocks, tables_md
 

@@ -26,7 +26,7 @@ from mmsenti.models.base import TaskInfo, build_model  # noqa: E402
 from mmsenti.models.encoders import build_processor  # noqa: E402
 from mmsenti.models.folder import ModelFolder  # noqa: E402
 from mmsenti.registry import MODELS  # noqa: E402
-from mmsenti.train.setup import build_dataset  # noqa: E402
+from mmsenti.train.workbench import build_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_train=48", "data.num_dev=12", "data.num_test=16", "data.image_size=32",

@@ -116,7 +116,7 @@ def test_lite_preset_builds_from_the_offline_packages_and_caches_real_features(t
     assert all(not p.requires_grad for p in model.image_encoder.backbone.parameters())
     assert set(model.cache_spec()) == {"cached_text_state_4", "cached_image_map"}
 
-    from mmsenti.cache import CachedCollator, open_or_build
+    from mmsenti.train.cache import CachedCollator, open_or_build
 
     store = open_or_build(tmp_path, model, proc, samples)
     assert store.arrays["cached_image_map"].shape == (3, 1280, 7, 7)

@@ -478,6 +478,26 @@ def test_a_failing_model_call_is_a_500_with_a_request_id_for_its_own_request_onl
     _expect_same(after.json()["predictions"][0], by_id[samples[5].id])
 
 
+
+def test_a_user_error_in_a_request_is_a_422_with_its_message(client, post):
+    """Every UserError a request meets (here a DataError from the model call) is answered in one place, as a 4xx."""
+    from mmsenti.errors import DataError
+
+    text, image = post
+    batcher = client.app.state.service.batcher
+    model_call = batcher.fn
+
+    def refuse(posts):
+        raise DataError("sample 0: cannot read image x.png")
+
+    batcher.fn = refuse
+    try:
+        r = client.post("/v1/predict", json={"text": text, "image": b64(png_bytes(image))})
+    finally:
+        batcher.fn = model_call
+    assert r.status_code == 422, r.text
+    assert r.json() == {"error": {"status": 422, "field": None, "message": "sample 0: cannot read image x.png"}}
+
 # ----------------------------------------------------------------------------- one bad post, many clients
 def test_a_lone_surrogate_is_a_422_and_the_other_clients_are_answered(model_dir, predictor):
     """``"\\ud800"`` is legal JSON but no tokenizer takes it: a 422 naming ``posts[3].text``, while 15 other

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from mmsenti.experiment.significance import paired_bootstrap
-from mmsenti.metrics import compute_metrics
-from mmsenti.train.evaluate import Predictions
+from mmsenti.metrics import Predictions, compute_metrics
 
 NAMES = ["negative", "neutral", "positive"]
 

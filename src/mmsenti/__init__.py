@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from mmsenti.compat import install_import_hook as _install_import_hook
+from mmsenti.version import __version__
 
 # transformers, timm and open_clip import torchvision whenever it is installed; on a CPU-only torch with a
 # mismatched torchvision build that import fails unless the compatibility shim runs first. The hook runs the shim

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmsenti.data.base import DataError, Sample, text_problem
-from mmsenti.data.formats.common import field_problem, iter_csv_rows
+from mmsenti.data.formats.readers import field_problem, iter_csv_rows
 from mmsenti.inference import Prediction, Predictor
 from mmsenti.models.base import check_per_post
 from mmsenti.models.folder import ModelFolder

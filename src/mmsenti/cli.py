@@ -1,6 +1,7 @@
 """``mmsenti`` command line: train, evaluate, predict, explain, serve, export, list, data, cache, experiment.
 
-User errors (bad config, missing file, bad data) print one line ``mmsenti: error: ...`` and exit with code 2.
+User errors (:class:`~mmsenti.errors.UserError`: bad config, missing file, bad data) print one line
+``mmsenti: error: ...`` and exit with the error's code (2; 1 where the command ran and found a failure).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from mmsenti import __version__
+from mmsenti.errors import UsageError, UserError
+from mmsenti.version import __version__
 
 log = logging.getLogger("mmsenti")
 
@@ -29,11 +31,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmsenti.train.trainer import Trainer
 
     if args.resume and not args.out:
-        raise _UsageError("--resume needs --out RUN_DIR (the run to continue)")
+        raise UsageError("--resume needs --out RUN_DIR (the run to continue)")
     overrides = list(args.set or []) + (["run.quiet=true"] if args.quiet else [])
     if args.nproc is not None:  # one machine, N processes: torchrun's launcher re-runs this command without --nproc
         if args.nproc < 1:
-            raise _UsageError(f"--nproc must be >= 1, got {args.nproc}")
+            raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
         if not args.resume:
             load_config(args.config, overrides)  # a bad config fails here, before any process starts
         return launch(args.nproc, _without_nproc(args.argv))
@@ -51,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out = Path(dist.broadcast_object(str(args.out or cfg.run.out or _default_run_dir(args.config))))
             if (out / "checkpoints" / "last.pt").exists():
                 check_run_dir_free(out)  # a live run's folder: name its holder rather than suggest --resume
-                raise _UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+                raise UsageError(f"{out} already holds a run; use --resume to continue it or choose another --out")
             if cfg.run.cv_folds and cfg.run.cv_fold is None:  # cross-validation: every fold, then the mean over folds
                 from mmsenti.experiment.cv import train_folds
 
@@ -81,14 +83,14 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmsenti.distributed import Distributed
     from mmsenti.metrics import format_table
-    from mmsenti.train.setup import load_setup
+    from mmsenti.train.workbench import load_workbench
 
     keep = Path(args.predictions or args.plots) if (args.predictions or args.plots) else None
     dist = Distributed.from_env()  # under torchrun the splits' batches are spread over the processes
     ok = False
     try:
-        setup = load_setup(args.run_dir, device=args.device, dist=dist, root=args.root)
-        results = {split: setup.evaluate(split, save_predictions=keep / f"{split}.npz" if keep else None)
+        bench = load_workbench(args.run_dir, device=args.device, dist=dist, root=args.root)
+        results = {split: bench.evaluate(split, save_predictions=keep / f"{split}.npz" if keep else None)
                    for split in args.split}
         ok = True
     finally:
@@ -97,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(format_table(results))
     if args.plots:
-        from mmsenti.experiment.plots import write_evaluation_plots
+        from mmsenti.plots import write_evaluation_plots
 
         write_evaluation_plots(keep, args.split, args.plots)
     if args.output:
@@ -121,13 +123,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(stats.summary(args.output), file=sys.stderr)
         return 0
     if args.text is None and args.image is None:
-        raise _UsageError("give --text and/or --image, or --input FILE")
+        raise UsageError("give --text and/or --image, or --input FILE")
     if "image" in predictor.modalities and args.image is None:
-        raise _UsageError("this model reads images: give --image PATH")
+        raise UsageError("this model reads images: give --image PATH")
     if "text" in predictor.modalities and args.text is None:
-        raise _UsageError("this model reads text: give --text T")
+        raise UsageError("this model reads text: give --text T")
     if args.text is not None and (problem := text_problem(args.text)) is not None:  # argv bytes that are not UTF-8
-        raise _UsageError(f"--text {problem}: is the shell's encoding UTF-8?")
+        raise UsageError(f"--text {problem}: is the shell's encoding UTF-8?")
     prediction = predictor.predict_samples([Sample(id="cli", label=None, text=args.text, image=args.image)])[0]
     print(json.dumps(prediction.to_dict(), ensure_ascii=False, indent=2))
     return 0
@@ -158,7 +160,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         from mmsenti.data.formats.mmsa import MMSAConfig, convert_dataset
 
         if not isinstance(cfg.data, MMSAConfig):
-            raise _UsageError(f"data convert: dataset '{args.name}' has no pickle format to convert (mosi, mosei)")
+            raise UsageError(f"data convert: dataset '{args.name}' has no pickle format to convert (mosi, mosei)")
         for path in convert_dataset(cfg.data):
             print(path)
         return 0
@@ -168,26 +170,26 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from mmsenti.cache import clear_entries, default_cache_dir, list_entries
+    from mmsenti.train.cache import clear_entries, default_cache_dir, list_entries
 
     if args.action == "build":
         from mmsenti.config import load_config
         from mmsenti.distributed import Distributed
-        from mmsenti.train.setup import build_setup
+        from mmsenti.train.workbench import build_workbench
 
         if not args.config:
-            raise _UsageError("cache build needs --config (the training config whose frozen features to cache)")
+            raise UsageError("cache build needs --config (the training config whose frozen features to cache)")
         cfg = load_config(args.config, list(args.set or []) + ([f"run.cache_dir={args.dir}"] if args.dir else []))
         dist = Distributed.from_env()
         ok = False
         try:
             # The training run's build path: randomly initialised frozen parts match the training run's.
-            setup = build_setup(cfg, dist=dist, feature_cache=True)
-            if not setup.model.cache_spec():
-                raise _UsageError(f"{args.config}: nothing to cache (no frozen image backbone and "
-                                  "model.text_encoder.trainable_layers = -1)")
-            for split in args.split or list(setup.bundle.splits):
-                store = setup.feature_store(split)
+            bench = build_workbench(cfg, dist=dist, feature_cache=True)
+            if not bench.model.cache_spec():
+                raise UsageError(f"{args.config}: nothing to cache (no frozen image backbone and "
+                                 "model.text_encoder.trainable_layers = -1)")
+            for split in args.split or list(bench.bundle.splits):
+                store = bench.feature_store(split)
                 if dist.is_main:
                     print(f"{split}: {len(store)} samples → {store.directory}")
             ok = True
@@ -203,7 +205,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
                   f"{r.get('num_samples') or 0:>7} samples {r['size_mb']:9.1f} MB  {r['status']}  [{r.get('features', '')}]")
         return 0
     if not args.keys and not args.all:
-        raise _UsageError("cache clear needs entry keys (see `mmsenti cache info`) or --all")
+        raise UsageError("cache clear needs entry keys (see `mmsenti cache info`) or --all")
     print(f"removed {clear_entries(root, [] if args.all else args.keys)} entries from {root}")
     return 0
 
@@ -219,10 +221,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from mmsenti.experiment.commands import run
 
     return run(args)
-
-
-class _UsageError(Exception):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,24 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before any heavy import: --help and usage errors exit here
     args.argv = argv  # `train --nproc N` re-runs this command line in N processes
 
-    from mmsenti.config import ConfigError
-    from mmsenti.data.base import DataError
-    from mmsenti.registry import RegistryError
     from mmsenti.utils import setup_logging
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RegistryError, _UsageError) as e:
+    except UserError as e:  # the one place a user's error becomes a line and an exit code
         print(f"mmsenti: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        # Another training process died: the message says how to resume. (Looked up lazily: no torch import here.)
-        pg = sys.modules.get("mmsenti.distributed")
-        if pg is None or not isinstance(e, pg.ProcessGroupError):
-            raise
-        print(f"mmsenti: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("mmsenti: interrupted", file=sys.stderr)
         return 130

@@ -8,22 +8,29 @@ rest of the section. Every error is a :class:`ConfigError` whose one-line messag
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config: unknown key, wrong type, missing file. The message is one line naming the culprit."""
-
+from mmsenti.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------- sections
+TEXT_KEYS = ("input_ids", "attention_mask")  # the batch keys of tokenized text
+
+
+def default_batch_inputs(modalities: Sequence[str]) -> list[str]:
+    """Batch keys of the usual text (token ids + mask) and image (pixel values) inputs of ``modalities``."""
+    return [*(TEXT_KEYS if "text" in modalities else ()), *(("pixel_values",) if "image" in modalities else ())]
+
+
 @dataclass
 class TextEncoderConfig:
     # 'tiny-bert': a small BERT trained from scratch with a word-piece vocabulary learned on the training texts.
@@ -76,8 +83,6 @@ class ModelConfig:
     def batch_inputs(self, training: bool) -> list[str]:
         """The batch keys the model reads in training or in evaluation/prediction; the processor builds only
         these (see :class:`mmsenti.data.processing.Processor`). A model with other inputs overrides this."""
-        from mmsenti.data.processing import default_batch_inputs
-
         return default_batch_inputs(self.modalities)
 
 
@@ -142,10 +147,11 @@ class RunConfig:
     feature_cache: bool = True
     cache_dir: str | None = None
     cache_dtype: Literal["float32", "float16"] = "float32"
-    # Cross-validation (mmsenti/experiment/cv.py): with cv_folds = K >= 2, train+dev are pooled and cut into K
-    # stratified folds (fixed by cv_seed, not by the training seed); fold cv_fold is the dev split, the other
-    # folds the train split, and the test split is not loaded. `mmsenti train` with cv_fold unset trains every
-    # fold (into <out>/fold<i>) and writes the mean dev metrics over folds to <out>/cv.json.
+    # Cross-validation (mmsenti/data/splits.py cuts the folds, mmsenti/experiment/cv.py trains them): with
+    # cv_folds = K >= 2, train+dev are pooled and cut into K stratified folds (fixed by cv_seed, not by the training
+    # seed); fold cv_fold is the dev split, the other folds the train split, and the test split is not loaded.
+    # `mmsenti train` with cv_fold unset trains every fold (into <out>/fold<i>) and writes the mean dev metrics
+    # over folds to <out>/cv.json.
     cv_folds: int = 0
     cv_fold: int | None = None
     cv_seed: int = 0
@@ -276,8 +282,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``over`` wins, nested mappings merge key by key."""
-    out = dict(base)
+    """Recursive dict merge into a copy of ``base`` (never changed); ``over`` wins, nested mappings merge key by
+    key."""
+    out = copy.deepcopy(base)
     for k, v in over.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out

@@ -38,7 +38,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -46,6 +45,9 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
+
+from mmsenti.errors import ProcessGroupError
+from mmsenti.utils import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,6 @@ GatherFn = Callable[[Tensor], tuple[Tensor, int]]
 # Long enough for rank 0 to build a feature cache while the others wait at a barrier.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=60)
 ENV_TIMEOUT = "MMSENTI_DIST_TIMEOUT"  # seconds, overrides DEFAULT_TIMEOUT
-
-
-class ProcessGroupError(RuntimeError):
-    """This process lost the others: one died, was stopped, or stopped on an error of its own. The message says
-    which, and how to continue the run when resuming can help (see :meth:`Distributed.failure_message`)."""
 
 
 class Terminated(BaseException):
@@ -179,10 +176,9 @@ class Distributed:
         return self.rank == 0
 
     def device(self, name: str = "auto") -> torch.device:
-        """``run.device`` resolved for this process: ``auto``/``cuda`` mean this process's GPU under torchrun."""
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(name)
+        """``run.device`` resolved for this process (:func:`~mmsenti.utils.resolve_device`), where ``auto``/``cuda``
+        mean this process's GPU under torchrun."""
+        dev = resolve_device(name)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
         return dev
@@ -358,8 +354,11 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     """``mmsenti train --nproc N``: run ``python -m mmsenti ARGV`` in ``nproc`` processes on this machine with
     torchrun's own launcher (``torchrun --standalone --nproc-per-node N -m mmsenti ARGV``).
 
-    Returns 0, or 1 after a one-line summary of which process failed and how: the error it stopped on (see
-    :meth:`Distributed.report_error`), or the signal or exit code of a process that left none.
+    Returns 0 when every process succeeded.
+
+    Raises:
+        ProcessGroupError: (exit code 1 on the command line) which process failed and how: the error it stopped on
+            (see :meth:`Distributed.report_error`), or the signal or exit code of a process that left none.
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
@@ -378,9 +377,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
             how = f"with an error: {failure.message.get('message', '?')}"
         else:
             how = f"(signal {failure.signal_name()})" if failure.exitcode < 0 else f"(exit code {failure.exitcode})"
-        print(f"mmsenti: error: training process {rank} of {nproc} failed {how}; the others were stopped",
-              file=sys.stderr)
-        return 1
+        raise ProcessGroupError(f"training process {rank} of {nproc} failed {how}; the others were stopped") from None
     return 0
 
 

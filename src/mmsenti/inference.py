@@ -24,7 +24,7 @@ import torch
 from mmsenti.data.base import DataError, Sample, text_problem
 from mmsenti.models.base import TaskInfo, check_per_post
 from mmsenti.models.folder import ModelFolder
-from mmsenti.utils import resolve_device
+from mmsenti.utils import move, resolve_device
 
 # check_per_post lives with the models now; named here too, where the docs named it before.
 __all__ = ["Backend", "Prediction", "Predictor", "TorchBackend", "check_per_post", "load_model"]
@@ -85,8 +85,6 @@ class TorchBackend:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     def __call__(self, batch: dict[str, Any]) -> np.ndarray:
-        from mmsenti.train.evaluate import move
-
         with torch.inference_mode():
             return self.model(move(batch, self.device))["logits"].float().cpu().numpy()
 

@@ -7,25 +7,37 @@ Two families:
 * :func:`regression_metrics` -- the CMU-MOSI/MOSEI protocol used by MMSA and most papers: MAE, Pearson
   correlation, Acc-2 and its weighted F1 in the "has-zero" and "non-zero" variants, Acc-5 and Acc-7.
 
+plus the calibration of class probabilities (:func:`expected_calibration_error`) and :class:`Predictions`, a
+split's per-post outputs saved as ``.npz``, which metrics, paired significance tests and plots are computed from.
+
 Every returned value is a plain python ``float``/``int`` (or list/dict of them), so the dicts go straight into
 ``json.dumps``. scikit-learn is only a test dependency; nothing here imports it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 __all__ = [
+    "ECE_BINS",
     "METRIC_DIRECTIONS",
     "TASKS",
+    "Predictions",
+    "calibration_bins",
     "classification_metrics",
     "compute_metrics",
+    "expected_calibration_error",
     "format_table",
     "higher_is_better",
     "regression_metrics",
+    "scores_to_predictions",
+    "softmax",
 ]
 
 TASKS = ("classification", "regression")
@@ -248,6 +260,73 @@ def compute_metrics(task: str, y_true: Any, y_pred_or_scores: Any,
     if task == "regression":
         return regression_metrics(y_true, y_pred_or_scores)
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+# --------------------------------------------------------------------------------------------- calibration
+ECE_BINS = 15  # Guo et al. 2017
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def calibration_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
+    """Per equal-width confidence bin ``(i/bins, (i+1)/bins]``: count, mean confidence, accuracy (NaN if empty)."""
+    conf = probs.max(-1)
+    correct = (probs.argmax(-1) == labels).astype(np.float64)
+    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)  # conf in (i/b, (i+1)/b] → bin i
+    count = np.bincount(idx, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=bins) / count
+        acc = np.bincount(idx, weights=correct, minlength=bins) / count
+    return count, mean_conf, acc
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the bin-size-weighted mean of |accuracy − mean confidence| over equal-width confidence bins."""
+    count, conf, acc = calibration_bins(probs, labels, bins)
+    full = count > 0
+    return float(np.sum(count[full] / count.sum() * np.abs(acc[full] - conf[full])))
+
+
+# ------------------------------------------------------------------------------------------ saved outputs
+def scores_to_predictions(task: str, logits: np.ndarray) -> np.ndarray:
+    return logits.argmax(-1) if task == "classification" else logits[:, 0]
+
+
+@dataclass
+class Predictions:
+    """Per-post outputs of a model on one split: what paired significance tests and plots are computed from.
+
+    Saved as one ``.npz`` (no pickles): ``ids`` (str), ``labels``, ``logits`` (N, C) class scores or (N, 1)
+    regression scores, ``task`` and ``label_names`` (JSON).
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray
+    task: str
+    label_names: list[str] | None = None
+
+    def metrics(self, index: np.ndarray | None = None) -> dict:
+        """:func:`compute_metrics` of these predictions (of the posts ``index`` selects)."""
+        labels, logits = (self.labels, self.logits) if index is None else (self.labels[index], self.logits[index])
+        return compute_metrics(self.task, labels, scores_to_predictions(self.task, logits), self.label_names)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial.npz")
+        np.savez_compressed(tmp, ids=np.asarray(self.ids, dtype=str), labels=self.labels, logits=self.logits,
+                            task=np.asarray(self.task), label_names=np.asarray(json.dumps(self.label_names)))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Predictions:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["ids"], z["labels"], z["logits"], str(z["task"]), json.loads(str(z["label_names"])))
 
 
 # ----------------------------------------------------------------------------------------------- reporting

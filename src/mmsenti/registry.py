@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mmsenti.errors import RegistryError
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -25,11 +27,6 @@ class Entry:
     builder: Callable[..., Any]
     config_cls: type | None
     description: str
-
-
-class RegistryError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0])
 
 
 class Registry:

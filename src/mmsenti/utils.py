@@ -1,4 +1,5 @@
-"""Small shared utilities: seeding, RNG state, devices, precision, git revision, logging set-up.
+"""Small shared utilities: files (atomic writes, JSON, hashes), seeding, RNG state, devices, batches, precision,
+git revision, logging set-up.
 
 torch is imported by the functions that use it, so the CLI can set up logging without importing torch.
 """
@@ -6,15 +7,20 @@ torch is imported by the functions that use it, so the CLI can set up logging wi
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from mmsenti.errors import ModelFileError
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +44,47 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: Path, what: str = "JSON file") -> Any:
+    """A JSON file of a model or export folder; missing or invalid is a :class:`ModelFileError` naming it (and
+    line:column)."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing (the model folder is incomplete)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); the {what} is damaged") from None
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{path}: not UTF-8 text (byte offset {e.start}); the {what} is damaged") from None
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", **options: Any) -> str:
+    """Hex digest of a file's bytes, read in 4 MiB chunks; ``options`` go to :func:`hashlib.new` (e.g.
+    ``digest_size=16`` for BLAKE2b)."""
+    h = hashlib.new(algorithm, **options)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_sha256_memo: dict[tuple[str, int, int], str] = {}
+_sha256_lock = threading.Lock()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime) so repeated cache-key lookups are free."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _sha256_lock:
+        if key in _sha256_memo:
+            return _sha256_memo[key]
+    digest = file_digest(path)
+    with _sha256_lock:
+        _sha256_memo[key] = digest
+    return digest
 
 
 def seed_everything(seed: int) -> None:
@@ -82,12 +129,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is CUDA when it is available, else the CPU; any other name is taken as torch names it."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def move(batch: dict, device: torch.device) -> dict:
+    """A batch dict with its tensors on ``device`` (other values as they are)."""
+    import torch
+
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -14,7 +14,6 @@ Every model is returned in eval mode, in float32.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from mmsenti.backbones.weights import (
     resolve_weights,
 )
 from mmsenti.compat import ensure_torchvision_importable, import_open_clip, import_timm
+from mmsenti.config import merge
 
 log = logging.getLogger(__name__)
 
@@ -340,13 +340,6 @@ def _open_clip_hub_id(preset: ClipPreset) -> str | None:
     return "/".join(parts[:2]) if len(parts) >= 2 else None
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_clip(
     name: str = "clip-vit-b-32",
     pretrained: Pretrained = True,
@@ -372,7 +365,7 @@ def load_clip(
     Returns:
         ``(model, tokenizer, transform)``: hf: ``transformers.CLIPModel`` and its tokenizer (None with random
         initialisation when the preset's files are not on this machine); open_clip: its ``CLIP`` model and
-        tokenizer. ``transform`` is an :class:`~mmsenti.data.processing.ImageTransform` (PIL → tensor) with the
+        tokenizer. ``transform`` is an :class:`~mmsenti.backbones.transforms.ImageTransform` (PIL → tensor) with the
         preset's preprocessing.
 
     Raises:
@@ -397,9 +390,9 @@ def load_clip(
             hf_config = config
         elif local is not None and (local.path / "config.json").is_file():
             hf_config = CLIPConfig.from_pretrained(local.path, local_files_only=True)
-            hf_config = CLIPConfig(**_merge(hf_config.to_dict(), config or {}))
+            hf_config = CLIPConfig(**merge(hf_config.to_dict(), config or {}))
         else:
-            hf_config = CLIPConfig(**_merge(preset.arch or {}, config or {}))
+            hf_config = CLIPConfig(**merge(preset.arch or {}, config or {}))
         tokenizer = _load_tokenizer(local.path, preset) if local is not None and local.path.is_dir() else None
         return CLIPModel(hf_config).float().eval(), tokenizer, transform
     if not weights.path.is_dir():

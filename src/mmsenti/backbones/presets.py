@@ -28,7 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    """How images are fed to a pretrained image tower (the fields of :class:`mmsenti.data.processing.ImageTransform`).
+    """How images are fed to a pretrained image tower (the fields of :class:`mmsenti.backbones.transforms.ImageTransform`).
 
     Attributes:
         image_size: square input side, in pixels.
@@ -47,8 +47,8 @@ class ImagePreprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def transform(self):
-        """The matching :class:`~mmsenti.data.processing.ImageTransform` (PIL image → normalised tensor)."""
-        from mmsenti.data.processing import ImageTransform
+        """The matching :class:`~mmsenti.backbones.transforms.ImageTransform` (PIL image → normalised tensor)."""
+        from mmsenti.backbones.transforms import ImageTransform  # torch: imported when a transform is made
 
         return ImageTransform(size=self.image_size, mean=list(self.mean), std=list(self.std), resize=self.resize,
                               crop_pct=self.crop_pct, interpolation=self.interpolation)

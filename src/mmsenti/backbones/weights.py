@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from mmsenti.config import ConfigError
+from mmsenti.errors import MissingWeightsError, WeightsError
+from mmsenti.utils import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ _HUB_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.mlmodel", "
                "openvino/*", "tf_model*", "flax_model*", "rust_model*"]
 
 Source = Literal["path", "package", "weights_dir", "hub_cache", "hub"]
-
-
-class WeightsError(ConfigError):
-    """Pretrained weights that cannot be used: unreadable, or not fitting the architecture they are loaded into."""
-
-
-class MissingWeightsError(WeightsError):
-    """Pretrained weights that were asked for but are not available (offline and not found locally)."""
 
 
 @dataclass(frozen=True)
@@ -344,28 +337,6 @@ def read_state_dict(path: str | os.PathLike, prefer: Sequence[str] = _WEIGHT_FIL
 
 
 # ------------------------------------------------------------------------------------------------ hashing
-_hash_cache: dict[tuple[str, int, int], str] = {}
-_hash_lock = threading.Lock()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, remembered per (path, size, mtime) so repeated cache-key lookups are free."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    with _hash_lock:
-        if key in _hash_cache:
-            return _hash_cache[key]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _hash_lock:
-        _hash_cache[key] = digest
-    return digest
-
-
 def weights_fingerprint(path: str | os.PathLike) -> str:
     """Content hash of weights for cache keys: a file's SHA-256, or for a directory the SHA-256 over every
     non-hidden file's relative name and SHA-256 (so tokenizer and config changes count too)."""

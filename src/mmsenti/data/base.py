@@ -8,12 +8,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mmsenti.errors import DataError
+
 Task = Literal["classification", "regression"]
 SPLITS = ("train", "dev", "test")
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file, line or field (the CLI prints it, exit code 2)."""
 
 
 def text_problem(text: str) -> str | None:

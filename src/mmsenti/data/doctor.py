@@ -21,8 +21,9 @@ from PIL import Image
 
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DatasetBundle, Sample
-from mmsenti.data.formats.common import duplicate_ids, label_problems, lenient
+from mmsenti.data.formats.bundle import duplicate_ids
 from mmsenti.data.formats.images import IMAGE_PROBLEMS, check_images, set_max_image_pixels
+from mmsenti.data.formats.labels import label_problems
 
 _SHOW = 5  # ids shown per problem
 
@@ -33,8 +34,7 @@ def load_bundle(data: DatasetBundle | DataConfig) -> DatasetBundle:
         return data
     from mmsenti.registry import DATASETS
 
-    with lenient():
-        return DATASETS.get(data.name).builder(data)
+    return DATASETS.get(data.name).builder(data, lenient=True)
 
 
 def _label_counts(bundle: DatasetBundle, samples: list[Sample]) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmsenti.data.base import DataError, Sample
+from mmsenti.backbones.transforms import ImageTransform
+from mmsenti.config import TEXT_KEYS, default_batch_inputs
+from mmsenti.data.base import Sample
+from mmsenti.errors import DataError, ModelFileError
+from mmsenti.utils import read_json
 
 log = logging.getLogger(__name__)
 
@@ -56,51 +60,6 @@ def train_wordpiece_tokenizer(texts: Sequence[str], vocab_size: int, max_length:
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_max_length=max_length,
     )
-
-
-@dataclass
-class ImageTransform:
-    """Resize (+ optional centre crop) and normalise, as the backbone's pretrained config asks.
-
-    ``resize="squash"`` resizes straight to ``size``×``size``; ``resize="shorter"`` resizes the shorter side to
-    ``size / crop_pct`` and centre-crops ``size`` (timm's eval transform).
-    """
-
-    size: int = 64
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    resize: str = "squash"
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
-
-    def _plan(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """(resized width, resized height, crop left, crop top) for an image of ``width`` × ``height``."""
-        if self.resize == "squash":
-            return self.size, self.size, 0, 0
-        scale = self.size / self.crop_pct / min(width, height)
-        w, h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
-        return w, h, (w - self.size) // 2, (h - self.size) // 2
-
-    def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The part of a ``width`` × ``height`` image the model sees, in its pixels: (left, top, right, bottom).
-
-        ``squash``: the whole image (stretched to a square, so a square cell of the model's input covers a
-        ``width/size`` × ``height/size`` rectangle of it); ``shorter``: the centre crop, a square of the image.
-        """
-        w, h, left, top = self._plan(width, height)
-        sx, sy = width / w, height / h
-        return left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB")
-        interp = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[self.interpolation]
-        # Resize only the part the model sees (the centre crop's box in source pixels), never the whole image: the
-        # same pixels as resize-then-crop (to one 8-bit level), and a 1x6000 image costs size^2, not size x 1.5M.
-        img = img.resize((self.size, self.size), interp, box=self.source_box(img.width, img.height))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
 
 
 def open_image(image: Any, sample_id: str = "?") -> Image.Image:
@@ -152,13 +111,7 @@ def collate_sequences(samples: Sequence[Sample], modality: str) -> tuple[torch.T
     return out, mask
 
 
-TEXT_KEYS = ("input_ids", "attention_mask")
 CLIP_TEXT_KEYS = ("clip_input_ids", "clip_attention_mask")
-
-
-def default_batch_inputs(modalities: Sequence[str]) -> list[str]:
-    """Batch keys of the usual text (token ids + mask) and image (pixel values) inputs of ``modalities``."""
-    return [*(TEXT_KEYS if "text" in modalities else ()), *(("pixel_values",) if "image" in modalities else ())]
 
 
 class Processor:
@@ -309,7 +262,6 @@ class Processor:
         from transformers import AutoTokenizer
 
         from mmsenti.backbones.clip import ClipTokenizer
-        from mmsenti.models.files import ModelFileError, read_json
 
         directory = Path(directory)
         path = directory / "preprocessing.json"

@@ -156,7 +156,8 @@ class ScenesConfig(DataConfig):
 
 
 @DATASETS.register("scenes", config=ScenesConfig, description="built-in polarity scenes: label needs text + image")
-def build_scenes(cfg: ScenesConfig) -> DatasetBundle:
+def build_scenes(cfg: ScenesConfig, *, lenient: bool = False) -> DatasetBundle:
+    # Generated: nothing for `lenient` to keep (no file can be missing, no id repeats).
     sizes = {"train": cfg.num_train, "dev": cfg.num_dev, "test": cfg.num_test}
     splits = {name: [make_sample(i, name, cfg.seed, cfg.image_size) for i in range(n)] for name, n in sizes.items()}
     return DatasetBundle(name="scenes", splits=splits, task="classification", label_names=list(LABELS),

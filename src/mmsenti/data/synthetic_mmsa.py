@@ -43,7 +43,7 @@ import numpy as np
 
 from mmsenti.config import ConfigError, DataConfig
 from mmsenti.data.base import DatasetBundle, Sample
-from mmsenti.data.formats.common import finish
+from mmsenti.data.formats.bundle import finish
 from mmsenti.registry import DATASETS
 
 MMSA_SPLITS = ("train", "valid", "test")
@@ -187,7 +187,7 @@ def synthetic_samples(part: dict[str, np.ndarray]) -> list[Sample]:
 
 @DATASETS.register("synthetic-mmsa", config=SyntheticMMSADataConfig,
                    description="generated MOSI-like text/audio/vision features where retrieval helps (regression)")
-def build_synthetic_mmsa(cfg: SyntheticMMSADataConfig) -> DatasetBundle:
+def build_synthetic_mmsa(cfg: SyntheticMMSADataConfig, *, lenient: bool = False) -> DatasetBundle:
     overrides = {k: getattr(cfg, k) for k in ("n_clusters", "label_noise", "score_range", "nuisance", "noise")
                  if getattr(cfg, k) is not None}
     try:
@@ -196,4 +196,4 @@ def build_synthetic_mmsa(cfg: SyntheticMMSADataConfig) -> DatasetBundle:
         raise ConfigError(f"data: {e}") from None
     splits = {split: synthetic_samples(synth.data[key])
               for split, key in (("train", "train"), ("dev", "valid"), ("test", "test"))}
-    return finish("synthetic-mmsa", splits, "regression", None, MODALITIES)
+    return finish("synthetic-mmsa", splits, "regression", None, MODALITIES, lenient=lenient)

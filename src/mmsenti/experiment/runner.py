@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsenti.config import ConfigError
-from mmsenti.experiment.runs import Job, RunResult, duration, result
+from mmsenti.experiment.jobs import Job, RunResult, duration, result
 from mmsenti.experiment.spec import Experiment, Row
 
 Echo = Callable[[str], None]

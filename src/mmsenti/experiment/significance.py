@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmsenti.metrics import higher_is_better
-from mmsenti.train.evaluate import Predictions
+from mmsenti.metrics import Predictions, higher_is_better
 
 
 @dataclass

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmsenti.config import ConfigError
+from mmsenti.experiment.jobs import Job, RunResult, display_command, result
 from mmsenti.experiment.runner import Outcome, cv_seeds, decide
-from mmsenti.experiment.runs import Job, RunResult, display_command, result
 from mmsenti.experiment.significance import PairedResult, paired_bootstrap
 from mmsenti.experiment.spec import Comparison, Experiment, Row
 
@@ -206,7 +206,7 @@ def oof_predictions(exp: Experiment, row: Row, seed: int):
     """The out-of-fold dev predictions of ``row`` at ``seed`` (every train+dev post once) and each post's fold."""
     import numpy as np
 
-    from mmsenti.train.evaluate import Predictions
+    from mmsenti.metrics import Predictions
 
     parts, folds = [], []
     for f in range(exp.spec.cv.folds):

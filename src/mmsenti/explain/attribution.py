@@ -19,6 +19,7 @@ from mmsenti.data.base import Sample
 from mmsenti.explain.options import ExplainOptions
 from mmsenti.explain.results import ImageAttribution, ModalityAttribution, TextAttribution, Word
 from mmsenti.explain.text import pool_words
+from mmsenti.utils import move
 
 BATCH_ID = "explain"  # the id every explained forward pass carries (RAHP excludes nothing by id in eval mode)
 
@@ -38,8 +39,6 @@ def run(model: torch.nn.Module, batch: dict, **kwargs) -> dict:
 
 def batch_of(processor, sample: Sample, device: torch.device) -> dict:
     """One post → the model's evaluation batch on ``device``."""
-    from mmsenti.train.evaluate import move
-
     return move(processor([sample], training=False), device)
 
 

@@ -156,7 +156,7 @@ def _checked_image(sample):
 def _dataset(predictor, root: str | None):
     import copy
 
-    from mmsenti.train.setup import build_dataset
+    from mmsenti.train.workbench import build_dataset
 
     cfg = copy.deepcopy(predictor.config)
     if root:

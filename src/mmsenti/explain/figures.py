@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmsenti.experiment.plots import _figure
 from mmsenti.explain.results import Explanation
+from mmsenti.plots import figure
 
 PANEL = "panel"
 HEAT_CMAP = "jet"
@@ -37,7 +37,7 @@ MAX_DRAWN_SIDE = 1024  # pixels of the post's image as drawn (a panel is about 2
 def new_figure(width: float, height: float):
     """A figure of ``width`` x ``height`` inches, scaled down (both sides alike) to fit :data:`MAX_FIGURE_INCHES`."""
     scale = min(1.0, MAX_FIGURE_INCHES / max(width, height))
-    return _figure(width * scale, height * scale)
+    return figure(width * scale, height * scale)
 
 
 def _panel(fig, grid, index) -> object:

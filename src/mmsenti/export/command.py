@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mmsenti.export.format import DEFAULT_OPSET, ExportError, TensorSpec
+from mmsenti.errors import ExportError, ParityError
+from mmsenti.export.format import DEFAULT_OPSET, TensorSpec
 
 # Names models.folder.EXPORT_SUBDIR without importing it (mmsenti.models imports torch); tests/test_export.py checks.
 OUT_HELP = ("the export folder (default RUN_DIR/onnx, RUN_DIR/onnx-int8 with --quantize int8); an earlier export is "
@@ -39,7 +39,6 @@ def add_export_parser(sub) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from mmsenti.export.exporter import check_export, export_onnx
-    from mmsenti.export.format import ParityError
     from mmsenti.export.parity import describe
 
     if args.check:
@@ -48,22 +47,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         lines, bad = check_export(args.check, args.run, args.root)
         print("\n".join(lines))
         if bad:
-            print(f"mmsenti: error: {args.check}: {len(bad)} figure(s) of export.json not reproduced: "
-                  + "; ".join(bad), file=sys.stderr)
-            return 1
+            raise ParityError(f"{args.check}: {len(bad)} figure(s) of export.json not reproduced: " + "; ".join(bad))
         print("check passed: the recorded figures are reproduced")
         return 0
     if not args.run_dir:
         raise ExportError("give the RUN_DIR to export, or --check EXPORT_DIR")
     if args.parity_posts < 1 or args.batch_size < 1 or args.tolerance < 0:
         raise ExportError("--parity-posts and --batch-size must be >= 1 and --tolerance >= 0")
-    try:
-        out, meta = export_onnx(args.run_dir, args.out, opset=args.opset, quantize=args.quantize,
-                                parity=not args.no_parity, parity_posts=args.parity_posts, batch_size=args.batch_size,
-                                tolerance=args.tolerance, root=args.root)
-    except ParityError as e:
-        print(f"mmsenti: error: {e}", file=sys.stderr)
-        return 1
+    out, meta = export_onnx(args.run_dir, args.out, opset=args.opset, quantize=args.quantize,
+                            parity=not args.no_parity, parity_posts=args.parity_posts, batch_size=args.batch_size,
+                            tolerance=args.tolerance, root=args.root)  # a failed parity check: ParityError, exit 1
     print(out)
     size = sum(meta["files"].values()) / 2**20
     print(f"  {meta['precision']} graph, opset {meta['opset']}, {size:.1f} MB; inputs: "

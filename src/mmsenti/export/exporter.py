@@ -72,8 +72,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
         seed: of the generated inputs.
         threads: onnxruntime intra-op threads for the parity run.
     """
-    from mmsenti import __version__
-    from mmsenti.train.setup import select_metric
+    from mmsenti.train.workbench import select_metric
+    from mmsenti.version import __version__
 
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize: only int8 is supported, got {quantize!r}")
@@ -254,7 +254,7 @@ def check_export(directory: str | Path, source: str | Path | None = None, root: 
     """
     from mmsenti.data.base import DataError
     from mmsenti.export.parity import mismatches
-    from mmsenti.train.setup import select_metric
+    from mmsenti.train.workbench import select_metric
 
     export = ModelFolder.open(directory, "onnx")
     folder, meta = export.directory, export.export

@@ -8,18 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mmsenti.data.base import DataError
+from mmsenti.errors import ExportError, ParityError  # noqa: F401 - their home was this module
 
 DEFAULT_OPSET = 20  # torch.onnx's default for the dynamo exporter
 PRESENT_KEYS = ("image_present", "text_present")  # which modalities a post has (models that can hide one)
-
-
-class ExportError(DataError):
-    """A model or configuration that cannot be exported, or an export that failed; the message says why."""
-
-
-class ParityError(ExportError):
-    """The exported graph does not answer as the PyTorch model does (or ``--check`` does not reproduce figures)."""
 
 
 @dataclass

@@ -93,7 +93,7 @@ def build_inputs(model, processor, config, specs: list[TensorSpec], *, posts: in
 
 
 def _dev_samples(config, root: str | None):
-    from mmsenti.train.setup import build_dataset
+    from mmsenti.train.workbench import build_dataset
 
     cfg = copy.deepcopy(config)
     if root:

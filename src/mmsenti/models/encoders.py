@@ -327,7 +327,7 @@ def image_transform(cfg: ImageEncoderConfig):
     """The image preprocessing of ``cfg``: the preset's, with the config's explicit size/mean/std on top."""
     from dataclasses import replace
 
-    from mmsenti.data.processing import ImageTransform
+    from mmsenti.backbones.transforms import ImageTransform
 
     if cfg.name == "small-cnn":
         t = ImageTransform(size=64)
@@ -385,7 +385,7 @@ def build_processor(cfg, train_texts, task: str):
 def _clip_preprocessing(cfg, tokenizer):
     """(ClipTokenizer, ImageTransform) of ``cfg.clip``; see ``infig.build_clip`` for which ids each CLIP reads."""
     from mmsenti.backbones.clip import HFClipTokenizer, OpenClipTokenizer
-    from mmsenti.data.processing import ImageTransform
+    from mmsenti.backbones.transforms import ImageTransform
 
     max_length = 77
     if cfg.clip.name == "tiny-random":  # a random stand-in reads the main tokenizer's ids

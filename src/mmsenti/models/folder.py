@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mmsenti.backbones.weights import file_sha256
-from mmsenti.data.base import DataError
+from mmsenti.errors import ModelFileError
 from mmsenti.models.base import MultimodalModel, TaskInfo, build_model
+from mmsenti.utils import file_sha256, read_json
+from mmsenti.version import __version__
 
 if TYPE_CHECKING:
     from mmsenti.config import Config
@@ -57,10 +58,6 @@ EXPORT_COPIES = (CONFIG, LABELS, "preprocessing.json", "tokenizer")  # from the 
 KINDS = ("torch", "onnx")  # a model folder with PyTorch weights, or its ONNX export
 
 
-class ModelFileError(DataError):
-    """A saved model folder with a missing or damaged file; the message names the file and the problem."""
-
-
 # ---------------------------------------------------------------------------------------------------- files
 def _folder_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST and
@@ -69,26 +66,12 @@ def _folder_files(directory: Path) -> list[Path]:
 
 def write_manifest(directory: str | Path) -> Path:
     """Record the size and SHA-256 of every file in ``directory`` (call it after everything else is written)."""
-    from mmsenti import __version__
-
     directory = Path(directory)
     files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in _folder_files(directory)}
     path = directory / MANIFEST
     path.write_text(json.dumps({"format": "mmsenti-model", "mmsenti": __version__, "files": files}, indent=2) + "\n")
     return path
-
-
-def read_json(path: Path, what: str = "JSON file") -> Any:
-    """A JSON file of a model folder; missing or invalid is a :class:`ModelFileError` naming it (and line:column)."""
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing (the model folder is incomplete)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); the {what} is damaged") from None
-    except UnicodeDecodeError as e:
-        raise ModelFileError(f"{path}: not UTF-8 text (byte offset {e.start}); the {what} is damaged") from None
 
 
 def verify_manifest(directory: str | Path) -> bool:

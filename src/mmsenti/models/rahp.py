@@ -48,6 +48,7 @@ from mmsenti.models.encoders import build_image_encoder, build_text_encoder
 from mmsenti.models.layers import AttentionPool, TransformerBlock, build_attention
 from mmsenti.registry import MODELS
 from mmsenti.retrieval import INDEX_KINDS, CrossModalSupConLoss, MemoryBank, Neighbours
+from mmsenti.utils import move
 
 log = logging.getLogger(__name__)
 
@@ -438,8 +439,6 @@ class Rahp(MultimodalModel):
         round-robin share of the batches, the shares are gathered back into the global order, and every process
         builds the same bank, equal to a single process's.
         """
-        from mmsenti.train.evaluate import move
-
         device = torch.device(device) if device is not None else next(self.parameters()).device
         was_training = self.training
         self.eval()

@@ -10,7 +10,6 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
-from mmsenti import __version__
 from mmsenti.inference import Predictor
 from mmsenti.serve.dependencies import require_api_key
 from mmsenti.serve.errors import BodyLimit, RequestId, install_error_handlers
@@ -18,6 +17,7 @@ from mmsenti.serve.routes import V1_ROUTERS, health, web
 from mmsenti.serve.schemas import post_schemas
 from mmsenti.serve.service import Service
 from mmsenti.serve.settings import ServeSettings
+from mmsenti.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
 """Errors as JSON naming the field: ``{"error": {"status": 422, "field": "posts[0].image", "message": "..."}}``.
 
 Bad input is always a 4xx: validation errors, bodies over the limit (checked while the body streams in, by
-:class:`BodyLimit`, for every route), unknown routes. Only a bug in the service itself (or a model call that
-failed) is a 500; its message gives the request id (:class:`RequestId`) under which the log has the traceback.
+:class:`BodyLimit`, for every route), unknown routes, and every :class:`~mmsenti.errors.UserError` (a
+:class:`~mmsenti.errors.ServeError` with its own status and field; any other, such as a ``DataError``, a 422).
+Only a bug in the service itself (or a model call that failed) is a 500; its message gives the request id
+(:class:`RequestId`) under which the log has the traceback.
 """
 
 from __future__ import annotations
@@ -18,15 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mmsenti.errors import ServeError, UserError
+
 log = logging.getLogger(__name__)
-
-
-class ServeError(Exception):
-    """A client error: HTTP ``status``, the request ``field`` at fault (``None`` for the request as a whole)."""
-
-    def __init__(self, status: int, field: str | None, message: str):
-        super().__init__(message)
-        self.status, self.field, self.message = status, field, message
 
 
 def error_body(status: int, field: str | None, message: str) -> dict:
@@ -47,10 +43,12 @@ def validation_message(err: dict) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.field, exc.message), status_code=exc.status,
-                            headers={"WWW-Authenticate": "ApiKey"} if exc.status == 401 else None)
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError) -> JSONResponse:
+        # The one place a user's error becomes an answer: a ServeError says its status; any other is a 422.
+        status, field = (exc.status, exc.field) if isinstance(exc, ServeError) else (422, None)
+        return JSONResponse(error_body(status, field, str(exc)), status_code=status,
+                            headers={"WWW-Authenticate": "ApiKey"} if status == 401 else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

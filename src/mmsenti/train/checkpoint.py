@@ -14,7 +14,6 @@ and the old one dropped after it), so a kill at any moment leaves a file that ve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,9 @@ from typing import Any
 
 import torch
 
-from mmsenti.data.base import DataError
+from mmsenti.errors import CheckpointError
+from mmsenti.utils import file_digest
+from mmsenti.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ _LEGACY_NUMPY = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._
 
 
 MANIFEST = "manifest.json"  # in the checkpoints folder: {"files": {name: {"size", "sha256"[, "pending"]}}}
-
-
-class CheckpointError(DataError):
-    """A checkpoint that cannot be read, or that holds objects mmsenti refuses to unpickle."""
 
 
 def atomic_save(obj: Any, path: str | Path, *, checksum: bool = False) -> None:
@@ -59,7 +56,7 @@ def atomic_save(obj: Any, path: str | Path, *, checksum: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
         if checksum:
-            record = {"size": Path(tmp).stat().st_size, "sha256": _sha256(Path(tmp))}
+            record = {"size": Path(tmp).stat().st_size, "sha256": file_digest(tmp)}
             _record(path, record, pending=True)  # until the rename, the old file and the new one both verify
         os.replace(tmp, path)
         if checksum:
@@ -67,16 +64,6 @@ def atomic_save(obj: Any, path: str | Path, *, checksum: bool = False) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _sha256(path: Path) -> str:
-    # Not mmsenti.backbones.weights.file_sha256: that one caches by (path, size, mtime), and a verification must
-    # read the bytes that are there now.
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_manifest(folder: Path) -> dict[str, dict] | None:
@@ -95,8 +82,6 @@ def _read_manifest(folder: Path) -> dict[str, dict] | None:
 
 def _record(path: Path, record: dict, pending: bool = False) -> None:
     """Write ``path``'s checksum into its folder's manifest (atomically); ``pending``: beside the current one."""
-    from mmsenti import __version__
-
     try:
         files = _read_manifest(path.parent) or {}
     except CheckpointError:  # a damaged manifest is replaced: the files it listed are rewritten as training goes on
@@ -136,7 +121,7 @@ def verify_checkpoint(path: str | Path) -> bool:
     if all(r.get("size") != size for r in written):
         raise CheckpointError(f"{path}: {size} bytes, but {rec.get('size')} when it was written (truncated or "
                               "damaged); resume from another copy of the run, or start it again")
-    digest = _sha256(path)
+    digest = file_digest(path)  # not the memoised file_sha256: a verification reads the bytes there now
     if all(r["sha256"] != digest for r in written):
         raise CheckpointError(f"{path}: SHA-256 {digest[:16]}… differs from {str(rec.get('sha256'))[:16]}… recorded "
                               f"in {MANIFEST} when it was written: the file is damaged or was modified; resume from "

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mmsenti.data.base import DataError
+from mmsenti.errors import RunDirLocked
 
 try:
     import fcntl
@@ -34,10 +34,6 @@ except ImportError:  # Windows
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
-
-
-class RunDirLocked(DataError):
-    """Another process holds the run directory."""
 
 
 def _describe(holder: dict[str, Any] | None) -> str:

@@ -6,8 +6,8 @@ run needs to continue exactly where a killed one stopped, mid-epoch included: th
 batches is a function of (seed, epoch), and the RNG states (of every process) are restored, so a resumed run
 ends with the same metrics as an uninterrupted one.
 
-Structure: :func:`~mmsenti.train.setup.build_setup` builds data, processor and model (the path ``evaluate`` and
-``cache`` share); :meth:`Trainer.prepare` adds the run directory, optimiser, schedule, checkpoint and the DDP
+Structure: :func:`~mmsenti.train.workbench.build_workbench` builds data, processor and model (the path
+``evaluate`` and ``cache`` share); :meth:`Trainer.prepare` adds the run directory, optimiser, schedule, checkpoint and the DDP
 wrapper; :meth:`Trainer.fit` runs the loop. With several processes each takes its shard of every global batch
 (:class:`~mmsenti.distributed.ShardedBatchSampler`), the losses share negatives through the gather hook, and rank
 0 alone writes the run directory. The trainer talks to the unwrapped model (``self.model``) for losses,
@@ -32,8 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmsenti.config import Config, ConfigError, config_from_json, resume_config, save_config
-from mmsenti.data.base import DataError
+from mmsenti.config import Config, config_from_json, resume_config, save_config
 from mmsenti.distributed import (
     Distributed,
     ProcessGroupError,
@@ -42,26 +41,27 @@ from mmsenti.distributed import (
     no_sync,
     shard_weight,
 )
+from mmsenti.errors import ConfigError, DataError, UserError
 from mmsenti.losses import total_loss
 from mmsenti.metrics import format_table, higher_is_better
 from mmsenti.models.base import MultimodalModel
 from mmsenti.models.folder import MODEL_SUBDIR, ModelFolder
 from mmsenti.train.checkpoint import atomic_save, load_checkpoint
-from mmsenti.train.evaluate import move
 from mmsenti.train.lock import hold_run_dir
 from mmsenti.train.optim import build_optimizer, build_scheduler
 from mmsenti.train.sampler import EpochBatchSampler, build_batch_sampler, sample_lengths  # noqa: F401 (re-export)
-from mmsenti.train.setup import (  # noqa: F401 - re-exported: their home was this module
+from mmsenti.train.workbench import (  # noqa: F401 - re-exported: their home was this module
     ListDataset,
-    Setup,
+    Workbench,
     build_dataset,
-    build_setup,
+    build_workbench,
     open_split_cache,
     select_metric,
 )
 from mmsenti.utils import (
     autocast,
     git_revision,
+    move,
     rng_state,
     set_rng_state,
     setup_logging,
@@ -187,15 +187,15 @@ class Trainer:
             from mmsenti.data.processing import Processor
 
             processor = Processor.load(proc_dir)
-        self.setup: Setup = build_setup(cfg, dist=dist, processor=processor)
+        self.bench: Workbench = build_workbench(cfg, dist=dist, processor=processor)
         if processor is None and dist.is_main:
-            self.setup.processor.save(proc_dir)
-        self.bundle, self.processor, self.model = self.setup.bundle, self.setup.processor, self.setup.model
+            self.bench.processor.save(proc_dir)
+        self.bundle, self.processor, self.model = self.bench.bundle, self.bench.processor, self.bench.model
         if cfg.run.compile:
             from mmsenti.train.compile import compile_model
 
             compile_model(self.model)  # in place (state_dict keys unchanged); eager with a warning if unavailable
-        self.info, self.metric, self.amp_dtype = self.setup.info, self.setup.metric, self.setup.amp_dtype
+        self.info, self.metric, self.amp_dtype = self.bench.info, self.bench.metric, self.bench.amp_dtype
         log.info("device %s, %s", self.device,
                  f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "fp32")
         train = self.bundle.split("train")
@@ -268,19 +268,19 @@ class Trainer:
         """Training batches for ``epoch`` (this process's shards, from batch ``start``) or, with epoch None, this
         process's share of the ordered evaluation batches."""
         if epoch is None:
-            return self.setup.eval_loader(split)
-        return self.setup.data_loader(split, self._train_sampler(epoch, start))
+            return self.bench.eval_loader(split)
+        return self.bench.data_loader(split, self._train_sampler(epoch, start))
 
     def collate_fn(self, split: str, training: bool = True):
-        return self.setup.collate_fn(split, training)
+        return self.bench.collate_fn(split, training)
 
     @property
     def feature_cache(self) -> dict[str, object]:
-        return self.setup.stores
+        return self.bench.stores
 
     @property
     def use_cache(self) -> bool:
-        return self.setup.feature_cache
+        return self.bench.feature_cache
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _save(self, name: str) -> None:
@@ -344,8 +344,8 @@ class Trainer:
                     raise ProcessGroupError(msg) from None
                 if isinstance(e, Exception):
                     self.dist.report_error(e)  # the other processes say that this one failed, and why
-                    # The CLI prints a data/config error as one line on stderr; the log file gets it once as well.
-                    one_line = isinstance(e, (DataError, ConfigError))
+                    # The CLI prints a user's error as one line on stderr; the log file gets it once as well.
+                    one_line = isinstance(e, UserError)
                     log.error("run stopped: %s", e if one_line else f"{type(e).__name__}: {e}",
                               exc_info=None if one_line else e, extra={"file_only": True})
                 raise
@@ -372,7 +372,7 @@ class Trainer:
             train_terms = self._train_epoch()
             self.dist.average_norm_statistics(self.model)  # every process evaluates (and encodes) with one model
             self._hook("on_train_epoch_end")
-            dev = self.setup.evaluate("dev")
+            dev = self.bench.evaluate("dev")
             self._end_epoch(train_terms, dev)
             if cfg.run.patience and st.bad_epochs >= cfg.run.patience:
                 log.info("early stop: no dev %s improvement for %d epochs", self.metric, st.bad_epochs)
@@ -461,8 +461,6 @@ class Trainer:
         # Without unused-parameter detection DDP waits forever for a gradient that never comes: say so at once.
         unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         if unused:
-            from mmsenti.config import ConfigError
-
             raise ConfigError(f"run.find_unused_parameters: {len(unused)} trainable parameter(s) get no gradient in "
                               f"training ({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}); "
                               "set --set run.find_unused_parameters=true to train with several processes")
@@ -540,7 +538,7 @@ class Trainer:
         if self.dist.is_main:
             ModelFolder.save(self.run_dir / MODEL_SUBDIR, self.model, self.processor, self.cfg)
         # Per-post predictions of the selected model: what paired significance tests (mmsenti experiment) need.
-        results = {split: self.setup.evaluate(split, save_predictions=self.run_dir / "predictions" / f"{split}.npz")
+        results = {split: self.bench.evaluate(split, save_predictions=self.run_dir / "predictions" / f"{split}.npz")
                    for split in ("dev", "test") if split in self.bundle.splits}
         if self.dist.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")

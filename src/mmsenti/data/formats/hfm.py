@@ -24,16 +24,10 @@ from typing import Any, Literal
 
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
-from mmsenti.data.formats.common import (
-    attach_translations,
-    field_problem,
-    find_file,
-    finish,
-    read_clmlf_splits,
-    require_root,
-    text_lines,
-)
+from mmsenti.data.formats.bundle import find_file, finish, require_root
+from mmsenti.data.formats.clmlf import attach_translations, read_clmlf_splits
 from mmsenti.data.formats.images import attach_images
+from mmsenti.data.formats.readers import field_problem, text_lines
 from mmsenti.data.formats.text import normalize_tweet
 from mmsenti.registry import DATASETS
 
@@ -131,7 +125,7 @@ def _load_raw(root: Path, filter_train: bool, name: str, encoding: str) -> tuple
 
 @DATASETS.register("hfm", config=HFMConfig,
                    description="HFM Twitter sarcasm (image+text, 2 classes): CLMLF json or original release")
-def build_hfm(cfg: HFMConfig) -> DatasetBundle:
+def build_hfm(cfg: HFMConfig, *, lenient: bool = False) -> DatasetBundle:
     root = require_root(cfg)
     fmt = cfg.format
     if fmt == "auto":
@@ -161,6 +155,6 @@ def build_hfm(cfg: HFMConfig) -> DatasetBundle:
                 s.extra["attributes"] = words or []
         if lacking:
             log.warning("%s: %d post(s) have no image attribute words (given an empty list)", cfg.name, lacking)
-    modalities = attach_images(splits, root, cfg.image_dir, IMAGE_DIRS, cfg)
+    modalities = attach_images(splits, root, cfg.image_dir, IMAGE_DIRS, cfg, lenient=lenient)
     return finish(cfg.name, splits, "classification", list(LABELS), modalities, sources,
-                  normalize_tweet if cfg.normalize_text else None)
+                  normalize_tweet if cfg.normalize_text else None, lenient=lenient)

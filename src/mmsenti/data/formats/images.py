@@ -29,7 +29,6 @@ from PIL import Image, UnidentifiedImageError
 
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, Sample
-from mmsenti.data.formats.common import is_lenient
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,8 @@ def find_image_dir(root: Path, configured: str | None, candidates: Sequence[str]
 
 
 def attach_images(splits: dict[str, list[Sample]], root: Path, configured: str | None, candidates: Sequence[str],
-                  cfg: DataConfig, key: Callable[[Sample], str] = lambda s: s.id) -> tuple[str, ...]:
+                  cfg: DataConfig, key: Callable[[Sample], str] = lambda s: s.id, *,
+                  lenient: bool = False) -> tuple[str, ...]:
     """Point each sample at its image file in the dataset's image folder and apply :func:`apply_image_policy`.
 
     Returns the modalities the copy holds: ``("text", "image")`` when an image folder was configured or found
@@ -104,7 +104,7 @@ def attach_images(splits: dict[str, list[Sample]], root: Path, configured: str |
     for samples in splits.values():
         for s in samples:
             s.image = folder.find(key(s))
-    splits.update(apply_image_policy(splits, cfg, folder.path))
+    splits.update(apply_image_policy(splits, cfg, folder.path, lenient=lenient))
     return ("text", "image")
 
 
@@ -240,18 +240,19 @@ def is_missing(s: Sample) -> bool:
     return isinstance(s.image, (str, Path)) and not os.path.isfile(s.image)
 
 
-def apply_image_policy(splits: dict[str, list[Sample]], cfg: DataConfig, where: Path | str) -> dict[str, list[Sample]]:
+def apply_image_policy(splits: dict[str, list[Sample]], cfg: DataConfig, where: Path | str, *,
+                       lenient: bool = False) -> dict[str, list[Sample]]:
     """Check every split's image files and enforce ``data.missing_images`` on those absent or unusable.
 
     ``error`` raises a :class:`DataError` with the count and the first ids (and what is wrong with each);
     ``drop`` leaves those posts out (logged per split); ``blank`` gives them :func:`blank_image` and marks
-    ``extra["image_missing"] = True`` (logged). Never silent. In :func:`lenient` mode (the data doctor) nothing is
-    checked: the doctor checks and reports itself.
+    ``extra["image_missing"] = True`` (logged). Never silent. ``lenient`` (the data doctor): nothing is checked;
+    the doctor checks and reports itself.
     """
     if cfg.missing_images not in ("error", "drop", "blank"):
         raise DataError(f"data.missing_images: expected error, drop or blank, got {cfg.missing_images!r}")
     set_max_image_pixels(cfg.max_image_pixels)
-    if is_lenient():
+    if lenient:
         return splits
     everything = [s for v in splits.values() for s in v]
     bad = check_images(everything, decode=cfg.image_check == "decode", progress=cfg.image_check == "decode",

@@ -17,8 +17,11 @@ from pathlib import Path
 
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
-from mmsenti.data.formats.common import carve_split, finish, label_index, read_csv, require_root
+from mmsenti.data.formats.bundle import finish, require_root
 from mmsenti.data.formats.images import attach_images
+from mmsenti.data.formats.labels import label_index
+from mmsenti.data.formats.readers import read_csv
+from mmsenti.data.splits import carve_split
 from mmsenti.registry import DATASETS
 
 LABELS = ["negative", "neutral", "positive"]
@@ -56,7 +59,7 @@ def _read(path: Path, encoding: str = "utf-8") -> list[Sample]:
 
 @DATASETS.register("cm-memes", config=MemesConfig,
                    description="CM-Off-Meme code-mixed memes (image+text, valence 3 classes)")
-def build_memes(cfg: MemesConfig) -> DatasetBundle:
+def build_memes(cfg: MemesConfig, *, lenient: bool = False) -> DatasetBundle:
     root = require_root(cfg)
     train_csv, dev_csv = root / "train.csv", root / "dev.csv"
     for p in (train_csv, dev_csv):
@@ -65,5 +68,5 @@ def build_memes(cfg: MemesConfig) -> DatasetBundle:
     official_train = _read(train_csv, cfg.encoding)
     train, dev = carve_split(official_train, cfg.dev_fraction, cfg.seed)
     splits = {"train": train, "dev": dev, "test": _read(dev_csv, cfg.encoding)}
-    modalities = attach_images(splits, root, cfg.image_dir, ("images",), cfg)
-    return finish(cfg.name, splits, "classification", list(LABELS), modalities, [train_csv, dev_csv])
+    modalities = attach_images(splits, root, cfg.image_dir, ("images",), cfg, lenient=lenient)
+    return finish(cfg.name, splits, "classification", list(LABELS), modalities, [train_csv, dev_csv], lenient=lenient)

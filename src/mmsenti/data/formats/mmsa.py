@@ -34,7 +34,8 @@ import numpy as np
 
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
-from mmsenti.data.formats.common import canonical_split, find_file, finish, read_csv, require_root
+from mmsenti.data.formats.bundle import canonical_split, find_file, finish, require_root
+from mmsenti.data.formats.readers import read_csv
 from mmsenti.registry import DATASETS
 from mmsenti.utils import write_atomic
 
@@ -246,7 +247,7 @@ def _find_features(root: Path, cfg: MMSAConfig) -> Path | None:
     return None
 
 
-def build_mmsa(cfg: MMSAConfig) -> DatasetBundle:
+def build_mmsa(cfg: MMSAConfig, *, lenient: bool = False) -> DatasetBundle:
     root = require_root(cfg)
     pkl = _find_features(root, cfg)
     csv_path = find_file(root, ["label.csv"])
@@ -266,7 +267,7 @@ def build_mmsa(cfg: MMSAConfig) -> DatasetBundle:
     else:
         raise DataError(f"{root}: no {cfg.name.upper()} data found (expected label.csv, aligned_50.pkl or "
                         f"unaligned_50.pkl, in the root or Processed/)")
-    return finish(cfg.name, splits, "regression", None, modalities, sources)
+    return finish(cfg.name, splits, "regression", None, modalities, sources, lenient=lenient)
 
 
 def convert_dataset(cfg: MMSAConfig) -> list[Path]:

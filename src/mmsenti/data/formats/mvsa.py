@@ -22,20 +22,12 @@ from typing import Literal
 
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
-from mmsenti.data.formats.common import (
-    attach_translations,
-    find_file,
-    finish,
-    random_splits,
-    read_clmlf_splits,
-    read_json_list,
-    read_text_file,
-    require_root,
-    split_by_id_lists,
-    text_lines,
-)
+from mmsenti.data.formats.bundle import find_file, finish, require_root
+from mmsenti.data.formats.clmlf import attach_translations, read_clmlf_splits
 from mmsenti.data.formats.images import attach_images
+from mmsenti.data.formats.readers import read_json_list, read_text_file, text_lines
 from mmsenti.data.formats.text import normalize_tweet
+from mmsenti.data.splits import random_splits, split_by_id_lists
 from mmsenti.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -178,7 +170,7 @@ def _load_clmlf(cfg: MVSAConfig, root: Path) -> tuple[dict[str, list[Sample]], l
     return splits, sources
 
 
-def build_mvsa(cfg: MVSAConfig) -> DatasetBundle:
+def build_mvsa(cfg: MVSAConfig, *, lenient: bool = False) -> DatasetBundle:
     root = require_root(cfg)
     fmt = cfg.format
     if fmt == "auto":
@@ -190,9 +182,9 @@ def build_mvsa(cfg: MVSAConfig) -> DatasetBundle:
     if cfg.use_translation:  # keyed by post id: works for both layouts
         sources.append(attach_translations(splits, root, cfg.name))
     modalities = attach_images(splits, root, cfg.image_dir, ("data",) if fmt == "raw" else IMAGE_DIRS,
-                               cfg)
+                               cfg, lenient=lenient)
     return finish(cfg.name, splits, "classification", list(LABELS), modalities, sources,
-                  normalize_tweet if cfg.normalize_text else None)
+                  normalize_tweet if cfg.normalize_text else None, lenient=lenient)
 
 
 DATASETS.register("mvsa-single", config=MVSAConfig,

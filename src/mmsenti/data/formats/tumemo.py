@@ -24,17 +24,11 @@ from typing import Literal
 
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
-from mmsenti.data.formats.common import (
-    finish,
-    label_index,
-    random_splits,
-    read_jsonl,
-    read_text_file,
-    require_root,
-    split_by_id_lists,
-    text_lines,
-)
+from mmsenti.data.formats.bundle import finish, require_root
 from mmsenti.data.formats.images import ImageFolder, apply_image_policy, attach_images
+from mmsenti.data.formats.labels import label_index
+from mmsenti.data.formats.readers import read_jsonl, read_text_file, text_lines
+from mmsenti.data.splits import random_splits, split_by_id_lists
 from mmsenti.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -121,7 +115,7 @@ def _load_raw(root: Path, labels: list[str], seed: int, encoding: str) -> tuple[
 
 @DATASETS.register("tumemo", config=TumEmoConfig,
                    description="TumEmo Tumblr posts (image+text, 7 emotions): MGNNS json lines or original release")
-def build_tumemo(cfg: TumEmoConfig) -> DatasetBundle:
+def build_tumemo(cfg: TumEmoConfig, *, lenient: bool = False) -> DatasetBundle:
     root = require_root(cfg)
     labels = read_label_order(root)
     fmt = cfg.format
@@ -129,17 +123,18 @@ def build_tumemo(cfg: TumEmoConfig) -> DatasetBundle:
         fmt = "raw" if (root / "all_data_id_and_label.txt").is_file() else "mgnns"
     if fmt == "raw":
         splits, sources = _load_raw(root, labels, cfg.seed, cfg.encoding)
-        modalities = attach_images(splits, root, cfg.image_dir, ("data",), cfg)
+        modalities = attach_images(splits, root, cfg.image_dir, ("data",), cfg, lenient=lenient)
     elif cfg.image_dir:
         splits, sources = _load_mgnns(root, labels, cfg.encoding)
-        modalities = attach_images(splits, root, cfg.image_dir, (), cfg)
+        modalities = attach_images(splits, root, cfg.image_dir, (), cfg, lenient=lenient)
     else:
         splits, sources = _load_mgnns(root, labels, cfg.encoding)
-        modalities = _attach_listed_images(splits, root, cfg)
-    return finish(cfg.name, splits, "classification", labels, modalities, sources)
+        modalities = _attach_listed_images(splits, root, cfg, lenient)
+    return finish(cfg.name, splits, "classification", labels, modalities, sources, lenient=lenient)
 
 
-def _attach_listed_images(splits: dict[str, list[Sample]], root: Path, cfg: TumEmoConfig) -> tuple[str, ...]:
+def _attach_listed_images(splits: dict[str, list[Sample]], root: Path, cfg: TumEmoConfig,
+                          lenient: bool) -> tuple[str, ...]:
     """MGNNS json names each image by a path relative to the root; the copy has images when those folders exist."""
     folders: dict[Path, ImageFolder | None] = {}
     found_any = False
@@ -159,5 +154,5 @@ def _attach_listed_images(splits: dict[str, list[Sample]], root: Path, cfg: TumE
             rel = s.extra.get("image_file")
             folder = folders.get((root / rel).parent) if rel else None
             s.image = folder.find(Path(rel).name) if folder and rel else None
-    splits.update(apply_image_policy(splits, cfg, root))
+    splits.update(apply_image_policy(splits, cfg, root, lenient=lenient))
     return ("text", "image")

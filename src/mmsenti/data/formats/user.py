@@ -22,20 +22,12 @@ from typing import Any, Literal
 
 from mmsenti.config import DataConfig
 from mmsenti.data.base import DataError, DatasetBundle, Sample
-from mmsenti.data.formats.common import (
-    MAX_RECORD_LINES,
-    SPLIT_ALIASES,
-    canonical_split,
-    carve_split,
-    check_inferred_labels,
-    finish,
-    label_index,
-    read_csv,
-    read_jsonl,
-    require_root,
-)
+from mmsenti.data.formats.bundle import SPLIT_ALIASES, canonical_split, finish, require_root
 from mmsenti.data.formats.images import apply_image_policy
+from mmsenti.data.formats.labels import check_inferred_labels, label_index
+from mmsenti.data.formats.readers import MAX_RECORD_LINES, read_csv, read_jsonl
 from mmsenti.data.formats.text import normalize_tweet
+from mmsenti.data.splits import carve_split
 from mmsenti.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -155,7 +147,7 @@ def _label(cfg: UserDataConfig, r: Record, names: list[str] | None) -> int | flo
     return score
 
 
-def build_user(cfg: UserDataConfig, exts: tuple[str, ...]) -> DatasetBundle:
+def build_user(cfg: UserDataConfig, exts: tuple[str, ...], *, lenient: bool = False) -> DatasetBundle:
     root = require_root(cfg)
     records = _records(cfg, root, exts)
     if not records:
@@ -198,22 +190,22 @@ def build_user(cfg: UserDataConfig, exts: tuple[str, ...]) -> DatasetBundle:
             log.info("%s: the files have a %s split; %s_fraction is not used", cfg.name, split, split)
     modalities = tuple(m for m, present in (("text", has_text), ("image", has_image)) if present)
     if has_image:
-        splits = apply_image_policy(splits, cfg, root)
+        splits = apply_image_policy(splits, cfg, root, lenient=lenient)
     bundle = finish(cfg.name, splits, cfg.task, names, modalities, sorted({r.path for r in records}),
-                    normalize_tweet if cfg.normalize_text else None)
+                    normalize_tweet if cfg.normalize_text else None, lenient=lenient)
     if names is not None and not cfg.label_names:
         bundle.inferred_labels = True
-        check_inferred_labels(cfg.name, bundle.splits, names, root)
+        check_inferred_labels(cfg.name, bundle.splits, names, root, lenient=lenient)
     return bundle
 
 
 @DATASETS.register("jsonl", config=UserDataConfig,
                    description="your own JSON-lines file(s): text, image path, label, optional id/split")
-def build_jsonl(cfg: UserDataConfig) -> DatasetBundle:
-    return build_user(cfg, (".jsonl",))
+def build_jsonl(cfg: UserDataConfig, *, lenient: bool = False) -> DatasetBundle:
+    return build_user(cfg, (".jsonl",), lenient=lenient)
 
 
 @DATASETS.register("csv", config=CsvDataConfig,
                    description="your own CSV/TSV file(s): text, image path, label, optional id/split")
-def build_csv(cfg: CsvDataConfig) -> DatasetBundle:
-    return build_user(cfg, (".csv", ".tsv"))
+def build_csv(cfg: CsvDataConfig, *, lenient: bool = False) -> DatasetBundle:
+    return build_user(cfg, (".csv", ".tsv"), lenient=lenient)

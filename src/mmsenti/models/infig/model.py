@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmsenti.config import ConfigError, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from mmsenti.config import ConfigError, ImageEncoderConfig, ModelConfig, TextEncoderConfig, merge
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import ImageTransformerEncoder, build_image_encoder, build_text_encoder
 from mmsenti.models.infig.alignment import (
@@ -138,11 +138,9 @@ def build_clip(cfg: ClipConfig, tokenizer, load_weights: bool = True) -> nn.Modu
     arch = dict(cfg.arch)
     if not cfg.pretrained and clip_preset(cfg.name).impl == "hf":
         # random init without tokenizer files reads the main tokenizer's ids (see build_processor)
-        from mmsenti.backbones.build import _merge
-
         text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-        arch = _merge({"text_config": text}, arch)
+        arch = merge({"text_config": text}, arch)
     model, _, _ = load_clip(cfg.name, cfg.pretrained, config=arch or None, load_weights=load_weights,
                             config_key="model.clip.pretrained")
     return model

@@ -1,4 +1,5 @@
-"""Where an experiment's runs live and what a finished run holds.
+"""An experiment's jobs (one training run each: a row at a seed, and a fold): where each runs and what a finished
+one holds. :mod:`mmsenti.experiment.runner` runs them; :mod:`mmsenti.experiment.table` reads their results.
 
 Layout under the experiment's ``runs`` directory::
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from mmsenti.config import ConfigError, config_from_json, load_config
 from mmsenti.experiment.spec import Experiment, Row
-from mmsenti.train.evaluate import Predictions
+from mmsenti.metrics import Predictions
 
 # Settings that do not change what a run computes: a finished run made with other values is still the same run.
 _NOT_RESULTS = {"out", "quiet", "threads", "log_every", "checkpoint_every", "feature_cache", "cache_dir"}

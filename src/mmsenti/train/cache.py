@@ -39,18 +39,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmsenti.data.base import DataError, Sample
+from mmsenti.data.base import Sample
+from mmsenti.errors import CacheError
+from mmsenti.utils import file_digest, move
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 ENV_CACHE_DIR = "MMSENTI_CACHE_DIR"
 MANIFEST = "manifest.json"  # written last: its presence (and agreement with the files) marks a complete entry
-_CHUNK = 1 << 22
-
-
-class CacheError(DataError):
-    """A cache entry that cannot serve a batch (e.g. it disagrees with the tokenization)."""
 
 
 def default_cache_dir(configured: str | os.PathLike | None = None) -> Path:
@@ -83,12 +80,9 @@ def module_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def _digest(path: str | os.PathLike) -> str:
+    """BLAKE2b-128 of a file's bytes: what the entries' manifests on disk record."""
+    return file_digest(path, "blake2b", digest_size=16)
 
 
 def _tokenizer_fingerprint(tok) -> str | None:
@@ -124,7 +118,7 @@ def data_fingerprint(samples: Sequence[Sample], sources: Iterable[str | os.PathL
     for src in sorted(str(s) for s in sources):
         p = Path(src)
         h.update(src.encode())
-        h.update(file_digest(p).encode() if p.is_file() else b"-")
+        h.update(_digest(p).encode() if p.is_file() else b"-")
     for s in samples:
         h.update(f"\x00{s.id}\x01{s.text}\x02".encode())
         img = s.image
@@ -173,7 +167,7 @@ def verify_entry(directory: str | os.PathLike, check_digests: bool = True) -> st
             return f"{name} is missing"
         if path.stat().st_size != info["size"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {info['size']} (truncated?)"
-        if check_digests and file_digest(path) != info["digest"]:
+        if check_digests and _digest(path) != info["digest"]:
             return f"{name} does not match its digest (corrupted)"
     return None
 
@@ -245,8 +239,6 @@ def build_store(directory: str | os.PathLike, model, batches: Iterable[dict[str,
     """Compute ``model.compute_cached`` over ``batches`` and write a complete entry at ``directory`` atomically."""
     from tqdm.auto import tqdm
 
-    from mmsenti.train.evaluate import move
-
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     for stale in directory.parent.glob(f".{directory.name}.partial-*"):
@@ -291,7 +283,7 @@ def build_store(directory: str | os.PathLike, model, batches: Iterable[dict[str,
         (tmp / "ids.json").write_text(json.dumps(ids))
         if lengths:
             np.save(tmp / "lengths.npy", np.asarray(lengths, dtype=np.int64))
-        manifest = {"files": {p.name: {"size": p.stat().st_size, "digest": file_digest(p)}
+        manifest = {"files": {p.name: {"size": p.stat().st_size, "digest": _digest(p)}
                               for p in sorted(tmp.iterdir())}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if directory.exists():

@@ -1,8 +1,8 @@
 """The one build path that ``train``, ``evaluate`` and ``cache`` share: data, processor, model, device, loaders.
 
-:func:`build_setup` turns a config into a :class:`Setup` (what a training run is built from); :func:`load_setup`
-does the same for a trained model directory (what ``mmsenti evaluate`` scores). A :class:`Setup` knows its place
-in the process group (a :class:`~mmsenti.distributed.Distributed`): evaluation batches are spread over the
+A :class:`Workbench` is a dataset, its processor and a model on this process's device, with what feeds and scores
+them: :func:`build_workbench` makes one from a config (what a training run works at), :func:`load_workbench` from a
+trained model directory (what ``mmsenti evaluate`` scores). A workbench knows its place in the process group (a :class:`~mmsenti.distributed.Distributed`): evaluation batches are spread over the
 processes and gathered back, and the frozen-feature cache is built once, by rank 0.
 """
 
@@ -41,7 +41,7 @@ def build_dataset(cfg: Config) -> DatasetBundle:
 
     bundle = DATASETS.get(cfg.data.name).builder(cfg.data)
     if cfg.run.cv_folds:  # cross-validation: train+dev pooled and cut into folds; the test split is not loaded
-        from mmsenti.experiment.cv import fold_bundle
+        from mmsenti.data.splits import fold_bundle
 
         bundle = fold_bundle(bundle, cfg.run.cv_folds, cfg.run.cv_fold, cfg.run.cv_seed)
     missing = [m for m in cfg.model.modalities if m not in bundle.modalities]
@@ -55,8 +55,8 @@ def build_dataset(cfg: Config) -> DatasetBundle:
 
 def open_split_cache(cfg: Config, model: MultimodalModel, processor, bundle: DatasetBundle, split: str,
                      device: torch.device | str = "cpu"):
-    """The frozen-feature cache entry of one split (built when missing or broken); see :mod:`mmsenti.cache`."""
-    from mmsenti.cache import default_cache_dir, open_or_build
+    """The frozen-feature cache entry of one split (built when missing or broken); see :mod:`mmsenti.train.cache`."""
+    from mmsenti.train.cache import default_cache_dir, open_or_build
 
     return open_or_build(
         default_cache_dir(cfg.run.cache_dir), model, processor, bundle.split(split), sources=bundle.sources,
@@ -72,8 +72,9 @@ def select_metric(cfg: Config, task: str) -> str:
 
 
 @dataclass
-class Setup:
-    """A dataset, its processor and a model on this process's device, plus how to feed and score it.
+class Workbench:
+    """A dataset, its processor and a model on this process's device, plus how to feed and score them: what
+    training, evaluation and the feature cache work at.
 
     Attributes:
         feature_cache: whether batches read the frozen-feature cache (``run.feature_cache`` and the model has
@@ -126,7 +127,7 @@ class Setup:
         on) a collator reading the split's cached features."""
         if not self.feature_cache:
             return self.processor if training else functools.partial(self.processor, training=False)
-        from mmsenti.cache import CachedCollator
+        from mmsenti.train.cache import CachedCollator
 
         return CachedCollator(self.processor, self.feature_store(split), self.model.cache_replaces())
 
@@ -159,8 +160,8 @@ class Setup:
                         save_predictions=save_predictions, dist=self.dist)
 
 
-def build_setup(cfg: Config, *, dist: Distributed | None = None, processor=None, load_weights: bool = True,
-                feature_cache: bool | None = None) -> Setup:
+def build_workbench(cfg: Config, *, dist: Distributed | None = None, processor=None, load_weights: bool = True,
+                    feature_cache: bool | None = None) -> Workbench:
     """Build the dataset, the processor (unless given) and the model of ``cfg`` on this process's device.
 
     The processor is built by rank 0 (a from-scratch tokenizer learns its vocabulary here) and sent to the
@@ -197,7 +198,7 @@ def build_setup(cfg: Config, *, dist: Distributed | None = None, processor=None,
         if dist.rank > 0:
             seed_everything(cfg.run.seed + dist.rank)
     use_cache = cfg.run.feature_cache if feature_cache is None else feature_cache
-    return Setup(cfg, bundle, processor, model, device, dist, amp_dtype,
+    return Workbench(cfg, bundle, processor, model, device, dist, amp_dtype,
                  feature_cache=bool(use_cache and model.cache_spec()))
 
 
@@ -211,8 +212,8 @@ def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return autocast_dtype(cfg.run.precision, device)
 
 
-def load_setup(path: str | Path, *, device: str = "auto", dist: Distributed | None = None,
-               root: str | None = None) -> Setup:
+def load_workbench(path: str | Path, *, device: str = "auto", dist: Distributed | None = None,
+                   root: str | None = None) -> Workbench:
     """A trained model directory (or run directory) with the data it was trained on, for evaluation.
 
     Args:
@@ -232,4 +233,4 @@ def load_setup(path: str | Path, *, device: str = "auto", dist: Distributed | No
     if dist.enabled:
         attach_gather(model, dist.all_gather)
     # fp32 and no feature cache: one pass over a split gains nothing from caching it first.
-    return Setup(cfg, build_dataset(cfg), processor, model, dev, dist, None, feature_cache=False)
+    return Workbench(cfg, build_dataset(cfg), processor, model, dev, dist, None, feature_cache=False)
