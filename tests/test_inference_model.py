@@ -145,7 +145,7 @@ def test_models_declare_their_inputs_and_eval_batches_carry_no_clip_inputs(scene
     assert not CLIP_KEYS & set(processor(samples, training=False))
     ModelFolder.save(tmp_path, model, processor, cfg)
     meta = json.loads((tmp_path / "preprocessing.json").read_text())
-    assert meta["clip_transform"] is None and not (tmp_path / "clip_tokenizer").exists()
+    assert [b["kind"] for b in meta["builders"]] == ["tokens", "pixels"] and not (tmp_path / "clip_tokenizer").exists()
     folder = ModelFolder.open(tmp_path)
     proc2 = folder.processor
     assert not CLIP_KEYS & set(proc2(samples))  # the saved processor is an inference one

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -22,13 +21,20 @@ import yaml
 
 from mmsenti.errors import ConfigError
 
+
 # --------------------------------------------------------------------------------------------------- sections
-TEXT_KEYS = ("input_ids", "attention_mask")  # the batch keys of tokenized text
+@dataclass(frozen=True)
+class InputSpec:
+    """One input a model reads, built into its batches by an input builder the processor composes.
 
+    ``kind`` names a builder registered in :data:`mmsenti.registry.INPUTS` (``tokens``, ``pixels``, ``features``,
+    ``clip``, or a plugin's): a new kind of input is a new builder, never a branch in shared code.
+    """
 
-def default_batch_inputs(modalities: Sequence[str]) -> list[str]:
-    """Batch keys of the usual text (token ids + mask) and image (pixel values) inputs of ``modalities``."""
-    return [*(TEXT_KEYS if "text" in modalities else ()), *(("pixel_values",) if "image" in modalities else ())]
+    kind: str
+    modality: str | None = None  # the modality it reads (text, image, audio, ...); None: none of its own (CLIP)
+    training_only: bool = False  # read only by training losses (INFIG's CLIP prior): never in evaluation batches
+    options: dict[str, Any] = field(default_factory=dict)  # the builder's own settings (features: {"dim": D})
 
 
 @dataclass
@@ -80,10 +86,35 @@ class ModelConfig:
     # mha = torch.nn.MultiheadAttention (the earlier path). Same parameters, so weights load into either.
     attention: Literal["sdpa", "mha"] = "sdpa"
 
+    # ---------------------------------------------------------------- what the model declares (its config knows)
+    # These describe the model without building it: preprocessing, the service and the ONNX backend read them.
+    def inputs(self) -> list[InputSpec]:
+        """The inputs the model reads (:class:`InputSpec`), in batch order: tokenized text and pixel values of its
+        text and image. A model with other inputs overrides this."""
+        return [*([InputSpec("tokens", "text")] if "text" in self.modalities else []),
+                *([InputSpec("pixels", "image")] if "image" in self.modalities else [])]
+
     def batch_inputs(self, training: bool) -> list[str]:
-        """The batch keys the model reads in training or in evaluation/prediction; the processor builds only
-        these (see :class:`mmsenti.data.processing.Processor`). A model with other inputs overrides this."""
-        return default_batch_inputs(self.modalities)
+        """The batch keys the model reads in training or in evaluation/prediction (those of :meth:`inputs`)."""
+        from mmsenti.registry import INPUTS
+
+        return [key for spec in self.inputs() if training or not spec.training_only
+                for key in INPUTS.get(spec.kind).builder.keys_of(spec)]
+
+    def batch_dependence(self) -> tuple[str, str] | None:
+        """``(what, why)`` when the model's answer for a post depends on the other posts of its batch: ``what``
+        names the model and setting, ``why`` says why and how to train it otherwise. None (most models) when not."""
+        return None
+
+    @property
+    def learns_missing_modalities(self) -> bool:
+        """Whether training hides modalities from the model (modality dropout), so that its predictions for a post
+        lacking one were trained for (``--allow-missing-modality`` warns otherwise)."""
+        return False
+
+    def card(self) -> dict[str, Any]:
+        """The model's own fields of its card (``GET /v1/model``): the backbones of the modalities it reads."""
+        return {"backbones": {m: getattr(self, f"{m}_encoder").name for m in ("text", "image") if m in self.modalities}}
 
 
 @dataclass

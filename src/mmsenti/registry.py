@@ -7,16 +7,27 @@ As in timm, the packages that hold the registered code import all of their modul
 (``mmsenti.models``, ``mmsenti.data``); a registry imports its package the first time it is read. A module that
 fails to import fails that import every time it is retried, so a broken model module is an ImportError naming
 it, never a registry that silently lacks its models.
+
+Other packages add models (and the input builders they read) through the entry-point group ``mmsenti.models``:
+each entry point names a module (or an object in it) whose import registers them with ``@MODELS.register``. The
+group is read the first time the registry is. A plugin that fails to import is reported in one line naming the
+entry point and the error (a warning, and the answer to a lookup of a name it would have registered); the built-in
+models and the other plugins stay available.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from mmsenti.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "mmsenti.models"  # third-party models and their input builders
 
 
 @dataclass(frozen=True)
@@ -32,9 +43,10 @@ class Entry:
 class Registry:
     """Named builders of one kind; ``package`` is imported (filling the registry) before the first read."""
 
-    def __init__(self, kind: str, package: str | None = None):
+    def __init__(self, kind: str, package: str | None = None, entry_points: str | None = None):
         self.kind = kind
         self.package = package
+        self.entry_points = entry_points  # the entry-point group of plugins (see load_plugins)
         self._entries: dict[str, Entry] = {}
 
     def _load(self) -> None:
@@ -42,6 +54,8 @@ class Registry:
         # failed import the package is not in sys.modules, so the import runs, and raises, again.
         if self.package is not None:
             importlib.import_module(self.package)
+        if self.entry_points is not None:
+            load_plugins(self.entry_points)  # once per process
 
     def register(self, name: str, *, config: type | None = None, description: str = "") -> Callable:
         """Decorator: ``@MODELS.register("late-fusion", config=LateFusionConfig)``."""
@@ -62,7 +76,8 @@ class Registry:
     def get(self, name: str) -> Entry:
         self._load()
         if name not in self._entries:
-            raise RegistryError(f"unknown {self.kind} '{name}' (known: {', '.join(self.names())})")
+            raise RegistryError(f"unknown {self.kind} '{name}' (known: {', '.join(self.names())})"
+                                + self._broken_note())
         return self._entries[name]
 
     def names(self) -> list[str]:
@@ -81,6 +96,45 @@ class Registry:
         self._load()
         return len(self._entries)
 
+    # ------------------------------------------------------------------------------------------------ plugins
+    def _broken_note(self) -> str:
+        return "".join(f"; {line}" for line in BROKEN_PLUGINS.get(self.entry_points or "", {}).values())
 
-MODELS = Registry("model", "mmsenti.models")
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plugin that is unloaded, e.g. after a test that registered it)."""
+        self._entries.pop(name, None)
+
+
+# entry-point group → {entry-point name: the one line saying why it did not load}
+BROKEN_PLUGINS: dict[str, dict[str, str]] = {}
+_READ_GROUPS: set[str] = set()
+
+
+def load_plugins(group: str, again: bool = False) -> list[str]:
+    """Import every entry point of ``group`` (once per process, or ``again``: after installing a plugin, or in a
+    test); returns the names of those that loaded. One that fails is not raised: it is logged in one line naming it
+    and its error, kept in :data:`BROKEN_PLUGINS` and named when a lookup in a registry of that group fails."""
+    from importlib.metadata import entry_points
+
+    if group in _READ_GROUPS and not again:
+        return []
+    _READ_GROUPS.add(group)  # first: a plugin that reads a registry while it imports must not recurse
+    broken = BROKEN_PLUGINS.setdefault(group, {})
+    loaded = []
+    for ep in entry_points(group=group):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - any failure of a third-party import is reported, not raised
+            first = next(iter(str(e).strip().splitlines()), "")
+            broken[ep.name] = f"plugin '{ep.name}' ({ep.value}) of {group} failed to load: {type(e).__name__}: {first}"
+            log.warning("%s", broken[ep.name])
+        else:
+            broken.pop(ep.name, None)
+            loaded.append(ep.name)
+    return loaded
+
+
+MODELS = Registry("model", "mmsenti.models", entry_points=ENTRY_POINT_GROUP)
 DATASETS = Registry("dataset", "mmsenti.data")
+# Input builders: the built-in kinds (mmsenti.data.inputs), and those model plugins bring with them.
+INPUTS = Registry("input", "mmsenti.data.inputs", entry_points=ENTRY_POINT_GROUP)

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, load_model: Callable[..., Any]) -> int:
     if sample.image is not None and "image" in predictor.modalities:
         sample = _checked_image(sample)
     neighbours = None
-    if args.neighbour_texts and predictor.config.model.name == "rahp":
+    if args.neighbour_texts and getattr(predictor.model, "lists_neighbours", False):
         bundle = bundle or _dataset(predictor, args.root)
         neighbours = {s.id: s for s in bundle.split("train")}
     try:

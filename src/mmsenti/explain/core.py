@@ -14,6 +14,7 @@ from mmsenti.explain.neighbours import neighbours_from
 from mmsenti.explain.options import ExplainOptions
 from mmsenti.explain.results import Explanation, RegionMaps
 from mmsenti.explain.text import is_content_word, words_of
+from mmsenti.models.explanations import WordRegions
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +25,16 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
             neighbour_samples: Mapping[str, Sample] | None = None) -> Explanation:
     """Explain the prediction of ``predictor`` (a :class:`~mmsenti.inference.Predictor`) for one post.
 
+    Every model gets modality attribution and Integrated Gradients; what a model adds (word → region maps,
+    retrieved neighbours, notes) comes from its explanation hook (``model.explain_forward``).
+
     Args:
         sample: the post; ``image`` a path or PIL image (the original: maps are drawn over it).
         options: what to compute (default :class:`ExplainOptions`).
-        neighbour_samples: RAHP: the training samples by id, for the neighbours' texts (and labels when the bank
-            stores none).
+        neighbour_samples: for a model that retrieves training samples: those samples by id, for the neighbours'
+            texts (and labels when the bank stores none).
     """
     from mmsenti.models.base import check_per_post
-    from mmsenti.models.infig.model import Infig
-    from mmsenti.models.rahp import Rahp
 
     # Integrated Gradients run interpolated copies of the post as one batch: in-batch retrieval would retrieve
     # among them.
@@ -51,10 +53,8 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
                   features=sample.features)
     batch = attribution.batch_of(processor, post, device)
     batch["ids"] = [attribution.BATCH_ID]
-    kwargs = ({"return_attention": True, "return_tokens": True} if isinstance(model, Infig)
-              else {"return_neighbours": True} if isinstance(model, Rahp) else {})
-    out = attribution.run(model, batch, **kwargs)
-    logits = out["logits"].float().cpu().numpy()
+    explained = model.explain_forward(batch, options)
+    logits = explained.outputs["logits"].float().cpu().numpy()
     prediction = predictor.decode(logits, [sample.id])[0].to_dict(exclude=("id",))  # the explanation names the post
     target = int(logits[0].argmax()) if predictor.info.task == "classification" else None
 
@@ -71,10 +71,10 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
         if m in ("text", "image") and (sample.text if m == "text" else sample.image) is None:
             ex.notes.append(f"the post has no {m}: the model hid it (missing modality), so it is not explained")
 
-    if isinstance(model, Infig) and image is not None and ex.words:
-        _infig_maps(ex, out, options)
+    if explained.word_regions is not None and image is not None and ex.words:
+        _word_region_maps(ex, explained.word_regions, options)
 
-    features = processor.feature_modalities  # read from Sample.features (RAHP on MMSA data)
+    features = processor.feature_modalities  # read from Sample.features (e.g. MMSA audio/vision)
     present = [m for m in ("text", "image") if getattr(post, m) is not None and m not in features]
     present += [m for m in features if (post.features or {}).get(m) is not None]
     ex.modality = attribution.modality_attribution(model, processor, post, present, target, predictor.label_names,
@@ -91,32 +91,25 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
             ex.notes.append(f"Integrated Gradients on the {what} is not converged: its attributions miss the output "
                             f"change by {a.delta:+.3f} (raise ig_steps, now {options.ig_steps})")
     _select_words(ex, options)
-    if isinstance(model, Rahp):
-        _rahp_neighbours(ex, model, out, predictor.label_names, neighbour_samples)
-        if options.integrated_gradients and model.config.retrieval != "none":
-            ex.notes.append("rahp: retrieval has no gradient, and along Integrated Gradients' path the neighbours "
-                            "change in steps it cannot see; read its attributions as local, not complete")
+    if explained.neighbours is not None:
+        found = explained.neighbours
+        ex.neighbours = neighbours_from(found.found, found.ids, predictor.label_names, neighbour_samples)
+    ex.notes += explained.notes
     return ex
 
 
-def _infig_maps(ex: Explanation, out: dict, options: ExplainOptions) -> None:
-    grid, n_img = tuple(out["image_grid"]), int(out["num_image_tokens"])
-    attns = [a[0].float().cpu().numpy() for a in out["attentions"]]
+def _word_region_maps(ex: Explanation, wr: WordRegions, options: ExplainOptions) -> None:
+    """Word → region maps (HFAM-like token similarity, fusion attention and its rollout) and the attention-pooling
+    importance of words and regions."""
+    grid, n_img = wr.grid, wr.num_image_tokens
+    attns = [a.float().cpu().numpy() for a in wr.attentions]
     last, n_layers = maps.head_mean(attns[-1]), len(attns)
     found = {}
-    if "hfam_tokens" in out:
-        img_layers, txt_layers, mask = out["hfam_tokens"]
-        k = options.hfam_layer
-        if k > len(img_layers):
-            raise ValueError(f"hfam_layer {k}: this model aligns its last {len(img_layers)} layers (model.hfam_layers)")
-        from mmsenti.models.infig.alignment import token_similarity
-
-        sim = token_similarity(img_layers[-k], txt_layers[-k], mask)[0].float().cpu().numpy()
-        where = "last layer" if k == 1 else f"layer {k} from the end"
-        found["similarity"] = RegionMaps("similarity", f"HFAM token similarity (cosine), {where}",
+    if wr.similarity is not None:
+        sim = wr.similarity.float().cpu().numpy()
+        found["similarity"] = RegionMaps("similarity", wr.similarity_title,
                                          maps.word_region_similarity(sim, ex.words, grid))
-    else:
-        ex.notes.append("this INFIG was built without HFAM (use_hfam: false): no similarity map")
+    ex.notes += wr.notes
     m, share = maps.word_region_attention(last, ex.words, n_img, grid)
     found["attention"] = RegionMaps("attention", f"fusion attention, last layer ({n_layers}), mean over heads",
                                     m, share)
@@ -124,7 +117,7 @@ def _infig_maps(ex: Explanation, out: dict, options: ExplainOptions) -> None:
     m, share = maps.word_region_attention(roll, ex.words, n_img, grid)
     found["rollout"] = RegionMaps("rollout", f"attention rollout over {n_layers} fusion layers", m, share)
     ex.region_maps = found
-    pool = out["pool_weights"][0].float().cpu().numpy()
+    pool = wr.pool_weights.float().cpu().numpy()
     ex.word_importance, ex.region_importance, ex.image_cls_importance = maps.pooling_importance(
         pool, ex.words, n_img, grid)
 
@@ -144,16 +137,6 @@ def _select_words(ex: Explanation, options: ExplainOptions) -> None:
         return
     order = [i for i in np.argsort(-score, kind="stable") if is_content_word(ex.words[i].text)]
     ex.selected_words = [int(i) for i in order[: options.words]]
-
-
-def _rahp_neighbours(ex: Explanation, model, out: dict, label_names, samples) -> None:
-    mode = model.config.retrieval
-    if mode == "none":
-        ex.notes.append("rahp with retrieval: none has no neighbours")
-        ex.neighbours = []
-        return
-    # (in-batch retrieval never gets here: explain() refuses it, check_per_post)
-    ex.neighbours = neighbours_from(out["neighbours"], model.bank.ids, label_names, samples)
 
 
 def _require_captum() -> None:

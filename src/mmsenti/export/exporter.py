@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from mmsenti.export.format import DEFAULT_OPSET, ExportError, ParityError, TensorSpec
-from mmsenti.export.graph import GraphModule, check_exportable, graph_mode, input_specs, output_specs, uses_bank
+from mmsenti.export.graph import GraphModule, graph_mode, input_specs, output_specs
 from mmsenti.export.parity import (
+    ParityInputs,
     build_inputs,
     compare,
     describe,
@@ -72,7 +73,6 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
         seed: of the generated inputs.
         threads: onnxruntime intra-op threads for the parity run.
     """
-    from mmsenti.train.workbench import select_metric
     from mmsenti.version import __version__
 
     if quantize not in (None, "int8"):
@@ -87,7 +87,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
     out = Path(out) if out is not None else folder.run_dir / (EXPORT_SUBDIR + (f"-{quantize}" if quantize else ""))
     _check_out(out, model_dir)
     model = folder.load_model("cpu")
-    check_exportable(model)
+    model.export_check()
     inputs, outputs = input_specs(model, processor), output_specs(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -102,15 +102,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
             data = build_inputs(model, processor, cfg, inputs, posts=parity_posts, batch_size=batch_size, seed=seed,
                                 root=root)
             log.info("parity inputs: %s", data.description)
-            reference, rows = torch_outputs(model, data)
-            metric = select_metric(cfg, model.info.task) if data.labels is not None else None
-
-            def figures(path: Path) -> dict[str, Any]:
-                logits, got_rows = onnx_outputs(OnnxBackend(path, threads), data)
-                return compare(model.info.task, reference, logits, labels=data.labels, metric=metric,
-                               label_names=model.info.label_names, rows_ref=rows, rows_exported=got_rows)
-
-            fp32 = figures(graph)
+            check = Parity(model, cfg, data, threads)
+            fp32 = check.figures(graph)
             log.info("parity fp32: %s", describe(fp32))
             if not passes(fp32, tolerance):
                 raise ParityError(f"the exported graph does not answer as the PyTorch model: {describe(fp32)} "
@@ -124,7 +117,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
             (tmp / "model.int8.onnx").replace(graph)  # one file: int8 weights fit where the fp32 ones did not
             (tmp / (ONNX_FILE + ".data")).unlink(missing_ok=True)
             if report is not None:
-                report["int8"] = figures(graph)
+                report["int8"] = check.figures(graph)
                 log.info("parity int8: %s", describe(report["int8"]))
         meta = {
             "format": "onnx", "mmsenti_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -135,7 +128,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
             "task": model.info.task, "labels": model.info.label_names,
             "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
             "supports_missing_modality": bool(getattr(model, "supports_missing_modality", False)),
-            "retrieval": _retrieval_info(model), "parity": report,
+            "retrieval": None, **model.export_info(), "parity": report,
         }
         folder.write_export(tmp, meta)
         if out.exists():
@@ -145,6 +138,23 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, opset: int
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out, meta
+
+
+class Parity:
+    """The PyTorch model's answers on the parity inputs (computed once), and a graph's figures against them."""
+
+    def __init__(self, model, cfg, data: ParityInputs, threads: int | None = None):
+        from mmsenti.train.workbench import select_metric
+
+        self.model, self.data, self.threads = model, data, threads
+        self.reference, self.extras = torch_outputs(model, data)
+        self.metric = select_metric(cfg, model.info.task) if data.labels is not None else None
+
+    def figures(self, graph: Path) -> dict[str, Any]:
+        """:func:`~mmsenti.export.parity.compare` of the graph at ``graph`` (run by onnxruntime) with the model."""
+        logits, extras = onnx_outputs(OnnxBackend(graph, self.threads), self.data)
+        return compare(self.model.info.task, self.reference, logits, labels=self.data.labels, metric=self.metric,
+                       label_names=self.model.info.label_names, extras_ref=self.extras, extras_exported=extras)
 
 
 def _check_out(out: Path, model_dir: Path) -> None:
@@ -163,11 +173,12 @@ def torch_export(model, processor, inputs: list[TensorSpec], outputs: list[Tenso
 
     module = GraphModule(model, inputs)
     example = generated_batches(model, processor, inputs, seed=1, shapes=((3, 7),))[0]
+    limits = {axis: n for b in processor.active(training=False) for axis, n in b.axis_limits().items()}
     dims: dict[str, Any] = {}
 
     def dim(name: str):
-        if name not in dims:  # token sequences never exceed the tokenizer's maximum length
-            dims[name] = Dim(name, max=processor.max_length) if name == "sequence" else Dim(name)
+        if name not in dims:  # e.g. token sequences never exceed the tokenizer's maximum length
+            dims[name] = Dim(name, max=limits[name]) if name in limits else Dim(name)
         return dims[name]
 
     shapes = (tuple({i: dim(a) for i, a in enumerate(s.shape) if isinstance(a, str)} for s in inputs),)
@@ -236,13 +247,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _retrieval_info(model) -> dict[str, Any] | None:
-    if not uses_bank(model):
-        return None
-    return {"bank_rows": len(model.bank), "k": int(model.config.k), "modalities": list(model.modalities),
-            "metric": model.bank.metric, "search": "exact (MatMul + TopK) over the bank as constants"}
-
-
 # --------------------------------------------------------------------------------------------------------- check
 def check_export(directory: str | Path, source: str | Path | None = None, root: str | None = None,
                  threads: int | None = None) -> tuple[list[str], list[str]]:
@@ -254,7 +258,6 @@ def check_export(directory: str | Path, source: str | Path | None = None, root: 
     """
     from mmsenti.data.base import DataError
     from mmsenti.export.parity import mismatches
-    from mmsenti.train.workbench import select_metric
 
     export = ModelFolder.open(directory, "onnx")
     folder, meta = export.directory, export.export
@@ -276,11 +279,7 @@ def check_export(directory: str | Path, source: str | Path | None = None, root: 
     data = build_inputs(model, processor, cfg, inputs, posts=dev["posts"] if dev else 0,
                         batch_size=dev["batch_size"] if dev else 16, seed=recipe["generated"]["seed"], root=root,
                         use_dev=dev is not None, require_dev=dev is not None)
-    reference, rows = torch_outputs(model, data)
-    logits, got_rows = onnx_outputs(OnnxBackend(export.weights, threads), data)
-    metric = select_metric(cfg, model.info.task) if data.labels is not None else None
-    figures = compare(model.info.task, reference, logits, labels=data.labels, metric=metric,
-                      label_names=model.info.label_names, rows_ref=rows, rows_exported=got_rows)
+    figures = Parity(model, cfg, data, threads).figures(export.weights)
     key = meta["precision"]
     lines = [f"{folder}: {meta['precision']} graph of {model_dir} ({meta['source']['model']})",
              f"inputs: {data.description}",

@@ -7,7 +7,8 @@ hide a modality, posts without one). Both models see exactly the same tensors. T
 
 * ``max_abs_diff``: the largest |Δ| of any logit (or score) of any post;
 * ``agreement``: the fraction of posts with the same predicted label (regression: the same sign, as Acc-2);
-* for RAHP with a memory bank, ``neighbours_agreement``: the fraction of retrieved bank rows that are the same;
+* for a model with other outputs (RAHP with a memory bank: ``neighbours``), ``<name>_agreement``: the fraction
+  of their values that are the same (retrieved bank rows);
 * with labels (the dev split) the selection metric of both (``metric``), e.g. the int8 model's change in weighted F1.
 
 Everything is rebuilt from a *recipe* stored in ``export.json``, so ``mmsenti export --check`` recomputes the same
@@ -111,30 +112,20 @@ def _batch_size(batch: dict[str, Any]) -> int:
 
 def generated_batches(model, processor, specs: list[TensorSpec], seed: int = 0,
                       shapes=PROBE_SHAPES) -> list[dict[str, Any]]:
-    """Random inputs of ``shapes`` ((batch, sequence length) pairs): valid token ids, uneven padding, random pixels
-    and features (some feature sequences empty), and for models that can hide a modality some posts without one."""
+    """Random inputs of ``shapes`` ((batch, sequence length) pairs), each input builder's own (valid token ids with
+    uneven padding, random pixels, features with some sequences empty, ...), and for models that can hide a modality
+    some posts without one."""
     g = torch.Generator().manual_seed(seed)
-    by_name = {s.name: s for s in specs}
-    tok = processor.tokenizer
+    names = {s.name for s in specs}
+    # Builder by builder in a fixed order, so the same seed gives the same inputs (`export --check`).
+    builders = sorted((b for b in processor.active(training=False) if set(b.keys()) <= names),
+                      key=lambda b: b.draw_order)
     out = []
     for b, length in shapes:
         batch: dict[str, Any] = {"ids": [f"generated-{b}-{i}" for i in range(b)]}
-        if "input_ids" in by_name:
-            s = length or processor.max_length
-            ids = torch.randint(0, len(tok), (b, s), generator=g)
-            real = _lengths(b, s, 1, g)
-            mask = (torch.arange(s)[None] < real[:, None]).long()
-            batch["input_ids"] = ids.masked_fill(mask == 0, tok.pad_token_id or 0)
-            batch["attention_mask"] = mask
-        if "pixel_values" in by_name:
-            batch["pixel_values"] = torch.randn(b, *by_name["pixel_values"].shape[1:], generator=g)
-        for name, spec in by_name.items():
-            if name.endswith("_features"):
-                m = name[: -len("_features")]
-                t = length or 24
-                batch[name] = torch.randn(b, t, int(spec.shape[2]), generator=g)
-                batch[f"{m}_mask"] = (torch.arange(t)[None] < _lengths(b, t, 0, g)[:, None]).long()
-        if PRESENT_KEYS[0] in by_name:
+        for builder in builders:
+            batch.update(builder.example(b, length, g))
+        if PRESENT_KEYS[0] in names:
             image = torch.rand(b, generator=g) < 0.7
             text = ~image | (torch.rand(b, generator=g) < 0.7)  # never both missing
             image[0] = text[0] = True
@@ -143,43 +134,33 @@ def generated_batches(model, processor, specs: list[TensorSpec], seed: int = 0,
     return out
 
 
-def _lengths(b: int, s: int, low: int, g: torch.Generator) -> torch.Tensor:
-    """Per-row lengths in [low, s], the first row full (so the batch is as long as the axis)."""
-    lengths = torch.randint(low, s + 1, (b,), generator=g)
-    lengths[0] = s
-    return lengths
-
-
 # ----------------------------------------------------------------------------------------------------- running
-def torch_outputs(model, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray | None]:
-    """(logits of every post, retrieved bank rows (B, targets, sources, k) or None) of the eager model."""
-    from mmsenti.export.graph import uses_bank
-
-    logits, rows = [], []
+def torch_outputs(model, inputs: ParityInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(logits of every post, the model's other export outputs, e.g. RAHP's retrieved bank rows) of the eager
+    model."""
+    logits, extras = [], {}
     with torch.inference_mode():
         for batch in inputs.batches:
             logits.append(model(batch)["logits"].float().numpy())
-            if uses_bank(model):
-                found = model.retrieve(model.encode(batch), list(batch["ids"]))
-                mods = model.modalities
-                rows.append(torch.stack([torch.stack([found[t][s].rows for s in mods], 1) for t in mods], 1).numpy())
-    return np.concatenate(logits), (np.concatenate(rows) if rows else None)
+            for name, value in model.export_reference(batch).items():
+                extras.setdefault(name, []).append(value.numpy())
+    return np.concatenate(logits), {name: np.concatenate(v) for name, v in extras.items()}
 
 
-def onnx_outputs(backend, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray | None]:
-    logits, rows = [], []
-    with_rows = "neighbours" in backend.output_names
+def onnx_outputs(backend, inputs: ParityInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    logits, extras = [], {}
+    names = ["logits", *(n for n in backend.output_names if n != "logits")]
     for batch in inputs.batches:
         try:
-            out = backend.run_outputs(batch, ["logits", "neighbours"] if with_rows else ["logits"])
+            out = backend.run_outputs(batch, names)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types: a graph that breaks on these shapes
             shapes = ", ".join(f"{k} {tuple(batch[k].shape)}" for k, _ in backend.inputs if k in batch)
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise ParityError(f"onnxruntime cannot run the exported graph on inputs {shapes}: {first[:300]}") from None
         logits.append(out[0])
-        if with_rows:
-            rows.append(out[1])
-    return np.concatenate(logits), (np.concatenate(rows) if rows else None)
+        for name, value in zip(names[1:], out[1:], strict=True):
+            extras.setdefault(name, []).append(value)
+    return np.concatenate(logits), {name: np.concatenate(v) for name, v in extras.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- figures
@@ -189,15 +170,17 @@ def predictions(task: str, logits: np.ndarray) -> np.ndarray:
 
 
 def compare(task: str, reference: np.ndarray, exported: np.ndarray, *, labels: np.ndarray | None = None,
-            metric: str | None = None, label_names=None, rows_ref: np.ndarray | None = None,
-            rows_exported: np.ndarray | None = None) -> dict[str, Any]:
-    """The parity figures of ``exported`` against ``reference`` (see the module docstring)."""
+            metric: str | None = None, label_names=None, extras_ref: dict[str, np.ndarray] | None = None,
+            extras_exported: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The parity figures of ``exported`` against ``reference`` (see the module docstring); ``extras_*``: the
+    model's other outputs (e.g. ``neighbours``), each compared exactly (``<name>_agreement``)."""
     diff = np.abs(exported.astype(np.float64) - reference.astype(np.float64))
     out: dict[str, Any] = {"posts": int(len(reference)), "max_abs_diff": float(diff.max()) if diff.size else 0.0,
                            "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
                            "agreement": float((predictions(task, exported) == predictions(task, reference)).mean())}
-    if rows_ref is not None and rows_exported is not None:
-        out["neighbours_agreement"] = float((rows_ref == rows_exported).mean())
+    for name, want in (extras_ref or {}).items():
+        if name in (extras_exported or {}):
+            out[f"{name}_agreement"] = float((want == extras_exported[name]).mean())
     if labels is not None and metric:
         from mmsenti.metrics import compute_metrics
 
@@ -213,17 +196,23 @@ def _scores(task: str, logits: np.ndarray) -> np.ndarray:
     return logits if task == "classification" else logits[:, 0]
 
 
+def _extra_agreements(figures: dict[str, Any]) -> dict[str, float]:
+    """``{output name: agreement}`` of the model's other outputs (e.g. RAHP's retrieved neighbours)."""
+    return {k[: -len("_agreement")]: v for k, v in figures.items() if k.endswith("_agreement") and k != "agreement"}
+
+
 def passes(figures: dict[str, Any], tolerance: float) -> bool:
-    """The fp32 rule: every logit within ``tolerance``, every prediction (and retrieved neighbour) the same."""
+    """The fp32 rule: every logit within ``tolerance``, every prediction (and other output, e.g. every retrieved
+    neighbour) the same."""
     return (figures["max_abs_diff"] <= tolerance and figures["agreement"] == 1.0
-            and figures.get("neighbours_agreement", 1.0) == 1.0)
+            and all(v == 1.0 for v in _extra_agreements(figures).values()))
 
 
 def describe(figures: dict[str, Any]) -> str:
     text = (f"max |Δlogit| {figures['max_abs_diff']:.2e}, agreement {100 * figures['agreement']:.2f} % "
             f"over {figures['posts']} posts")
-    if "neighbours_agreement" in figures:
-        text += f", neighbours {100 * figures['neighbours_agreement']:.2f} % the same"
+    for name, agreement in _extra_agreements(figures).items():
+        text += f", {name} {100 * agreement:.2f} % the same"
     if "metric" in figures:
         m = figures["metric"]
         text += f"; dev {m['name']} {m['reference']:.4f} → {m['exported']:.4f} ({m['delta']:+.4f})"

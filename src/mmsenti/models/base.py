@@ -1,11 +1,19 @@
 """Base class of every mmsenti model, model building, and whether a model's answer for a post depends on its batch.
 
+A model describes itself next to its code, so that the services around it never ask which model they run: its
+config declares its inputs, whether its answers depend on the batch, and its card fields
+(:class:`~mmsenti.config.ModelConfig`); the model class declares its training-only modules, its frozen parts for
+the feature cache, the blocks worth compiling, what an explanation adds (:meth:`MultimodalModel.explain_forward`)
+and what export needs (:meth:`MultimodalModel.export_check`, :meth:`MultimodalModel.graph_mode`, ...).
+
 A trained model is saved as a folder: :mod:`mmsenti.models.folder` writes and reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +21,10 @@ import torch
 from torch import nn
 
 from mmsenti.config import ModelConfig
-from mmsenti.data.base import DataError
+from mmsenti.errors import DataError, ExportError
 from mmsenti.losses import task_loss
+from mmsenti.models.explanations import Explained
+from mmsenti.models.layers import AttentionPool, TransformerBlock
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,8 @@ class MultimodalModel(nn.Module):
     """
 
     backbone_prefixes: tuple[str, ...] = ()
+    # Blocks that ``run.compile`` compiles in place (outermost matches; HF transformer layers always are).
+    compiled_blocks: tuple[type[nn.Module], ...] = (TransformerBlock, AttentionPool)
 
     def __init__(self, cfg: ModelConfig, info: TaskInfo, inference: bool = False):
         super().__init__()
@@ -121,6 +133,47 @@ class MultimodalModel(nn.Module):
             out.update(ie.compute_cached(batch["pixel_values"]))
         return out
 
+    # ---------------------------------------------------------------------------------------------- explain
+    @torch.no_grad()
+    def explain_forward(self, batch: dict[str, Any], options: Any) -> Explained:
+        """The eval-mode forward pass of an explanation of ``batch`` (one post), with what this model adds to every
+        model's explanation (modality attribution and Integrated Gradients, which need nothing of the model):
+        word → region maps, retrieved neighbours, notes. ``options``: the :class:`~mmsenti.explain.ExplainOptions`."""
+        return Explained(self(batch))
+
+    @property
+    def lists_neighbours(self) -> bool:
+        """Whether explanations list retrieved training samples (whose texts the explain command can load)."""
+        return False
+
+    # ----------------------------------------------------------------------------------------------- export
+    def export_check(self) -> None:
+        """Raise :class:`~mmsenti.errors.ExportError` when a fixed graph cannot reproduce this model's answers."""
+        check_per_post(self.config, "exported", ExportError)  # no fixed graph reproduces a batch-dependent answer
+
+    def export_outputs(self) -> list[tuple[str, str, list[int | str]]]:
+        """Graph outputs besides ``logits``: (name, numpy dtype, shape; a string axis is dynamic)."""
+        return []
+
+    @contextlib.contextmanager
+    def graph_mode(self) -> Iterator[Callable[[], tuple[torch.Tensor, ...]]]:
+        """While exporting: parts that do not trace as they are run in their graph form (submodules with a
+        ``graph_mode()`` of their own: a timm CNN on the whole batch). Yields a function that returns the
+        :meth:`export_outputs` of the last forward pass; the eager model is put back afterwards."""
+        with contextlib.ExitStack() as stack:
+            for m in self.modules():
+                if m is not self and callable(getattr(m, "graph_mode", None)):
+                    stack.enter_context(m.graph_mode())
+            yield tuple
+
+    def export_reference(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The eager model's :meth:`export_outputs` for ``batch``: what the graph's must equal (parity)."""
+        return {}
+
+    def export_info(self) -> dict[str, Any]:
+        """Entries of ``export.json`` that describe this model's graph (e.g. ``retrieval``: its memory bank)."""
+        return {}
+
 
 def build_model(cfg: ModelConfig, info: TaskInfo, processor, load_weights: bool = True,
                 inference: bool = False) -> MultimodalModel:
@@ -137,21 +190,21 @@ def build_model(cfg: ModelConfig, info: TaskInfo, processor, load_weights: bool 
 
 
 def depends_on_batch(model_config: Any) -> bool:
-    """Whether the model's answer for a post depends on the other posts of its batch.
+    """Whether the model's answer for a post depends on the other posts of its batch (its config says so:
+    ``ModelConfig.batch_dependence``; e.g. RAHP with ``retrieval: in-batch``).
 
-    RAHP with ``retrieval: in-batch`` retrieves its neighbours among its batch-mates: the service batches the posts
-    of different clients, batch prediction regroups rows by length, an explanation's Integrated Gradients batch
-    interpolated copies of one post, and an exported graph has no batch to retrieve from. Evaluation (whole splits
-    in the training's batches) is where such a model is meant to be scored.
+    The service batches the posts of different clients, batch prediction regroups rows by length, an
+    explanation's Integrated Gradients batch interpolated copies of one post, and an exported graph has no batch to
+    retrieve from. Evaluation (whole splits in the training's batches) is where such a model is meant to be scored.
     """
-    return getattr(model_config, "name", None) == "rahp" and getattr(model_config, "retrieval", None) == "in-batch"
+    return model_config.batch_dependence() is not None
 
 
 def check_per_post(model_config: Any, what: str, error: type[Exception] = DataError) -> None:
     """Refuse a model whose answer for a post depends on its batch (:func:`depends_on_batch`): raise ``error``
     saying it cannot be ``what`` ("served", "exported", ...), and why, in one line. Every command that needs
     per-post answers calls this, so the rule and its message live here only."""
-    if depends_on_batch(model_config):
-        raise error(f"rahp with model.retrieval=in-batch cannot be {what}: its neighbours are the other posts of the "
-                    "batch a post is predicted in, so its answer depends on that batch; train with "
-                    "model.retrieval=bank (a memory bank saved with the model) or none")
+    dependence = model_config.batch_dependence()
+    if dependence is not None:
+        subject, why = dependence
+        raise error(f"{subject} cannot be {what}: {why}")

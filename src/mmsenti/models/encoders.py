@@ -7,15 +7,15 @@ interface, so a backbone swap (tiny BERT → DeBERTa-v3, small CNN → ResNet-50
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mmsenti.config import ImageEncoderConfig, TextEncoderConfig
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mmsenti.data.encoder_inputs import is_tiny_text, text_max_length
 
 
 @dataclass
@@ -259,9 +259,20 @@ class TimmImageEncoder(ImageEncoder):
         self.backbone = model.to(memory_format=torch.channels_last)
         self.width = int(model.num_features)
         self.num_layers = 1
+        self._whole_batch = False  # in an exported graph (graph_mode)
+
+    @contextlib.contextmanager
+    def graph_mode(self) -> Iterator[None]:
+        """While exporting: the whole batch at once. Traced, the chunk loop would be unrolled for the example batch
+        and the graph would break at any other batch size (the per-image arithmetic is the same)."""
+        self._whole_batch = True
+        try:
+            yield
+        finally:
+            self._whole_batch = False
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        if self.training or pixel_values.device.type != "cpu":
+        if self.training or self._whole_batch or pixel_values.device.type != "cpu":
             return self.from_feature_map(self.backbone.forward_features(pixel_values))
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         fmap = torch.cat([self.backbone.forward_features(c) for c in x.split(self.eval_chunk)])
@@ -269,20 +280,6 @@ class TimmImageEncoder(ImageEncoder):
 
 
 # ------------------------------------------------------------------------------------------------- building
-def is_tiny_text(cfg: TextEncoderConfig) -> bool:
-    return cfg.name == "tiny-bert"
-
-
-def text_max_length(cfg: TextEncoderConfig) -> int:
-    if cfg.max_length is not None:
-        return cfg.max_length
-    if is_tiny_text(cfg):
-        return 40
-    from mmsenti.backbones import text_preset
-
-    return text_preset(cfg.name).max_length
-
-
 def build_text_encoder(cfg: TextEncoderConfig, tokenizer, load_weights: bool = True) -> TextEncoder:
     """Build the configured text encoder.
 
@@ -323,91 +320,16 @@ def build_image_encoder(cfg: ImageEncoderConfig, load_weights: bool = True) -> I
     return enc.freeze() if cfg.freeze else enc
 
 
-def image_transform(cfg: ImageEncoderConfig):
-    """The image preprocessing of ``cfg``: the preset's, with the config's explicit size/mean/std on top."""
-    from dataclasses import replace
-
-    from mmsenti.backbones.transforms import ImageTransform
-
-    if cfg.name == "small-cnn":
-        t = ImageTransform(size=64)
-    else:
-        from mmsenti.backbones import image_preset
-
-        t = image_preset(cfg.name).preprocessing.transform()
-    over = {k: v for k, v in (("size", cfg.image_size), ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
-    return replace(t, **{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in over.items()})
-
-
-def build_tokenizer(cfg: TextEncoderConfig, train_texts):
-    """The tokenizer of a text encoder; from-scratch (and randomly initialised presets without tokenizer files)
-    learn a word-piece vocabulary on ``train_texts``."""
-    from mmsenti.data.processing import train_wordpiece_tokenizer
-
-    max_length = text_max_length(cfg)
-    if not is_tiny_text(cfg):
-        from mmsenti.backbones import load_tokenizer
-        from mmsenti.backbones.weights import MissingWeightsError
-
-        try:
-            tok = load_tokenizer(cfg.name, cfg.pretrained or True, config_key="model.text_encoder.pretrained")
-        except MissingWeightsError:
-            if cfg.pretrained:
-                raise
-            tok = None  # random init and no files: learn a vocabulary like tiny-bert
-        if tok is not None:
-            tok.model_max_length = max_length
-            return tok
-    return train_wordpiece_tokenizer(train_texts, cfg.vocab_size, max_length)
-
-
 def build_processor(cfg, train_texts, task: str):
-    """The preprocessing that matches ``cfg`` (a ModelConfig): it builds the batch inputs the model declares
-    (``cfg.batch_inputs``, for training and for evaluation) with the tokenizer, image transform and, for a CLIP
-    prior, CLIP's own tokenizer and transform.
+    """The preprocessing that matches ``cfg`` (a ModelConfig): a :class:`~mmsenti.data.processing.Processor` with a
+    builder for every input the model declares (``cfg.inputs()``), for training and for evaluation.
 
     From-scratch text encoders learn their word-piece vocabulary on ``train_texts`` here; the result is saved
     with the model so prediction tokenizes exactly as training did.
     """
-    from mmsenti.data.processing import TEXT_KEYS, Processor
+    from mmsenti.data.processing import Processor
 
-    inputs = {"train": list(cfg.batch_inputs(True)), "eval": list(cfg.batch_inputs(False))}
-    needs = set(inputs["train"]) | set(inputs["eval"])
-    tokenizer = build_tokenizer(cfg.text_encoder, train_texts) if needs & set(TEXT_KEYS) else None
-    transform = image_transform(cfg.image_encoder) if "pixel_values" in needs else None
-    clip_tokenizer = clip_transform = None
-    if any(k.startswith("clip_") for k in needs):
-        clip_tokenizer, clip_transform = _clip_preprocessing(cfg, tokenizer)
-    return Processor(cfg.modalities, tokenizer, text_max_length(cfg.text_encoder), transform, task,
-                     clip_tokenizer, clip_transform, clip_tokenizer.max_length if clip_tokenizer else 77, inputs=inputs)
-
-
-def _clip_preprocessing(cfg, tokenizer):
-    """(ClipTokenizer, ImageTransform) of ``cfg.clip``; see ``infig.build_clip`` for which ids each CLIP reads."""
-    from mmsenti.backbones.clip import HFClipTokenizer, OpenClipTokenizer
-    from mmsenti.backbones.transforms import ImageTransform
-
-    max_length = 77
-    if cfg.clip.name == "tiny-random":  # a random stand-in reads the main tokenizer's ids
-        return HFClipTokenizer(tokenizer, max_length), ImageTransform(
-            size=cfg.clip.image_size, mean=list(CLIP_MEAN), std=list(CLIP_STD), resize="shorter",
-            interpolation="bicubic")
-    from mmsenti.backbones import clip_preprocessing, clip_preset
-
-    preset = clip_preset(cfg.clip.name)
-    if preset.impl == "open_clip":  # its tokenizer ships with open_clip: the same with or without weights
-        context = (cfg.clip.arch.get("text_cfg") or {}).get("context_length", preset.max_length)
-        _, transform = clip_preprocessing(cfg.clip.name, False)
-        image_size = (cfg.clip.arch.get("vision_cfg") or {}).get("image_size")
-        if image_size:  # a custom (e.g. tiny random) architecture reads its own image size
-            from dataclasses import replace
-
-            transform = replace(transform, size=int(image_size))
-        return OpenClipTokenizer.from_name(preset.model_id, int(context)), transform
-    clip_tok, transform = clip_preprocessing(cfg.clip.name, cfg.clip.pretrained, config_key="model.clip.pretrained")
-    if not cfg.clip.pretrained:
-        clip_tok = tokenizer  # a random stand-in has no tokenizer of its own (see infig.build_clip)
-    return HFClipTokenizer(clip_tok, preset.max_length or max_length), transform
+    return Processor.create(cfg, train_texts, task)
 
 
 class ImageTransformerEncoder(ImageEncoder):

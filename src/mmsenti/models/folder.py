@@ -5,7 +5,7 @@ A trained model is a folder (a training run keeps it in ``RUN/model``)::
     config.json          the full resolved config (data, model, optim, run) it was trained with
     labels.json          task and label names
     model.safetensors    weights: only what eval-mode ``forward`` reads (training checkpoints keep the rest)
-    preprocessing.json   + tokenizer/   what turns raw text/images into inputs
+    preprocessing.json   + tokenizer/   what turns raw text/images into inputs: the model's input builders
     text_backbone/       the HF config of a pretrained text encoder (its architecture; weights are in the above)
     manifest.json        size and SHA-256 of every file above, verified before anything is parsed
 
@@ -54,7 +54,7 @@ ONNX_FILE = "model.onnx"
 EXPORT_FILE = "export.json"
 MODEL_SUBDIR = "model"  # where a training run keeps its model folder
 EXPORT_SUBDIR = "onnx"  # where `mmsenti export RUN` writes (RUN/onnx-int8 quantised) unless --out says otherwise
-EXPORT_COPIES = (CONFIG, LABELS, "preprocessing.json", "tokenizer")  # from the model folder into its export
+EXPORT_COPIES = (CONFIG, LABELS)  # from the model folder into its export, with the preprocessing's files
 KINDS = ("torch", "onnx")  # a model folder with PyTorch weights, or its ONNX export
 
 
@@ -233,7 +233,7 @@ class ModelFolder:
         export = read_export(directory) if kind == "onnx" else None
         config = read_config(directory)
         info = TaskInfo(*read_labels(directory))
-        return cls(directory, config, info, Processor.load(directory), export)
+        return cls(directory, config, info, Processor.load(directory, config.model), export)
 
     @property
     def kind(self) -> str:
@@ -306,7 +306,7 @@ class ModelFolder:
     def write_export(self, directory: Path, meta: dict[str, Any]) -> None:
         """Complete an export folder whose graph (``model.onnx``) is written: this folder's preprocessing files,
         the run's metrics, ``export.json`` (``meta`` and the graph files' sizes) and the manifest."""
-        for name in EXPORT_COPIES:
+        for name in (*EXPORT_COPIES, *self.processor.files()):
             src = self.directory / name
             if src.is_dir():
                 shutil.copytree(src, directory / name)

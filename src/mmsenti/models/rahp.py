@@ -34,7 +34,9 @@ Retrieval modes (``retrieval``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,9 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsenti.config import ConfigError, ModelConfig
+from mmsenti.config import ConfigError, InputSpec, ModelConfig
+from mmsenti.errors import ExportError
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import build_image_encoder, build_text_encoder
+from mmsenti.models.explanations import Explained, Retrieved
 from mmsenti.models.layers import AttentionPool, TransformerBlock, build_attention
 from mmsenti.registry import MODELS
 from mmsenti.retrieval import INDEX_KINDS, CrossModalSupConLoss, MemoryBank, Neighbours
@@ -87,15 +91,22 @@ class RahpConfig(ModelConfig):
 
     @property
     def feature_modalities(self) -> list[str]:
-        """Modalities read from ``Sample.features`` (what ``build_processor`` passes to the Processor)."""
+        """Modalities read from ``Sample.features`` as (T, D) sequences."""
         return [m for m in self.modalities
                 if m not in ("text", "image") or (m == "text" and self.text_input == "features")]
 
-    def batch_inputs(self, training: bool) -> list[str]:
-        keys = [k for m in self.feature_modalities for k in (f"{m}_features", f"{m}_mask")]
+    def inputs(self) -> list[InputSpec]:
+        specs = [InputSpec("features", m, options={"dim": self.feature_dims.get(m)}) for m in self.feature_modalities]
         if "text" in self.modalities and self.text_input == "tokens":
-            keys += ["input_ids", "attention_mask"]
-        return keys + (["pixel_values"] if "image" in self.modalities else [])
+            specs.append(InputSpec("tokens", "text"))
+        return specs + ([InputSpec("pixels", "image")] if "image" in self.modalities else [])
+
+    def batch_dependence(self) -> tuple[str, str] | None:
+        if self.retrieval != "in-batch":
+            return None
+        return ("rahp with model.retrieval=in-batch",
+                "its neighbours are the other posts of the batch a post is predicted in, so its answer depends on "
+                "that batch; train with model.retrieval=bank (a memory bank saved with the model) or none")
 
 
 def validate(cfg: RahpConfig, check_dims: bool = True) -> None:
@@ -205,6 +216,7 @@ class Rahp(MultimodalModel):
     """Retrieval-augmented hierarchical prompts; see the module docstring."""
 
     backbone_prefixes = ("text_encoder.backbone.", "image_encoder.")
+    compiled_blocks = (*MultimodalModel.compiled_blocks, CrossBlock)
 
     def __init__(self, cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True,
                  inference: bool = False):
@@ -476,6 +488,71 @@ class Rahp(MultimodalModel):
     def on_train_epoch_end(self, trainer) -> None:
         self._refresh_from(trainer)  # dev evaluation and the saved model see a bank matching the weights
 
+    # -------------------------------------------------------------------------------------------- explain
+    @property
+    def lists_neighbours(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def explain_forward(self, batch: dict, options: Any) -> Explained:
+        """Also the neighbours this pass built its sample-level contexts from (exactly those of the forward)."""
+        out = self(batch, return_neighbours=True)
+        if self.config.retrieval == "none":
+            return Explained(out, neighbours=Retrieved({}), notes=["rahp with retrieval: none has no neighbours"])
+        # (in-batch retrieval never gets here: explanations refuse it, check_per_post)
+        notes = (["rahp: retrieval has no gradient, and along Integrated Gradients' path the neighbours change in "
+                  "steps it cannot see; read its attributions as local, not complete"]
+                 if options.integrated_gradients else [])
+        return Explained(out, neighbours=Retrieved(out["neighbours"], self.bank.ids), notes=notes)
+
+    # --------------------------------------------------------------------------------------------- export
+    # In a graph the bank is exact retrieval as graph ops (BankRetrieval) over its vectors as constants, and the
+    # graph also returns the retrieved bank rows ("neighbours"), which parity compares with the eager model's.
+    def export_check(self) -> None:
+        super().export_check()
+        if self.config.retrieval != "bank":
+            return
+        if not self.bank.is_built:
+            raise ExportError("rahp: the memory bank is empty (the model was never trained); nothing to retrieve from")
+        from mmsenti.retrieval.index import FaissIndex
+
+        for m, index in self.bank.indexes.items():
+            if isinstance(index, FaissIndex) and index.kind != "flat":
+                raise ExportError(f"rahp: the memory bank's '{m}' index is approximate (FAISS {index.kind}); the "
+                                  "graph retrieves exactly (matmul + top-k) and would find other neighbours than the "
+                                  "model does for some posts, so parity cannot hold; export a model whose bank uses "
+                                  "model.index=torch or flat")
+
+    def export_outputs(self) -> list[tuple[str, str, list[int | str]]]:
+        m = len(self.modalities)
+        return [("neighbours", "int64", ["batch", m, m, int(self.config.k)])] if self.config.retrieval == "bank" else []
+
+    @contextlib.contextmanager
+    def graph_mode(self) -> Iterator[Callable[[], tuple[torch.Tensor, ...]]]:
+        with super().graph_mode() as base:
+            if self.config.retrieval != "bank":
+                yield base
+                return
+            self.graph_retrieval = BankRetrieval(self)  # a submodule while exporting: its tensors are constants
+            self.retrieve = lambda enc, ids: self.graph_retrieval(enc)
+            try:
+                yield lambda: (self.graph_retrieval.rows,)
+            finally:
+                del self.retrieve
+                del self.graph_retrieval
+
+    def export_reference(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.config.retrieval != "bank":
+            return {}
+        found, mods = self.retrieve(self.encode(batch), list(batch["ids"])), self.modalities
+        return {"neighbours": torch.stack([torch.stack([found[t][s].rows for s in mods], 1) for t in mods], 1)}
+
+    def export_info(self) -> dict[str, Any]:
+        if self.config.retrieval != "bank":
+            return {}
+        return {"retrieval": {"bank_rows": len(self.bank), "k": int(self.config.k), "modalities": list(self.modalities),
+                              "metric": self.bank.metric, "search": "exact (MatMul + TopK) over the bank as constants"}}
+
     # ------------------------------------------------------------------------ bank inside the state_dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -499,6 +576,57 @@ class Rahp(MultimodalModel):
             error_msgs.append(f"memory bank: {e}")
             return
         self.bank, self._bank_stale = bank, False
+
+
+class BankRetrieval(nn.Module):
+    """The bank search as graph ops: exact top-k of cosine (or inner-product) scores against constant vectors.
+
+    Returns what :meth:`Rahp.retrieve` returns in eval mode (nothing excluded), and keeps the retrieved rows of the
+    last call in :attr:`rows`: ``(B, targets, sources, k)``, ``-1`` where the bank holds fewer than ``k`` samples.
+    Ties keep the lower row first (ONNX ``TopK``), as the torch index does.
+    """
+
+    def __init__(self, model: Rahp):
+        super().__init__()
+        bank = model.bank
+        self.modalities = list(model.modalities)
+        self.k = int(model.config.k)
+        self.cosine = bank.metric == "cosine"
+        for m in self.modalities:
+            # Torch and FAISS-flat indexes both store their (already normalised) vectors as "vectors".
+            self.register_buffer(f"vectors_{m}", bank.indexes[m].state()[1]["vectors"].float().cpu().clone())
+        self.payload_names = sorted(bank.payload)
+        for i, name in enumerate(self.payload_names):
+            self.register_buffer(f"payload_{i}", bank.payload[name].cpu().clone())
+        self.fetch = min(self.k, len(bank))
+        self.rows: torch.Tensor | None = None
+
+    def forward(self, enc: dict) -> dict:
+        mods, k = self.modalities, self.k
+        queries = torch.cat([enc[m].embedding for m in mods])  # (targets·B, d): one search per index
+        if self.cosine:
+            queries = F.normalize(queries, dim=1)
+        found: dict[str, dict] = {m: {} for m in mods}
+        rows_by_source = []
+        for s in mods:
+            scores, rows = torch.topk(queries @ getattr(self, f"vectors_{s}").T, self.fetch, dim=1)
+            if self.fetch < k:  # a bank smaller than k: padding slots, as the index returns them
+                scores = torch.cat([scores, scores.new_full((scores.shape[0], k - self.fetch), float("-inf"))], 1)
+                rows = torch.cat([rows, rows.new_full((rows.shape[0], k - self.fetch), -1)], 1)
+            payload = {}
+            for i, name in enumerate(self.payload_names):
+                picked = getattr(self, f"payload_{i}")[rows.clamp_min(0)]
+                if self.fetch < k:
+                    valid = (rows >= 0).reshape(*rows.shape, *([1] * (picked.ndim - 2)))
+                    picked = picked.masked_fill(~valid, 0)
+                payload[name] = picked
+            scores, rows = scores.unflatten(0, (len(mods), -1)), rows.unflatten(0, (len(mods), -1))
+            payload = {n: v.unflatten(0, (len(mods), -1)) for n, v in payload.items()}
+            for j, m in enumerate(mods):
+                found[m][s] = Neighbours(scores[j], rows[j], {n: v[j] for n, v in payload.items()})
+            rows_by_source.append(rows)  # (targets, B, k)
+        self.rows = torch.stack(rows_by_source, 2).transpose(0, 1)  # (B, targets, sources, k)
+        return found
 
 
 @MODELS.register("rahp", config=RahpConfig,

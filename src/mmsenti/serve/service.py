@@ -32,7 +32,7 @@ class Service:
         self.name, self.version = settings.model_name or self.folder.name, self.folder.version
         if settings.allow_missing_modality:
             predictor.allow_missing()  # ValueError for a model that cannot hide a modality
-            if getattr(predictor.config.model, "modality_dropout", 0.0) == 0.0:
+            if not predictor.config.model.learns_missing_modalities:
                 log.warning("--allow-missing-modality: this model was not trained with modality dropout; "
                             "its predictions from one modality are untested")
         self.batcher = MicroBatcher(self._predict_batch, settings.max_batch_size, settings.max_wait_ms)
@@ -79,10 +79,10 @@ class Service:
         return {"name": self.name, "version": self.version}
 
     def card(self) -> dict:
+        """``GET /v1/model``: the service's answer, with the model's own fields (``ModelConfig.card``: backbones)."""
         cfg = self.predictor.config
-        backbones = {m: getattr(cfg.model, f"{m}_encoder").name for m in ("text", "image") if m in self.modalities}
         return {**self.model_ref(), "backend": self.predictor.backend.name,
                 "task": self.predictor.info.task, "labels": self.predictor.label_names,
-                "modalities": self.modalities, "model": cfg.model.name, "backbones": backbones,
+                "modalities": self.modalities, "model": cfg.model.name, **cfg.model.card(),
                 "dataset": cfg.data.name, "metrics": self.folder.metrics,
                 "allow_missing_modality": self.settings.allow_missing_modality, "limits": self.settings.limits()}

@@ -31,7 +31,6 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,31 +84,10 @@ def _digest(path: str | os.PathLike) -> str:
     return file_digest(path, "blake2b", digest_size=16)
 
 
-def _tokenizer_fingerprint(tok) -> str | None:
-    if tok is None:
-        return None
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        for key in ("truncation", "padding"):  # set by each call; max_length is hashed on its own
-            state.pop(key, None)
-        text = json.dumps(state, sort_keys=True)
-    else:
-        text = json.dumps(sorted(tok.get_vocab().items()))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-def processor_fingerprint(processor) -> dict[str, Any]:
-    """What of the preprocessing determines cached features."""
-    def transform(t):
-        return asdict(t) if t is not None and is_dataclass(t) else None
-
-    return {
-        "tokenizer": _tokenizer_fingerprint(processor.tokenizer), "max_length": processor.max_length,
-        "image_transform": transform(processor.image_transform),
-        "clip_tokenizer": _tokenizer_fingerprint(processor.clip_tokenizer),
-        "clip_transform": transform(processor.clip_transform), "clip_max_length": processor.clip_max_length,
-    }
+def processor_fingerprint(processor) -> list[dict[str, Any]]:
+    """What of the preprocessing determines cached features: each input builder's fingerprint (tokenizer and
+    maximum length, image transform, ...)."""
+    return processor.fingerprint()
 
 
 def data_fingerprint(samples: Sequence[Sample], sources: Iterable[str | os.PathLike] = ()) -> str:
@@ -351,16 +329,15 @@ def _open_or_build(directory: Path, model, processor, samples, spec, parts, meta
 
 
 class CachedCollator:
-    """Collate samples with the processor, skipping what the cache replaces, and add the cached features."""
+    """Collate samples with the processor, skipping what the cache replaces (its builders build nothing for those
+    keys: an image that only they read is never decoded), and add the cached features."""
 
     def __init__(self, processor, store: FeatureStore, replaces: set[str]):
         self.processor, self.store, self.replaces = processor, store, set(replaces)
-        needs_clip_pixels = processor.clip_transform is not None and "clip_pixel_values" not in self.replaces
-        self.load_images = "pixel_values" not in self.replaces or needs_clip_pixels
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        batch = self.processor(samples, load_images=self.load_images)
-        for k in self.replaces:
+        batch = self.processor(samples, without=self.replaces)
+        for k in self.replaces:  # whatever a builder made anyway
             batch.pop(k, None)
         batch.update(self.store.gather(batch["ids"], batch.get("attention_mask")))
         return batch

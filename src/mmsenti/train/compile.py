@@ -39,19 +39,12 @@ def compile_available() -> tuple[bool, str]:
 
 
 def compile_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The blocks to compile: HF transformer layers and mmsenti transformer / cross-attention / pooling blocks.
+    """The blocks to compile: HF transformer layers and the blocks the model names (``compiled_blocks``: its
+    transformer, cross-attention and pooling blocks).
 
     Outermost matches only (a compiled block's submodules are part of its graph).
     """
-    from mmsenti.models.layers import AttentionPool, TransformerBlock
-
-    kinds: tuple[type, ...] = (TransformerBlock, AttentionPool)
-    try:
-        from mmsenti.models.rahp import CrossBlock
-
-        kinds += (CrossBlock,)
-    except ImportError:  # pragma: no cover - rahp is part of the package
-        pass
+    kinds: tuple[type, ...] = tuple(getattr(model, "compiled_blocks", ()))
     out: list[tuple[str, nn.Module]] = []
     taken: list[str] = []
     for name, m in model.named_modules():

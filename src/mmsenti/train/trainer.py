@@ -186,7 +186,7 @@ class Trainer:
         if self.resume and proc_dir.is_dir():
             from mmsenti.data.processing import Processor
 
-            processor = Processor.load(proc_dir)
+            processor = Processor.load(proc_dir, cfg.model)  # cfg: what a run of an older mmsenti did not record
         self.bench: Workbench = build_workbench(cfg, dist=dist, processor=processor)
         if processor is None and dist.is_main:
             self.bench.processor.save(proc_dir)

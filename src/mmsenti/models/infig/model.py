@@ -27,15 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmsenti.config import ConfigError, ImageEncoderConfig, ModelConfig, TextEncoderConfig, merge
+from mmsenti.config import ConfigError, ImageEncoderConfig, InputSpec, ModelConfig, TextEncoderConfig, merge
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import ImageTransformerEncoder, build_image_encoder, build_text_encoder
+from mmsenti.models.explanations import Explained, WordRegions
 from mmsenti.models.infig.alignment import (
     FineGrainedAlignmentLoss,
     GlobalAlignmentLoss,
     LearnableTemperature,
     make_momentum_copy,
     momentum_update,
+    token_similarity,
 )
 from mmsenti.models.layers import AttentionPool, TransformerBlock
 from mmsenti.registry import MODELS
@@ -93,11 +95,13 @@ class InfigConfig(ModelConfig):
         """CLIP is only read by GAM (in training); the processor prepares CLIP inputs only then."""
         return self.use_clip and self.use_gam and set(self.modalities) == {"image", "text"}
 
-    def batch_inputs(self, training: bool) -> list[str]:
-        keys = super().batch_inputs(training)
-        if training and self.clip_active:  # GAM's CLIP prior: training only
-            keys += ["clip_input_ids", "clip_attention_mask", "clip_pixel_values"]
-        return keys
+    def inputs(self) -> list[InputSpec]:
+        # GAM's CLIP prior reads its own tokenization and image preprocessing, in training only.
+        return super().inputs() + ([InputSpec("clip", training_only=True)] if self.clip_active else [])
+
+    @property
+    def learns_missing_modalities(self) -> bool:
+        return self.modality_dropout > 0
 
 
 def modality_drop(batch_size: int, p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -360,6 +364,29 @@ class Infig(MultimodalModel):
         if self.training and self.use_hfam:
             out["fine"] = self._hfam_tokens(img_states, txt_states, mask)
         return out
+
+    @torch.no_grad()
+    def explain_forward(self, batch: dict, options: Any) -> Explained:
+        """Also the word → region maps' inputs when the post has both modalities: the fusion attention and pooling
+        weights, and HFAM's token similarity at layer ``options.hfam_layer`` from the end."""
+        out = self(batch, return_attention=True, return_tokens=True)
+        present = all(bool(batch[k][0]) for k in ("image_present", "text_present") if k in batch)
+        if not (self.has_text and self.has_image and present):
+            return Explained(out)
+        maps = WordRegions(tuple(out["image_grid"]), int(out["num_image_tokens"]),
+                           [a[0] for a in out["attentions"]], out["pool_weights"][0])
+        if "hfam_tokens" in out:
+            img_layers, txt_layers, mask = out["hfam_tokens"]
+            k = options.hfam_layer
+            if k > len(img_layers):
+                raise ValueError(f"hfam_layer {k}: this model aligns its last {len(img_layers)} layers "
+                                 "(model.hfam_layers)")
+            maps.similarity = token_similarity(img_layers[-k], txt_layers[-k], mask)[0]
+            maps.similarity_title = (f"HFAM token similarity (cosine), "
+                                     f"{'last layer' if k == 1 else f'layer {k} from the end'}")
+        else:
+            maps.notes.append("this INFIG was built without HFAM (use_hfam: false): no similarity map")
+        return Explained(out, word_regions=maps)
 
     def _hfam_tokens(self, img_states, txt_states, mask) -> tuple[list, list, torch.Tensor]:
         """What HFAM aligns: the last ``hfam_layers`` layers' tokens. [CLS] (position 0) excluded on both sides;
