@@ -45,6 +45,7 @@ from torch import nn
 from mmsenti.config import ConfigError, ModelConfig
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import build_image_encoder, build_text_encoder
+from mmsenti.models.factory import register_tiny
 from mmsenti.models.layers import AttentionPool, TransformerBlock, build_attention
 from mmsenti.registry import MODELS
 from mmsenti.retrieval import INDEX_KINDS, CrossModalSupConLoss, MemoryBank, Neighbours
@@ -505,3 +506,7 @@ class Rahp(MultimodalModel):
                  description="retrieval-augmented hierarchical prompts with a saved training-set memory bank")
 def rahp(cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> Rahp:
     return Rahp(cfg, info, processor, load_weights, inference)
+
+
+# Tiny variant (tests, CPU smoke runs) on text tokens + image regions, the built-in scenes data's modalities.
+register_tiny("rahp", modalities=["text", "image"], width=16, heads=2, hidden=16, k=3, num_prompts=2)
