@@ -22,12 +22,11 @@ def pytest_configure(config):
             sys.modules["torch"].set_num_threads(1)
 
 
-# Small enough for seconds per run, large enough that late fusion learns something in a few epochs.
+# Small enough for seconds per run, large enough that late fusion learns something in a few epochs. A test that
+# trains another model names its tiny variant after these (`model.name=infig-tiny`), never the bare model.
 TINY = [
     "data.num_train=96", "data.num_dev=32", "data.num_test=32", "data.batch_size=16", "data.eval_batch_size=32",
-    "model.text_encoder.width=32", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
-    "model.text_encoder.vocab_size=300", "model.image_encoder.width=8", "model.image_encoder.image_size=32",
-    "model.hidden=32", "optim.epochs=2", "run.quiet=true", "run.log_every=1000",
+    "model.name=late-fusion-tiny", "optim.epochs=2", "run.quiet=true", "run.log_every=1000",
 ]
 
 
@@ -36,10 +35,23 @@ TINY = [
 # core), so its decisions have margins, not near-ties.
 SCENES_TRAINED = [
     "data.num_train=1200", "data.num_dev=100", "data.num_test=300", "data.batch_size=32", "data.image_size=32",
-    "model.text_encoder.width=32", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
-    "model.text_encoder.vocab_size=300", "model.image_encoder.width=8", "model.image_encoder.image_size=32",
-    "model.hidden=64", "optim.epochs=8", "optim.lr=2e-3", "run.log_every=1000",
+    "model.name=late-fusion-tiny", "model.hidden=64", "optim.epochs=8", "optim.lr=2e-3", "run.log_every=1000",
 ]
+
+
+def build_tiny(name: str, bundle, *overrides: str, seed: int = 0):
+    """``(config, model, processor)``: registered model ``name``'s tiny variant (``<name>-tiny``) with ``overrides``,
+    its vocabulary learned on ``bundle``'s training texts and its weights drawn from ``seed``, as training builds it."""
+    import torch
+
+    from mmsenti import create_model
+    from mmsenti.config import load_config
+
+    cfg = load_config(None, [f"model.name={name}-tiny", *overrides])
+    torch.manual_seed(seed)
+    model, processor = create_model(cfg, texts=[s.text or "" for s in bundle.split("train")],
+                                    label_names=bundle.label_names, task=bundle.task)
+    return cfg, model, processor
 
 
 @pytest.fixture(scope="session")

@@ -20,15 +20,10 @@ from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
 from mmsenti.models.folder import ModelFolder
 
-TINY_MODEL = ["model.text_encoder.width=32", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
-              "model.text_encoder.vocab_size=300", "model.image_encoder.width=8", "model.image_encoder.image_size=32",
-              "data.num_train=48"]
-TINY_INFIG = ["model.name=infig", "model.width=32", "model.image_layers=1", "model.image_heads=2",
-              "model.fusion_layers=1", "model.fusion_heads=2", "model.clip_dim=16", "model.queue_size=16",
-              "model.hfam_layers=1", "model.modality_dropout=0.3"]
+TINY_MODEL = ["model.name=late-fusion-tiny", "data.num_train=48"]
+TINY_INFIG = ["model.name=infig-tiny", "model.modality_dropout=0.3"]
 # Its answer for a post depends on the post's batch-mates: every per-post command refuses it.
-TINY_RAHP_IN_BATCH = ["model.name=rahp", "model.retrieval=in-batch", "model.modalities=[text, image]", "model.width=16",
-                      "model.heads=2", "model.hidden=16", "model.k=3", "model.num_prompts=2"]
+TINY_RAHP_IN_BATCH = ["model.name=rahp-tiny", "model.retrieval=in-batch"]
 
 
 def save_tiny_model(directory: Path, overrides=(), seed: int = 0) -> Path:

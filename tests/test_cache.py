@@ -86,8 +86,7 @@ def test_only_the_top_layers_train_and_frozen_layers_stay_deterministic():
 
 # ---------------------------------------------------------------------------------------------- cache entries
 def _scenes_model(overrides, tiny_overrides, seed=0):
-    base = [o for o in tiny_overrides if o != "model.hidden=32" or "model.name=late-fusion" in overrides]
-    cfg = load_config(None, [*base, "model.image_encoder.freeze=true", *overrides])
+    cfg = load_config(None, [*tiny_overrides, "model.image_encoder.freeze=true", *overrides])
     from mmsenti.data.scenes import build_scenes
 
     bundle = build_scenes(cfg.data)
@@ -108,12 +107,12 @@ def _image_samples(tmp_path, n=6):
 
 
 def test_cache_key_changes_with_weights_preprocessing_data_and_dtype(tmp_path, tiny_overrides):
-    _, _, proc, model = _scenes_model(["model.name=late-fusion"], tiny_overrides)
+    _, _, proc, model = _scenes_model(["model.name=late-fusion-tiny"], tiny_overrides)
     samples = _image_samples(tmp_path)
     key, parts = cache_key(model, proc, samples)
     assert key == cache_key(model, proc, samples)[0]  # deterministic
     assert set(parts["spec"]) == {"cached_image_map"}
-    _, _, proc2, model2 = _scenes_model(["model.name=late-fusion"], tiny_overrides, seed=1)
+    _, _, proc2, model2 = _scenes_model(["model.name=late-fusion-tiny"], tiny_overrides, seed=1)
     assert cache_key(model2, proc, samples)[0] != key  # other (frozen) weights
     proc.image_transform.size = 48
     assert cache_key(model, proc, samples)[0] != key  # other preprocessing
@@ -133,7 +132,7 @@ def test_cache_key_changes_with_weights_preprocessing_data_and_dtype(tmp_path, t
 
 
 def test_cached_features_equal_recomputed_ones(tmp_path, tiny_overrides):
-    _, _, proc, model = _scenes_model(["model.name=infig", "model.text_encoder.num_layers=3",
+    _, _, proc, model = _scenes_model(["model.name=infig-tiny", "model.text_encoder.num_layers=3",
                                        "model.text_encoder.trainable_layers=1", "model.use_clip=false",
                                        "model.hfam_layers=3", "model.image_layers=3"], tiny_overrides)
     samples = _image_samples(tmp_path)
@@ -157,7 +156,7 @@ def test_cached_features_equal_recomputed_ones(tmp_path, tiny_overrides):
 
 
 def test_truncated_or_partial_entries_are_rebuilt_never_read(tmp_path, tiny_overrides):
-    _, _, proc, model = _scenes_model(["model.name=late-fusion"], tiny_overrides)
+    _, _, proc, model = _scenes_model(["model.name=late-fusion-tiny"], tiny_overrides)
     samples = _image_samples(tmp_path)
     root = tmp_path / "c"
     store = open_or_build(root, model, proc, samples)
@@ -190,10 +189,10 @@ def test_truncated_or_partial_entries_are_rebuilt_never_read(tmp_path, tiny_over
 
 
 def test_training_with_and_without_the_cache_gives_the_same_losses(tmp_path, tiny_overrides):
-    common = [*(o for o in tiny_overrides if o != "model.hidden=32"), "model.name=infig", "model.text_encoder.num_layers=3", "model.width=32",
+    common = [*tiny_overrides, "model.name=infig-tiny", "model.text_encoder.num_layers=3",
               "model.text_encoder.trainable_layers=1", "model.image_encoder.freeze=true", "model.hfam_layers=2",
-              "model.image_layers=2", "model.image_heads=2", "model.fusion_heads=2", "model.queue_size=64",
-              "optim.epochs=2", "data.num_train=48", f"run.cache_dir={tmp_path / 'cache'}"]
+              "model.image_layers=2", "model.queue_size=64", "optim.epochs=2", "data.num_train=48",
+              f"run.cache_dir={tmp_path / 'cache'}"]
     results = {}
     runs = {"true": ["run.feature_cache=true"], "false": ["run.feature_cache=false"],
             "fp16": ["run.feature_cache=true", "run.cache_dtype=float16"]}

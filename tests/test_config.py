@@ -96,6 +96,40 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["model"]["name"] == "text-only"
 
 
+def test_a_variant_name_is_its_model_with_the_variants_settings_under_the_configs_own(tmp_path):
+    """`model.name: infig-tiny` in a file or a --set: infig with the variant's settings, under the file's and the
+    --set's own; the saved config names infig and reads back without the variant; resuming with the variant's name
+    is no change."""
+    from mmsenti.config import config_from_json, resume_config, save_config
+    from mmsenti.models.infig.model import InfigConfig
+    from mmsenti.registry import MODELS
+
+    (tmp_path / "base.yaml").write_text("model:\n  name: infig\n  fusion_layers: 2\n")
+    (tmp_path / "tiny.yaml").write_text("_base_: base.yaml\nmodel:\n  name: infig-tiny\n  text_encoder:\n"
+                                        "    num_layers: 2\n")
+    cfg = load_config(tmp_path / "tiny.yaml", ["model.width=48", "model.text_encoder.num_heads=4"])
+    tiny = MODELS.resolve("infig-tiny")[1]
+    assert isinstance(cfg.model, InfigConfig) and cfg.model.name == "infig"
+    assert cfg.model.image_layers == tiny["image_layers"] and cfg.model.queue_size == tiny["queue_size"]
+    assert cfg.model.text_encoder.width == tiny["text_encoder"]["width"]  # the variant's, under a partial section
+    assert (cfg.model.fusion_layers, cfg.model.text_encoder.num_layers) == (2, 2)  # the files' own
+    assert (cfg.model.width, cfg.model.text_encoder.num_heads) == (48, 4)  # --set's
+    assert cfg.model.use_gam and cfg.model.hfam_layers == tiny["hfam_layers"]  # the model's and the variant's
+    save_config(cfg, tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "infig"
+    assert config_from_json(tmp_path / "config.json") == cfg
+    assert resume_config(cfg, overrides=["model.name=infig-tiny", "model.width=48", "model.fusion_layers=2",
+                                         "model.text_encoder.num_layers=2", "model.text_encoder.num_heads=4"])[1] == {}
+    # The same settings spelled out on the model are the same config.
+    assert load_config(None, ["model.name=late-fusion-tiny"]) == load_config(None, [
+        "model.name=late-fusion", *(f"model.{k}={v}" for k, v in MODELS.resolve("late-fusion-tiny")[1].items())])
+
+
+def test_an_unknown_model_name_lists_the_models_and_their_variants():
+    with pytest.raises(ConfigError, match=r"^model.name: unknown model 'infig-small' \(known: .*infig, infig-tiny,"):
+        load_config(None, ["model.name=infig-small"])
+
+
 def test_resume_config_accepts_only_what_cannot_change_the_training(tmp_path):
     from mmsenti.config import RESUME_OVERRIDES, resume_config
 

@@ -286,9 +286,7 @@ def test_training_checks_every_split_before_the_first_epoch(tmp_path):
     """A bad test image stops the run before training (nothing lost); with drop the run completes without it."""
     f = _image_posts(tmp_path)
     sets = ["data.name=jsonl", f"data.root={f}", "data.label_names=[negative,neutral,positive]", "data.batch_size=8",
-            "model.text_encoder.width=16", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
-            "model.image_encoder.width=4", "model.image_encoder.image_size=16", "model.hidden=8", "optim.epochs=1",
-            "run.quiet=true", "run.feature_cache=false"]
+            "model.name=late-fusion-tiny", "optim.epochs=1", "run.quiet=true", "run.feature_cache=false"]
     with pytest.raises(DataError, match="p24 \\(unreadable\\)"):
         Trainer(load_config(None, sets), tmp_path / "stopped").fit()
     assert not (tmp_path / "stopped" / "checkpoints" / "last.pt").exists()

@@ -32,13 +32,9 @@ from mmsenti.models.infig.alignment import fine_grained_similarity, token_simila
 from mmsenti.train.trainer import Trainer
 
 SCENES = ["data.num_train=1200", "data.num_dev=50", "data.num_test=50", "data.batch_size=32", "run.quiet=true",
-          "run.log_every=1000", "model.text_encoder.width=32", "model.text_encoder.num_layers=1",
-          "model.text_encoder.num_heads=2", "model.text_encoder.vocab_size=300", "model.image_encoder.width=8",
-          "model.image_encoder.image_size=32", "optim.epochs=10"]
-INFIG = ["model.name=infig", "model.image_encoder.num_stages=3", "model.width=32", "model.image_layers=1",
-         "model.image_heads=2", "model.fusion_layers=2",
-         "model.fusion_heads=2", "model.use_clip=false", "model.use_gam=false", "model.dropout=0.0",
-         "model.hfam_layers=1", "model.lambda_f=0.05", "optim.lr=2e-3"]
+          "run.log_every=1000", "optim.epochs=10"]
+INFIG = ["model.name=infig-tiny", "model.image_encoder.num_stages=3", "model.fusion_layers=2", "model.use_clip=false",
+         "model.use_gam=false", "model.dropout=0.0", "model.lambda_f=0.05", "optim.lr=2e-3"]
 STOP = {"a", "the", "some", "day"}  # in the weather phrases, but not about the weather
 WEATHER = {w for d in (_HOPE_WORDS, _DREAD_WORDS) for phrases in d.values() for p in phrases for w in p.split()} - STOP
 N_POSTS = 60
@@ -284,7 +280,7 @@ def test_trained_scenes_model_explanations_follow_the_rule(trained, name, record
 
 @pytest.mark.parametrize("name, other", [("text-only", "image"), ("image-only", "text")])
 def test_unimodal_models_give_the_other_modality_exactly_zero(tmp_path, name, other):
-    pred = load_model(save_tiny_model(tmp_path / name, [f"model.name={name}"]))
+    pred = load_model(save_tiny_model(tmp_path / name, [f"model.name={name}-tiny"]))
     own = "text" if other == "image" else "image"
     moved = 0
     for i in range(6):
@@ -337,11 +333,7 @@ def rahp():
     from mmsenti.models.base import TaskInfo, build_model
     from mmsenti.models.encoders import build_processor
 
-    cfg = load_config(None, ["model.name=rahp", "model.modalities=[text,image]", "model.width=32", "model.heads=2",
-                             "model.hidden=32", "model.k=3", "model.num_prompts=2", "model.text_encoder.width=32",
-                             "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
-                             "model.text_encoder.vocab_size=300", "model.image_encoder.width=8",
-                             "model.image_encoder.image_size=32"])
+    cfg = load_config(None, ["model.name=rahp-tiny", "model.width=32", "model.hidden=32"])
     train = build_scenes(ScenesConfig(num_train=40, num_dev=0, num_test=0, image_size=48)).splits["train"]
     s = train[5]
     train.append(Sample("near-dup-5", s.label, s.text, s.image.point(lambda v: min(255, v + 3)), extra=s.extra))

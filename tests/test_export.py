@@ -29,23 +29,14 @@ from mmsenti.registry import MODELS  # noqa: E402
 from mmsenti.train.workbench import build_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.num_train=48", "data.num_dev=12", "data.num_test=16", "data.image_size=32",
-        "model.text_encoder.width=16", "model.text_encoder.num_layers=1", "model.text_encoder.num_heads=2",
-        "model.text_encoder.vocab_size=200", "model.image_encoder.width=8",
-        "model.image_encoder.image_size=32"]
-BY_MODEL = {
-    "infig": ["model.width=16", "model.image_layers=1", "model.image_heads=2", "model.fusion_layers=1",
-              "model.fusion_heads=2", "model.clip_dim=8", "model.queue_size=8", "model.hfam_layers=1"],
-    "rahp": ["model.modalities=[text, image]", "model.width=16", "model.heads=2", "model.hidden=16", "model.k=3",
-             "model.num_prompts=2"],
-}
-SYNTHETIC = ["data.name=synthetic-mmsa", "data.n_train=48", "data.n_valid=12", "data.n_test=16", "model.name=rahp",
+TINY = ["data.num_train=48", "data.num_dev=12", "data.num_test=16", "data.image_size=32"]
+SYNTHETIC = ["data.name=synthetic-mmsa", "data.n_train=48", "data.n_valid=12", "data.n_test=16", "model.name=rahp-tiny",
              "model.modalities=[text, audio]", "model.text_input=features", "model.feature_dims={text: 32, audio: 16}",
-             "model.width=16", "model.heads=2", "model.hidden=16", "model.k=4", "model.num_prompts=2"]
-# Every registered model on its tiny config, and the variants: INFIG's ablation switches and one modality, RAHP on
-# MOSI-like feature sequences (regression), and a timm CNN (which runs in chunks in eager eval mode). (RAHP without
-# retrieval is RAHP with a bank minus the neighbour tokens.)
-CASES = {name: [f"model.name={name}", *BY_MODEL.get(name, [])] for name in MODELS.names()}
+             "model.k=4"]
+# Every registered model's tiny variant, and cases of other settings: INFIG's ablation switches and one
+# modality, RAHP on MOSI-like feature sequences (regression), and a timm CNN (which runs in chunks in eager eval
+# mode). (RAHP without retrieval is RAHP with a bank minus the neighbour tokens.)
+CASES = {name: [f"model.name={name}-tiny"] for name in MODELS.names()}
 CASES.update({
     "infig-no-clip": CASES["infig"] + ["model.use_clip=false"],
     "infig-no-gam": CASES["infig"] + ["model.use_gam=false"],
@@ -53,7 +44,7 @@ CASES.update({
     "infig-no-gam-hfam": CASES["infig"] + ["model.use_gam=false", "model.use_hfam=false"],
     "infig-text": CASES["infig"] + ["model.modalities=[text]"],
     "rahp-features": SYNTHETIC,
-    "late-fusion-timm": ["model.name=late-fusion", "model.image_encoder.name=test_efficientnet",
+    "late-fusion-timm": ["model.name=late-fusion-tiny", "model.image_encoder.name=test_efficientnet",
                          "model.image_encoder.pretrained=false", "model.image_encoder.image_size=64"],
 })
 # The inference graph of these equals INFIG's (CLIP, GAM and HFAM are training-only): exported anyway, marked slow.

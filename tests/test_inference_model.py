@@ -10,23 +10,16 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny
 from safetensors.torch import load_file, save_file
 
 from mmsenti.config import load_config
 from mmsenti.data.scenes import ScenesConfig, build_scenes
 from mmsenti.losses import total_loss
-from mmsenti.models.base import TaskInfo, build_model
-from mmsenti.models.encoders import build_processor
+from mmsenti.models.base import build_model
 from mmsenti.models.folder import ModelFolder
 from mmsenti.registry import MODELS
 
-SMALL = ["model.text_encoder.width=32", "model.text_encoder.num_heads=2", "model.image_encoder.width=8",
-         "model.image_encoder.image_size=32"]
-SMALL_BY_MODEL = {
-    "infig": ["model.width=32", "model.image_layers=3", "model.image_heads=2", "model.fusion_heads=2",
-              "model.clip_dim=16", "model.queue_size=16"],
-    "rahp": ["model.modalities=[text, image]", "model.width=32", "model.heads=2", "model.hidden=16", "model.k=2"],
-}
 CLIP_KEYS = {"clip_input_ids", "clip_attention_mask", "clip_pixel_values"}
 # A tiny random open_clip architecture (built offline: pretrained=None); its tokenizer ships with open_clip.
 OPEN_CLIP_TINY = ("model.clip.arch={embed_dim: 16, vision_cfg: {image_size: 32, layers: 1, width: 32, patch_size: 8, "
@@ -36,15 +29,6 @@ OPEN_CLIP_TINY = ("model.clip.arch={embed_dim: 16, vision_cfg: {image_size: 32, 
 @pytest.fixture(scope="module")
 def scenes():
     return build_scenes(ScenesConfig(num_train=24, num_dev=6, num_test=4, image_size=32))
-
-
-def _build(name, scenes, extra=()):
-    cfg = load_config(None, [f"model.name={name}"] + SMALL + SMALL_BY_MODEL.get(name, []) + list(extra))
-    info = TaskInfo(scenes.task, scenes.label_names)
-    processor = build_processor(cfg.model, [s.text for s in scenes.splits["train"]], info.task)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, info, processor)
-    return cfg, model, processor
 
 
 def _train_steps(model, processor, samples, steps=3):
@@ -69,7 +53,7 @@ def _train_steps(model, processor, samples, steps=3):
 
 @pytest.mark.parametrize("name", MODELS.names())
 def test_saved_inference_model_answers_as_the_trained_model(name, scenes, tmp_path):
-    cfg, model, processor = _build(name, scenes)
+    cfg, model, processor = build_tiny(name, scenes)
     _train_steps(model, processor, scenes.splits["train"])
     dev = scenes.splits["dev"]
     with torch.no_grad():
@@ -90,7 +74,7 @@ def test_saved_inference_model_answers_as_the_trained_model(name, scenes, tmp_pa
 
 
 def test_infig_inference_build_has_no_training_state(scenes, tmp_path):
-    cfg, model, processor = _build("infig", scenes)
+    cfg, model, processor = build_tiny("infig", scenes)
     dropped = model.training_only_modules()
     assert {"text_encoder_m", "image_encoder_m", "gam_loss", "clip", "hfam_loss"} <= set(dropped)
     full, lean = model.state_dict(), model.inference_state_dict()
@@ -107,7 +91,7 @@ def test_infig_inference_build_has_no_training_state(scenes, tmp_path):
 
 
 def test_loading_is_strict_and_reads_older_complete_files(scenes, tmp_path):
-    cfg, model, processor = _build("infig", scenes)
+    cfg, model, processor = build_tiny("infig", scenes)
     model.eval()
     ModelFolder.save(tmp_path, model, processor, cfg)
     path = tmp_path / "model.safetensors"
@@ -138,7 +122,7 @@ def test_loading_is_strict_and_reads_older_complete_files(scenes, tmp_path):
 
 
 def test_models_declare_their_inputs_and_eval_batches_carry_no_clip_inputs(scenes, tmp_path):
-    cfg, model, processor = _build("infig", scenes)
+    cfg, model, processor = build_tiny("infig", scenes)
     assert CLIP_KEYS <= set(cfg.model.batch_inputs(True)) and not CLIP_KEYS & set(cfg.model.batch_inputs(False))
     samples = scenes.splits["train"][:4]
     assert CLIP_KEYS <= set(processor(samples))
@@ -162,7 +146,7 @@ def test_clip_adapter_trains_and_saves_with_a_tiny_random_clip(kind, scenes, tmp
 
     extra = [] if kind == "transformers" else ["model.clip.name=open_clip:ViT-B-32", "model.clip.pretrained=false",
                                                OPEN_CLIP_TINY]
-    cfg, model, processor = _build("infig", scenes, extra)
+    cfg, model, processor = build_tiny("infig", scenes, *extra)
     assert isinstance(model.clip_api, HFClip if kind == "transformers" else OpenClip)
     assert model.clip_api.projection_dim == (32 if kind == "transformers" else 16)
     batch = processor(scenes.splits["train"][:8])
@@ -198,7 +182,7 @@ def test_clip_adapter_trains_and_saves_with_a_tiny_random_clip(kind, scenes, tmp
 
 
 def test_rahp_eval_prediction_does_not_depend_on_the_id(scenes):
-    cfg, model, processor = _build("rahp", scenes)
+    cfg, model, processor = build_tiny("rahp", scenes)
     train = scenes.splits["train"]
     _train_steps(model, processor, train)
     from dataclasses import replace

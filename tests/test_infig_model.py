@@ -11,9 +11,7 @@ from mmsenti.losses import total_loss
 from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
 
-TINY = ["model.name=infig", "model.width=32", "model.image_layers=3", "model.image_heads=2", "model.fusion_heads=2",
-        "model.fusion_layers=2", "model.clip_dim=16", "model.queue_size=12", "model.text_encoder.width=24",
-        "model.text_encoder.num_heads=2", "model.image_encoder.width=8", "model.image_encoder.image_size=32"]
+TINY = ["model.name=infig-tiny", "model.fusion_layers=2"]  # two fusion layers: attention maps per layer
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +136,8 @@ def test_attention_maps_for_explanations(data):
 
 
 def test_gam_layer_selects_the_cls_of_that_layer(data):
-    model, proc = make(data, "model.gam_layer=2", "model.use_clip=false")
+    model, proc = make(data, "model.gam_layer=2", "model.use_clip=false", "model.image_layers=2",
+                       "model.text_encoder.num_layers=2")
     batch = proc(data.splits["train"][:4])
     model.train()
     torch.manual_seed(1)

@@ -160,8 +160,7 @@ def test_tokens_and_image_inputs_train_on_scenes(tmp_path, tiny_overrides):
     """Text through the text encoder, image regions through the CNN, classification labels in the bank."""
     from mmsenti.train.trainer import Trainer
 
-    overrides = [*tiny_overrides, "model.name=rahp", "model.modalities=[text,image]", "model.width=32",
-                 "model.heads=2", "model.num_prompts=2", "model.k=4", "optim.epochs=1"]
+    overrides = [*tiny_overrides, "model.name=rahp-tiny", "model.width=32", "model.k=4", "optim.epochs=1"]
     results = Trainer(load_config(None, overrides), tmp_path).fit()
     cm = torch.tensor(results["test"]["confusion_matrix"])  # the reported accuracy is that of the confusion matrix
     assert cm.sum() > 0 and abs(results["test"]["accuracy"] - cm.trace().item() / cm.sum().item()) < 1e-9

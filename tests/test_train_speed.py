@@ -25,10 +25,7 @@ from mmsenti.models.encoders import build_processor
 from mmsenti.models.layers import MultiheadAttention, TransformerBlock, build_attention
 from mmsenti.train.sampler import EpochBatchSampler, LengthBucketBatchSampler, build_batch_sampler, sample_lengths
 
-INFIG = ["model.name=infig", "model.width=32", "model.image_layers=2", "model.image_heads=2", "model.fusion_heads=2",
-         "model.fusion_layers=2", "model.clip_dim=16", "model.queue_size=12", "model.hfam_layers=2",
-         "model.text_encoder.width=24",
-         "model.text_encoder.num_heads=2", "model.image_encoder.width=8", "model.image_encoder.image_size=32"]
+INFIG = ["model.name=infig-tiny"]
 
 
 # ------------------------------------------------------------------------------------------ length bucketing
@@ -89,8 +86,8 @@ def test_trainer_buckets_by_token_length_and_resumes_exactly(tmp_path, tiny_over
     from mmsenti.train.trainer import Trainer, TrainingInterrupted
 
     data = _mixed_length_data(tmp_path)
-    tiny = [o for o in tiny_overrides if not o.startswith(("data.num_", "model.image_encoder"))]
-    overrides = tiny + ["model.name=text-only", "model.modalities=[text]", "data.name=jsonl",
+    tiny = [o for o in tiny_overrides if not o.startswith("data.num_")]
+    overrides = tiny + ["model.name=text-only-tiny", "data.name=jsonl",
                                   f"data.root={data}", "data.batch_size=8", "data.bucket_by_length=true",
                                   "data.bucket_pool=3", "run.checkpoint_every=2", "optim.epochs=2"]
     trainer = Trainer(load_config(None, overrides), tmp_path / "probe")

@@ -158,8 +158,8 @@ def _jsonl_data(path, n=48):
 
 
 def _jsonl_overrides(tiny, data):
-    tiny = [o for o in tiny if not o.startswith(("data.num_", "model.image_encoder"))]
-    return tiny + ["model.name=text-only", "model.modalities=[text]", "data.name=jsonl", f"data.root={data}",
+    tiny = [o for o in tiny if not o.startswith("data.num_")]
+    return tiny + ["model.name=text-only-tiny", "data.name=jsonl", f"data.root={data}",
                    "data.batch_size=8", "run.checkpoint_every=2", "optim.epochs=2"]
 
 

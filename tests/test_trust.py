@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny
 
 from mmsenti.config import load_config
 from mmsenti.data.base import DataError
 from mmsenti.data.scenes import ScenesConfig, build_scenes, make_sample
-from mmsenti.models.base import TaskInfo, build_model
-from mmsenti.models.encoders import build_processor
 from mmsenti.models.folder import MANIFEST, ModelFileError, ModelFolder
 from mmsenti.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from mmsenti.train.lock import LOCK_FILE, RunDirLock, RunDirLocked, check_run_dir_free, hold_run_dir
@@ -278,13 +277,7 @@ def test_two_trainers_on_one_folder_and_resume_after_kill9(tmp_path):
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> Path:
     scenes = build_scenes(ScenesConfig(num_train=24, num_dev=4, num_test=4, image_size=32))
-    cfg = load_config(None, ["model.text_encoder.width=32", "model.text_encoder.num_heads=2",
-                             "model.text_encoder.num_layers=1", "model.image_encoder.width=8",
-                             "model.image_encoder.image_size=32", "model.hidden=16"])
-    info = TaskInfo(scenes.task, scenes.label_names)
-    processor = build_processor(cfg.model, [s.text for s in scenes.splits["train"]], info.task)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, info, processor)
+    cfg, model, processor = build_tiny("late-fusion", scenes, "model.hidden=16")
     directory = tmp_path_factory.mktemp("model")
     ModelFolder.save(directory, model, processor, cfg)
     return directory

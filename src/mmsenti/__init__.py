@@ -11,7 +11,7 @@ from mmsenti.version import __version__
 # (no torch), so `mmsenti --help` starts in a fraction of a second.
 _install_import_hook()
 
-__all__ = ["__version__", "load_model", "load_config", "MODELS", "DATASETS"]
+__all__ = ["__version__", "load_model", "create_model", "load_config", "MODELS", "DATASETS"]
 
 
 def __getattr__(name: str):
@@ -20,6 +20,10 @@ def __getattr__(name: str):
         from mmsenti.inference import load_model
 
         return load_model
+    if name == "create_model":
+        from mmsenti.models.factory import create_model
+
+        return create_model
     if name == "load_config":
         from mmsenti.config import load_config
 

@@ -140,13 +140,22 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     kinds = {"models": MODELS, "datasets": DATASETS}
     for kind in [args.kind] if args.kind else list(kinds):
+        registry = kinds[kind]
         if args.markdown:  # the docs tables are generated from the registries with this
-            print(f"| {kind[:-1]} | description |\n|---|---|")
-            print("\n".join(f"| `{e.name}` | {e.description} |" for e in kinds[kind]) + "\n")
+            if registry.variants():
+                print(f"| {kind[:-1]} | description | variants |\n|---|---|---|")
+                print("\n".join(f"| `{e.name}` | {e.description} | "
+                                f"{', '.join(f'`{v.name}`' for v in registry.variants(e.name))} |" for e in registry))
+            else:
+                print(f"| {kind[:-1]} | description |\n|---|---|")
+                print("\n".join(f"| `{e.name}` | {e.description} |" for e in registry))
+            print()
             continue
         print(f"{kind}:")
-        for entry in kinds[kind]:
-            print(f"  {entry.name:<16} {entry.description}")
+        for entry in registry:  # each entry, then its variants (infig-tiny under infig)
+            for name, description in [(entry.name, entry.description),
+                                      *((v.name, v.description) for v in registry.variants(entry.name))]:
+                print(f"  {name:<16} {description}")
     return 0
 
 

@@ -3,7 +3,8 @@
 A YAML file may name a ``_base_`` file (relative to itself) whose settings it extends, so an ablation config is
 two lines. The ``data`` and ``model`` sections are polymorphic: their ``name`` picks the registered dataset or
 model, whose own config dataclass (a subclass of :class:`DataConfig` / :class:`ModelConfig`) then types the
-rest of the section. Every error is a :class:`ConfigError` whose one-line message names the key or file.
+rest of the section; a registered variant's name (``infig-tiny``) picks its model with the variant's settings
+under the section's own. Every error is a :class:`ConfigError` whose one-line message names the key or file.
 """
 
 from __future__ import annotations
@@ -356,9 +357,14 @@ def build_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"{key}: expected a mapping, got {section!r}")
         name = section.get("name", base_cls.name)
         try:
-            entry = registry.get(name)
+            entry, variant_settings = registry.resolve(name)
         except RegistryError as e:
             raise ConfigError(f"{key}.name: {e}") from None
+        # A variant (infig-tiny) is its entry with other defaults: the section's own settings (a YAML file's,
+        # --set's) go over the variant's, and the typed config names the entry, so a saved config.json needs no
+        # variant to be read back.
+        if name != entry.name:
+            section = merge(variant_settings, {**section, "name": entry.name})
         sections[key] = from_dict(entry.config_cls or base_cls, section, key)
     sections["optim"] = from_dict(OptimConfig, data.get("optim") or {}, "optim")
     sections["run"] = from_dict(RunConfig, data.get("run") or {}, "run")

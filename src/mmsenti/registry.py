@@ -17,6 +17,7 @@ models and the other plugins stay available.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 from collections.abc import Callable, Iterator
@@ -40,6 +41,20 @@ class Entry:
     description: str
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A registered entry under another name with other defaults for some of its settings, as timm's
+    ``test_resnet`` is ResNet with small widths: ``infig-tiny`` is ``infig`` built from ``overrides`` (a nested
+    mapping of its config section, e.g. ``{"width": 32, "text_encoder": {"num_layers": 1}}``). A config naming a
+    variant resolves to the base entry's name with these settings under its own, so a saved config names the
+    base and holds every resolved setting."""
+
+    name: str
+    base: str
+    overrides: dict[str, Any]
+    description: str
+
+
 class Registry:
     """Named builders of one kind; ``package`` is imported (filling the registry) before the first read."""
 
@@ -48,6 +63,7 @@ class Registry:
         self.package = package
         self.entry_points = entry_points  # the entry-point group of plugins (see load_plugins)
         self._entries: dict[str, Entry] = {}
+        self._variants: dict[str, Variant] = {}
 
     def _load(self) -> None:
         # A no-op lookup in sys.modules once the package is imported (or while it is being imported); after a
@@ -95,6 +111,35 @@ class Registry:
     def __len__(self) -> int:
         self._load()
         return len(self._entries)
+
+    # ------------------------------------------------------------------------------------------------ variants
+    def register_variant(self, name: str, base: str, overrides: dict[str, Any], *, description: str = "") -> None:
+        """Register ``name`` as entry ``base`` with other defaults: ``overrides`` (nested, as the config section
+        holds them). Declared at the end of the base's module, after its ``register``."""
+        if base not in self._entries:
+            raise RegistryError(f"{self.kind} variant '{name}': register '{base}' before its variants")
+        variant = Variant(name, base, copy.deepcopy(overrides), description or f"{base} with other defaults")
+        # Registering again the same variant is its module re-running after a failed package import.
+        if name in self._entries or self._variants.get(name, variant) != variant:
+            raise RegistryError(f"{self.kind} '{name}' is already registered")
+        self._variants[name] = variant
+
+    def variants(self, base: str | None = None) -> list[Variant]:
+        """The registered variants (of ``base`` only, when given), sorted by name."""
+        self._load()
+        return [v for n, v in sorted(self._variants.items()) if base is None or v.base == base]
+
+    def resolve(self, name: str) -> tuple[Entry, dict[str, Any]]:
+        """The entry that ``name`` (an entry or a variant) builds, and the settings the variant changes (a copy;
+        empty for an entry)."""
+        self._load()
+        if name in self._variants:
+            variant = self._variants[name]
+            return self._entries[variant.base], copy.deepcopy(variant.overrides)
+        if name not in self._entries:
+            known = ", ".join(sorted([*self._entries, *self._variants]))
+            raise RegistryError(f"unknown {self.kind} '{name}' (known: {known})" + self._broken_note())
+        return self._entries[name], {}
 
     # ------------------------------------------------------------------------------------------------ plugins
     def _broken_note(self) -> str:

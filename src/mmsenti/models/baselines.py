@@ -10,6 +10,7 @@ from torch import nn
 from mmsenti.config import ConfigError, ModelConfig
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import build_image_encoder, build_text_encoder
+from mmsenti.models.factory import register_tiny
 from mmsenti.registry import MODELS
 
 
@@ -85,3 +86,9 @@ def text_only(cfg: TextOnlyConfig, info: TaskInfo, processor, load_weights: bool
 def image_only(cfg: ImageOnlyConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> LateFusion:
     _check_modalities(cfg, ["image"])
     return LateFusion(cfg, info, processor, load_weights, inference)
+
+
+# Tiny variants (tests, CPU smoke runs): `model.name: late-fusion-tiny`.
+register_tiny("late-fusion", hidden=32)
+register_tiny("text-only", hidden=32)
+register_tiny("image-only", hidden=32)

@@ -49,6 +49,7 @@ from mmsenti.errors import ExportError
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import build_image_encoder, build_text_encoder
 from mmsenti.models.explanations import Explained, Retrieved
+from mmsenti.models.factory import register_tiny
 from mmsenti.models.layers import AttentionPool, TransformerBlock, build_attention
 from mmsenti.registry import MODELS
 from mmsenti.retrieval import INDEX_KINDS, CrossModalSupConLoss, MemoryBank, Neighbours
@@ -633,3 +634,7 @@ class BankRetrieval(nn.Module):
                  description="retrieval-augmented hierarchical prompts with a saved training-set memory bank")
 def rahp(cfg: RahpConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> Rahp:
     return Rahp(cfg, info, processor, load_weights, inference)
+
+
+# Tiny variant (tests, CPU smoke runs) on text tokens + image regions, the built-in scenes data's modalities.
+register_tiny("rahp", modalities=["text", "image"], width=16, heads=2, hidden=16, k=3, num_prompts=2)

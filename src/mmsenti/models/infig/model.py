@@ -31,6 +31,7 @@ from mmsenti.config import ConfigError, ImageEncoderConfig, InputSpec, ModelConf
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import ImageTransformerEncoder, build_image_encoder, build_text_encoder
 from mmsenti.models.explanations import Explained, WordRegions
+from mmsenti.models.factory import register_tiny
 from mmsenti.models.infig.alignment import (
     FineGrainedAlignmentLoss,
     GlobalAlignmentLoss,
@@ -427,3 +428,8 @@ class Infig(MultimodalModel):
                  description="INFIG: CLIP-assisted global + hierarchical fine-grained alignment, transformer fusion")
 def infig(cfg: InfigConfig, info: TaskInfo, processor, load_weights: bool = True, inference: bool = False) -> Infig:
     return Infig(cfg, info, processor, load_weights, inference)
+
+
+# Tiny variant (tests, CPU smoke runs): one layer everywhere, a small GAM queue.
+register_tiny("infig", width=32, image_layers=1, image_heads=2, fusion_layers=1, fusion_heads=2, hfam_layers=1,
+              clip_dim=16, queue_size=16)
