@@ -75,3 +75,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+# The scenes posts with tags (words of the weather each image shows, among unrelated ones) and the tags image
+# encoder: late fusion reads the text and the tags. Trained once per session for the tests of a tags model (train,
+# save, load, predict, serve, explain, export): 100 % dev accuracy from epoch 8, test 98.7 % (~11 s on one core).
+SCENES_TAGS = [*SCENES_TRAINED, "data.tags=true", "model.image_encoder.name=tags", "model.image_encoder.max_tags=6",
+               "model.image_encoder.tag_dim=64", "optim.lr=5e-3", "optim.epochs=12"]
+
+
+@pytest.fixture(scope="session")
+def scenes_tags(tmp_path_factory) -> Path:
+    """The run directory of late fusion over text + tags trained on scenes with ``SCENES_TAGS`` (read it only)."""
+    from mmsenti.cli import main
+
+    run = tmp_path_factory.mktemp("scenes-tags") / "run"
+    argv = ["train", "--config", str(ROOT / "configs/quickstart.yaml"), "--out", str(run), "--quiet"]
+    assert main(argv + [x for o in SCENES_TAGS for x in ("--set", o)]) == 0
+    return run

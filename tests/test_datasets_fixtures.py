@@ -299,9 +299,9 @@ def test_hfm_raw_filter_last_label_and_attributes(tmp_path):
     assert [s.label for s in b.splits["train"]] == [1, 1, 0, 0]
     # valid2/test2: the last element (the human label) is the label; the filter is for training only.
     assert [(s.id, s.label) for s in b.splits["dev"]] == [("20", 0), ("21", 1)]
-    assert b.splits["train"][0].extra["attributes"] == ["a", "b", "c", "d", "e"]
-    assert b.splits["train"][2].extra["attributes"] == []  # no attribute line for post 7
-    assert b.modalities == ("text",) and b.label_names == ["not-sarcastic", "sarcastic"]
+    assert b.splits["train"][0].tags == ["a", "b", "c", "d", "e"]
+    assert b.splits["train"][2].tags == []  # no attribute line for post 7
+    assert b.modalities == ("text", "tags") and b.label_names == ["not-sarcastic", "sarcastic"]
     unfiltered = build_hfm(HFMConfig(root=str(tmp_path), filter_train=False))
     assert len(unfiltered.splits["train"]) == len(train)
     assert "exgag" in FILTER_WORDS and len(FILTER_WORDS) == 11
@@ -325,7 +325,7 @@ def test_tumemo_mgnns_and_raw(tmp_path):
     with pytest.raises(DataError, match=r"test_all_anno\.json:2: invalid JSON"):
         build_tumemo(TumEmoConfig(root=str(tmp_path)))
     (tmp_path / "test_all_anno.json").write_text(json.dumps(test_row) + "\n")
-    b = build_tumemo(TumEmoConfig(root=str(tmp_path)))
+    b = build_tumemo(TumEmoConfig(root=str(tmp_path), carve_dev=0))
     assert list(b.splits) == ["dev", "test"] and b.label_names == ["happy", "sad"]
     assert [s.label for s in b.splits["dev"]] == [0, 1] and b.splits["dev"][0].extra["places"] == [3]
     assert b.modalities == ("text",)
@@ -335,7 +335,7 @@ def test_tumemo_mgnns_and_raw(tmp_path):
     jpeg(tmp_path / "data/image_data/val_image/1.jpg")
     with pytest.raises(DataError, match=r"2 of 3 images missing .*first ids: 2, 3"):
         build_tumemo(TumEmoConfig(root=str(tmp_path)))
-    b = build_tumemo(TumEmoConfig(root=str(tmp_path), missing_images="drop"))
+    b = build_tumemo(TumEmoConfig(root=str(tmp_path), missing_images="drop", carve_dev=0))
     assert ids(b.splits["dev"]) == ["1"] and "test" not in b.splits and b.modalities == ("text", "image")
 
     raw = tmp_path / "raw"
@@ -348,6 +348,29 @@ def test_tumemo_mgnns_and_raw(tmp_path):
     assert b.label_names == ["angry", "bored", "calm", "fear", "happy", "love", "sad"]  # no label.json: default
     assert sum(len(v) for v in b.splits.values()) == 20 and len(b.splits["test"]) == 2
     assert Counter(s.label for s in b.splits["test"]) == {4: 1, 6: 1}  # stratified
+
+
+def test_tumemo_tags_and_the_carve_of_train_and_dev_from_val(tmp_path):
+    """places/objects become tags (repeats dropped, opaque ids); with no train file, train and dev are carved from
+    val: stratified by label, the same for the same seed, another for another seed, test untouched."""
+    (tmp_path / "label.json").write_text(json.dumps({"happy": 0, "sad": 1, "calm": 2}))
+    labels = ["happy"] * 60 + ["sad"] * 30 + ["calm"] * 10
+    rows = [{"id": str(i), "text": f"post {i}", "image": f"v/{i}.jpg", "label": lab, "places": [i % 7],
+             "objects": [5, 5, i % 3]} for i, lab in enumerate(labels)]
+    (tmp_path / "val_all_anno.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test_all_anno.json").write_text(json.dumps(dict(rows[0], id="t0")) + "\n")
+    b = build_tumemo(TumEmoConfig(root=str(tmp_path), tags=["places", "objects"], carve_dev=0.2))
+    assert list(b.splits) == ["train", "dev", "test"] and b.modalities == ("text", "tags")
+    assert [len(b.splits[k]) for k in ("train", "dev", "test")] == [80, 20, 1]
+    assert Counter(b.label_names[s.label] for s in b.splits["dev"]) == {"happy": 12, "sad": 6, "calm": 2}
+    assert not {s.id for s in b.splits["train"]} & {s.id for s in b.splits["dev"]}
+    assert b.splits["test"][0].tags == ["place0", "object5", "object0"]
+    again = build_tumemo(TumEmoConfig(root=str(tmp_path), carve_dev=0.2))
+    assert ids(again.splits["dev"]) == ids(b.splits["dev"]) and again.splits["dev"][0].tags is None
+    other = build_tumemo(TumEmoConfig(root=str(tmp_path), carve_dev=0.2, seed=1))
+    assert ids(other.splits["dev"]) != ids(b.splits["dev"])
+    with pytest.raises(DataError, match="data.tags: unknown colours"):
+        build_tumemo(TumEmoConfig(root=str(tmp_path), tags=["colours"]))
 
 
 # ------------------------------------------------------------------------------------------------ MMSA

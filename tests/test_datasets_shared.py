@@ -49,17 +49,24 @@ def test_hfm_json_and_raw_release_agree(shared_data):
         rows = [(s.id, s.label, s.text) for s in raw.splits[split]]
         assert rows == [(s.id, s.label, s.text) for s in js.splits[split]]
     assert {s.id for s in raw.splits["train"]} == {x["id"] for x in json.loads((root / "train.json").read_text())}
-    assert all(len(s.extra["attributes"]) == 5 and s.extra["translation"] for v in raw.splits.values() for s in v)
+    assert all(len(s.tags) == 5 and s.extra["translation"] for v in raw.splits.values() for s in v)
     unfiltered = build_hfm(HFMConfig(root=str(root), format="raw", filter_train=False))
     assert len(unfiltered.splits["train"]) == 29040
 
 
 def test_tumemo_val_and_test(shared_data):
-    b = build_tumemo(TumEmoConfig(root=str(shared_data / "tumemo")))
+    b = build_tumemo(TumEmoConfig(root=str(shared_data / "tumemo"), carve_dev=0))
     assert list(b.splits) == ["dev", "test"]  # the copy here has no train split
     assert len(b.splits["dev"]) == 10035 and len(b.splits["test"]) == 10055
     assert b.label_names == ["angry", "bored", "calm", "fear", "happy", "love", "sad"]
     assert Counter(b.label_names[s.label] for s in b.splits["dev"])["happy"] == 2992
+    # The default: train and dev carved 85/15 from val, stratified; every post has tags with places and objects.
+    carved = build_tumemo(TumEmoConfig(root=str(shared_data / "tumemo"), tags=["places", "objects"]))
+    assert [len(carved.splits[k]) for k in ("train", "dev", "test")] == [8530, 1505, 10055]
+    dev = Counter(s.label for s in carved.splits["dev"])
+    val = Counter(s.label for s in b.splits["dev"])
+    assert all(abs(dev[k] - 0.15 * val[k]) < 1 for k in val)
+    assert all(s.tags and s.tags[0].startswith("place") for v in carved.splits.values() for s in v)
 
 
 @pytest.mark.parametrize("cls, folder, expected", [(MMSAConfig, "mosi", (1281, 229, 685)),

@@ -28,15 +28,15 @@ def _cos(u: torch.Tensor, v: torch.Tensor) -> float:
     return float(u @ v) / (float(u.norm()) * float(v.norm()))
 
 
-def naive_similarity(img, txt, mask, j):
-    """S_p2q, S_q2p by explicit loops; j_eff = min(j, number of candidates)."""
+def naive_similarity(img, txt, mask, j, img_mask=None):
+    """S_p2q, S_q2p by explicit loops; j_eff = min(j, number of candidates); only real visual tokens (img_mask)."""
     bi, bt = img.shape[0], txt.shape[0]
     s_p2q, s_q2p = torch.zeros(bi, bt, dtype=torch.float64), torch.zeros(bi, bt, dtype=torch.float64)
     for a in range(bi):
-        visual = list(img[a])
+        visual = [img[a, k] for k in range(img.shape[1]) if img_mask is None or img_mask[a, k]]
         for b in range(bt):
             words = [txt[b, t] for t in range(txt.shape[1]) if mask[b, t]]
-            if not words:
+            if not words or not visual:
                 continue
             cos = [[_cos(v, w) for w in words] for v in visual]
             j_t = min(j, len(words))
@@ -115,6 +115,28 @@ def test_padding_is_really_excluded():
     assert not torch.allclose(masked[0][:, short], unmasked[0][:, short])
     assert not torch.allclose(masked[1][:, short], unmasked[1][:, short])
     torch.testing.assert_close(masked[0][:, ~short], unmasked[0][:, ~short])
+
+
+@pytest.mark.parametrize("j", [1, 2, 3])
+def test_padded_visual_tokens_are_excluded_as_text_padding_is(j):
+    """A tags encoder pads its tags: padding visual tokens are never selected or counted, whatever their values;
+    an image with one real token sums one match, one with none scores 0."""
+    img, txt, mask = _tokens()
+    img_mask = torch.rand(5, 7, generator=torch.Generator().manual_seed(4)) > 0.3
+    img_mask[1] = False
+    img_mask[1, 3] = True  # a single real tag
+    img_mask[2] = False  # no tags at all
+    ref = naive_similarity(img, txt, mask, j, img_mask)
+    noisy = img.clone()
+    noisy[~img_mask] = float("nan")
+    for chunk in (None, 2):
+        out = fine_grained_similarity(noisy, txt, mask, j, chunk, img_mask=img_mask.long())
+        torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(out[1], ref[1], rtol=0, atol=1e-10)
+    assert not torch.allclose(fine_grained_similarity(img, txt, mask, j)[1], ref[1])  # the mask matters
+    loss = FineGrainedAlignmentLoss(j)(
+        [noisy.float().requires_grad_(True)], [txt[:5].float()], mask[:5], 0.1, img_mask=img_mask)["loss_f"]
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 4, 100])

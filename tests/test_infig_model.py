@@ -74,7 +74,8 @@ def test_loss_weights_are_the_papers(data):
     (i_g, t_g), (i_m, t_m) = out["global"], out["global_m"]
     q_before = model.gam_loss.image_queue.features().clone(), model.gam_loss.text_queue.features().clone()
     terms = model.compute_loss(out, batch)
-    raw_f = model.hfam_loss(*out["fine"], model.hfam_temperature())["loss_f"]
+    img, txt, mask, img_mask = out["fine"]
+    raw_f = model.hfam_loss(img, txt, mask, model.hfam_temperature(), img_mask=img_mask)["loss_f"]
     assert terms["loss_f"].item() == pytest.approx(0.2 * raw_f.item(), rel=1e-5)
     # First step: the queues were empty, so L_g is InfoNCE against the batch's momentum features (eqs. 1-2).
     assert q_before[0].shape[0] == 0 and q_before[1].shape[0] == 0
@@ -143,7 +144,7 @@ def test_gam_layer_selects_the_cls_of_that_layer(data):
     torch.manual_seed(1)
     out = model(batch)
     torch.manual_seed(1)
-    img_states, txt_states, _ = model._encode(batch)
+    img_states, txt_states, _, _ = model._encode(batch)
     torch.testing.assert_close(out["global"][0], img_states[-2][:, 0])
     torch.testing.assert_close(out["global"][1], txt_states[-2][:, 0])
 

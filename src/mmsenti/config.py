@@ -70,6 +70,14 @@ class ImageEncoderConfig:
     # small-cnn sizes:
     width: int = 16  # channels of the first stage; doubled at each later stage
     num_stages: int = 4
+    # name 'tags': the image as a post's tags (words predicted from it, or detector class ids), one token per tag.
+    # learned: a trained table of hashed tags (any tags, e.g. ids); vocab: a word tag's word pieces through the text
+    # backbone's frozen input embeddings, averaged; encoder: a frozen pass of the text backbone over the tag.
+    tag_embedding: Literal["learned", "vocab", "encoder"] = "learned"
+    max_tags: int = 8  # tags kept per post (the first ones); padding is masked
+    tag_pieces: int = 4  # word pieces kept per tag (vocab/encoder)
+    tag_buckets: int = 4096  # hash buckets of the learned table
+    tag_dim: int = 128  # width of the learned table's embeddings
 
 
 @dataclass
@@ -93,7 +101,25 @@ class ModelConfig:
         """The inputs the model reads (:class:`InputSpec`), in batch order: tokenized text and pixel values of its
         text and image. A model with other inputs overrides this."""
         return [*([InputSpec("tokens", "text")] if "text" in self.modalities else []),
-                *([InputSpec("pixels", "image")] if "image" in self.modalities else [])]
+                *([self.image_input()] if "image" in self.modalities else [])]
+
+    def image_input(self) -> InputSpec:
+        """The image's input: pixel values, or a post's tags for the ``tags`` image encoder."""
+        if self.image_encoder.name == "tags":
+            return InputSpec("tags", "image", options={"embedding": self.image_encoder.tag_embedding})
+        return InputSpec("pixels", "image")
+
+    def data_modalities(self) -> list[str]:
+        """What the model reads of a dataset (``DatasetBundle.modalities``): each input's modality, or what its
+        builder reads instead (the ``tags`` input reads a post's tags for the image modality)."""
+        from mmsenti.registry import INPUTS
+
+        out = []
+        for spec in self.inputs():
+            if spec.modality is not None and not spec.training_only:
+                reads = INPUTS.get(spec.kind).builder.reads or spec.modality
+                out += [reads] if reads not in out else []
+        return out
 
     def batch_inputs(self, training: bool) -> list[str]:
         """The batch keys the model reads in training or in evaluation/prediction (those of :meth:`inputs`)."""

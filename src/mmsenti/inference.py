@@ -171,9 +171,10 @@ class Predictor:
                 for i, p in zip(ids, probs, strict=True)]
 
     # -------------------------------------------------------------------------------------------- shortcuts
-    def predict(self, text: str | None = None, image: Any = None) -> Prediction:
-        """Predict one post; ``image`` is a path or a PIL image."""
-        return self.predict_samples([Sample(id="0", label=None, text=text, image=image)])[0]
+    def predict(self, text: str | None = None, image: Any = None, tags: Sequence[str] | None = None) -> Prediction:
+        """Predict one post; ``image`` is a path or a PIL image; ``tags`` are what a ``tags`` image encoder reads."""
+        return self.predict_samples([Sample(id="0", label=None, text=text, image=image,
+                                            tags=list(tags) if tags is not None else None)])[0]
 
     def explain(self, text: str | None = None, image: Any = None, options=None, neighbour_samples=None,
                 post_id: str = "0", **kwargs):

@@ -37,6 +37,8 @@ class Sample:
         text: the post's text or the clip's transcript.
         image: a path to an image file, or an in-memory ``PIL.Image`` (generated datasets).
         features: per-modality feature sequences of shape (T, D) (e.g. MMSA audio/vision), keyed by modality.
+        tags: words or ids describing the image (HFM's attribute words, TumEmo's detected scenes and objects), read
+            by the ``tags`` image encoder; None when the post has none.
         extra: dataset-specific side information (e.g. HFM image attribute words).
     """
 
@@ -45,6 +47,7 @@ class Sample:
     text: str | None = None
     image: Any = None
     features: dict[str, np.ndarray] | None = None
+    tags: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,7 +59,7 @@ class DatasetBundle:
     splits: dict[str, list[Sample]]
     task: Task
     label_names: list[str] | None  # None for regression
-    modalities: tuple[str, ...]  # what the data actually holds: "text", "image", "audio", "vision"
+    modalities: tuple[str, ...]  # what the data actually holds: "text", "image", "tags", "audio", "vision"
     sources: list[Path] = field(default_factory=list)  # files read, for cache keys and reports
     inferred_labels: bool = False  # label_names were read off the data (the doctor then checks them for typos)
 

@@ -145,6 +145,8 @@ class InputBuilder:
     # Generated export inputs draw random numbers builder by builder in this order (fixed, so `export --check`
     # rebuilds the inputs an export was checked on).
     draw_order: ClassVar[int] = 100
+    # What of a post (a DatasetBundle modality) the builder reads, when not its spec's modality (tags for the image).
+    reads: ClassVar[str | None] = None
 
     def __init__(self, spec: InputSpec):
         self.spec = spec
@@ -433,3 +435,129 @@ class ClipInput(InputBuilder):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"clip_tokenizer": tokenizer_fingerprint(self.tokenizer), **self.state()}
+
+
+# ------------------------------------------------------------------------------------------------------ tags
+MAX_TAG_CHARS = 64  # a tag is a word or a short phrase; longer ones are refused by the service, cut elsewhere
+
+
+def normalize_tag(tag: Any) -> str:
+    """A tag as the encoders read it: a string, lower-cased, inner whitespace collapsed."""
+    return " ".join(str(tag).lower().split())[:MAX_TAG_CHARS]
+
+
+def tag_bucket(tag: str, buckets: int) -> int:
+    """A tag's row of the learned table: a stable hash (not Python's, which changes per process); 0 is padding."""
+    digest = hashlib.blake2b(tag.encode("utf-8"), digest_size=8).digest()
+    return 1 + int.from_bytes(digest, "little") % (buckets - 1)
+
+
+@INPUTS.register("tags", description="tag_ids + tag_mask: a post's tags (Sample.tags), one row of word pieces or "
+                                     "a hashed id per tag, padded to max_tags")
+class TagsInput(InputBuilder):
+    """A post's tags for the ``tags`` image encoder: ``tag_ids`` (B, max_tags, P) and ``tag_mask`` (B, max_tags, P),
+    1 for a real piece. The tag axis has a fixed length (max_tags), so the frozen tag embeddings are cached per post
+    and an exported graph has a static tag axis; tags have no order the encoder reads (no position embedding).
+
+    ``spec.options["embedding"]``: ``learned`` (P = 1: the tag's hash bucket, see :func:`tag_bucket`), ``vocab``
+    (the tag's first P word pieces through the text backbone's tokenizer, no special tokens) or ``encoder`` (the
+    same with [CLS]/[SEP], as the text backbone reads a sentence). A post with more tags keeps the first
+    max_tags; a post without tags (``allow_missing``) gets none, and ``image_present`` says so.
+    """
+
+    draw_order = 2
+    reads = "tags"
+    directory = "tag_tokenizer"
+
+    def __init__(self, spec: InputSpec, max_tags: int, pieces: int, buckets: int, tokenizer=None):
+        super().__init__(spec)
+        self.max_tags, self.pieces, self.buckets, self.tokenizer = max_tags, pieces, buckets, tokenizer
+        self._cache: dict[str, list[int]] = {}  # tag -> its pieces (a dataset has a few thousand distinct tags)
+
+    @property
+    def embedding(self) -> str:
+        return self.spec.options.get("embedding", "learned")
+
+    @classmethod
+    def keys_of(cls, spec: InputSpec) -> tuple[str, ...]:
+        return ("tag_ids", "tag_mask")
+
+    @classmethod
+    def create(cls, model_config, spec, train_texts, made) -> TagsInput:
+        cfg = model_config.image_encoder
+        if cfg.max_tags < 1 or cfg.tag_pieces < 1 or cfg.tag_buckets < 2:
+            raise DataError("model.image_encoder: max_tags and tag_pieces must be >= 1 and tag_buckets >= 2")
+        if spec.options.get("embedding", "learned") == "learned":
+            return cls(spec, cfg.max_tags, 1, cfg.tag_buckets)
+        tok = next((b.tokenizer for b in made if isinstance(b, TokensInput)), None)
+        if tok is None:  # a tags-only model: the text backbone's tokenizer all the same (its vocabulary embeds tags)
+            from mmsenti.data.encoder_inputs import build_tokenizer
+
+            tok = build_tokenizer(model_config.text_encoder, train_texts)
+        return cls(spec, cfg.max_tags, cfg.tag_pieces, cfg.tag_buckets, tok)
+
+    def tag_pieces(self, tag: str) -> list[int]:
+        if tag not in self._cache:
+            if self.tokenizer is None:
+                ids = [tag_bucket(tag, self.buckets)]
+            else:
+                special = self.embedding == "encoder"
+                ids = self.tokenizer(tag, add_special_tokens=special)["input_ids"]
+                ids = ids[: self.pieces - 1] + ids[-1:] if special and len(ids) > self.pieces else ids[: self.pieces]
+            self._cache[tag] = ids
+        return self._cache[tag]
+
+    def build(self, samples, batch, ctx) -> None:
+        b, t, p = len(samples), self.max_tags, self.pieces
+        ids = torch.zeros(b, t, p, dtype=torch.long)
+        mask = torch.zeros(b, t, p, dtype=torch.long)
+        for i, s in enumerate(samples):
+            if s.tags is None and not ctx.allow_missing:
+                raise DataError(f"sample {s.id}: no tags, but the model reads the image as tags "
+                                "(model.image_encoder.name=tags; give the post a tags list)")
+            for j, tag in enumerate(normalize_tag(x) for x in (s.tags or [])[:t]):
+                pieces = self.tag_pieces(tag) if tag else []
+                ids[i, j, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
+                mask[i, j, : len(pieces)] = 1
+        if ctx.allow_missing:
+            batch["image_present"] = torch.tensor([bool(s.tags) for s in samples])
+        if ctx.wants("tag_ids"):
+            batch["tag_ids"] = ids
+        batch["tag_mask"] = mask
+
+    def state(self) -> dict[str, Any]:
+        return {"max_tags": self.max_tags, "pieces": self.pieces, "buckets": self.buckets}
+
+    def files(self) -> list[str]:
+        return [self.directory] if self.tokenizer is not None else []
+
+    def save(self, directory: Path) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory / self.directory))
+
+    @classmethod
+    def load(cls, spec, state, directory) -> TagsInput:
+        tok = None
+        if spec.options.get("embedding", "learned") != "learned":
+            from transformers import AutoTokenizer
+
+            path = directory / cls.directory
+            if not path.is_dir():
+                raise ModelFileError(f"{path}/: missing (this model embeds its tags with a tokenizer)")
+            tok = _load_tokenizer_dir(path, lambda d: AutoTokenizer.from_pretrained(str(d)))
+        return cls(spec, state["max_tags"], state["pieces"], state["buckets"], tok)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**self.state(), "embedding": self.embedding, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
+    def graph_inputs(self) -> list[GraphInput]:
+        return [(k, "int64", ["batch", self.max_tags, self.pieces]) for k in self.keys()]
+
+    def example(self, batch_size, length, g) -> dict[str, torch.Tensor]:
+        high = len(self.tokenizer) if self.tokenizer is not None else self.buckets
+        ids = torch.randint(1, high, (batch_size, self.max_tags, self.pieces), generator=g)
+        tags = random_lengths(batch_size, self.max_tags, 0, g)
+        pieces = random_lengths(batch_size * self.max_tags, self.pieces, 1, g).view(batch_size, self.max_tags)
+        mask = ((torch.arange(self.max_tags)[None, :, None] < tags[:, None, None])
+                & (torch.arange(self.pieces)[None, None] < pieces[..., None])).long()
+        return {"tag_ids": ids * mask, "tag_mask": mask}

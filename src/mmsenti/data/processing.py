@@ -84,6 +84,13 @@ class Processor:
     def _first(self, cls: type) -> Any:
         return next((b for b in self.builders if isinstance(b, cls)), None)
 
+    def builder(self, kind: str) -> InputBuilder | None:
+        """The builder of the input ``kind`` (a registered name: ``tokens``, ``tags``, ...), or None."""
+        from mmsenti.registry import INPUTS
+
+        cls = INPUTS.get(kind).builder
+        return self._first(cls)
+
     @property
     def tokenizer(self):
         """The text tokenizer (of the ``tokens`` input), or None."""

@@ -132,18 +132,37 @@ def label_for(hope: str, dread: str, shown: str) -> int:
     return LABELS.index("neutral")
 
 
-def make_sample(index: int, split: str, seed: int, image_size: int = 64) -> Sample:
+# Tags an image tagger might give a scene: one or two words of the weather shown among unrelated ones.
+_TAG_WORDS = {
+    "sun": ["sun", "sunny", "bright", "clear sky", "warm"],
+    "rain": ["rain", "umbrella", "wet", "grey clouds", "puddle"],
+    "snow": ["snow", "snowflake", "white", "cold", "winter"],
+}
+_OTHER_TAGS = ["tree", "house", "person", "street", "field", "hill", "car", "fence", "bird", "road"]
+
+
+def make_tags(shown: str, rng: random.Random) -> list[str]:
+    """2-6 tags of a scene showing ``shown``: 1-2 of its weather's words, the rest unrelated, shuffled."""
+    tags = rng.sample(_TAG_WORDS[shown], rng.randint(1, 2)) + rng.sample(_OTHER_TAGS, rng.randint(1, 4))
+    rng.shuffle(tags)
+    return tags
+
+
+def make_sample(index: int, split: str, seed: int, image_size: int = 64, tags: bool = False) -> Sample:
     # One RNG per sample: a sample does not change when the split size changes.
     rng = random.Random(f"scenes/{seed}/{split}/{index}")
     hope, dread = rng.sample(KINDS, 2)
     shown = rng.choice(KINDS)
-    return Sample(
+    sample = Sample(
         id=f"{split}-{index:06d}",
         label=label_for(hope, dread, shown),
         text=make_text(hope, dread, rng),
         image=render_scene(shown, rng, image_size),
         extra={"hope": hope, "dread": dread, "shown": shown},
     )
+    if tags:  # drawn after everything else, so the texts and images are those of the dataset without tags
+        sample.tags = make_tags(shown, rng)
+    return sample
 
 
 @dataclass
@@ -153,12 +172,14 @@ class ScenesConfig(DataConfig):
     num_test: int = 600
     seed: int = 0  # the data's own seed, independent of the training seed
     image_size: int = 64  # rendered size; models resize to their own input size
+    tags: bool = False  # also tag each image with words of what it shows (for the tags image encoder)
 
 
 @DATASETS.register("scenes", config=ScenesConfig, description="built-in polarity scenes: label needs text + image")
 def build_scenes(cfg: ScenesConfig, *, lenient: bool = False) -> DatasetBundle:
     # Generated: nothing for `lenient` to keep (no file can be missing, no id repeats).
     sizes = {"train": cfg.num_train, "dev": cfg.num_dev, "test": cfg.num_test}
-    splits = {name: [make_sample(i, name, cfg.seed, cfg.image_size) for i in range(n)] for name, n in sizes.items()}
+    splits = {name: [make_sample(i, name, cfg.seed, cfg.image_size, cfg.tags) for i in range(n)]
+              for name, n in sizes.items()}
     return DatasetBundle(name="scenes", splits=splits, task="classification", label_names=list(LABELS),
-                         modalities=("text", "image"))
+                         modalities=("text", "image", "tags") if cfg.tags else ("text", "image"))

@@ -137,7 +137,7 @@ def missing(exp: Experiment, rows: list[Row]) -> dict[str, list[str]]:
         if isinstance(bundle, str):
             problems.append(bundle)
         else:
-            problems += [f"{cfg.data.name} {'images' if m == 'image' else m}" for m in cfg.model.modalities
+            problems += [f"{cfg.data.name} {'images' if m == 'image' else m}" for m in cfg.model.data_modalities()
                          if m not in bundle.modalities]
             problems += [f"{cfg.data.name} {s} split" for s in ("train", "dev") if not bundle.splits.get(s)]
         if problems:
@@ -153,7 +153,7 @@ def _backbones(cfg) -> list[tuple[str, str, object]]:
     if reads_text and m.text_encoder.name != "tiny-bert" and m.text_encoder.pretrained not in (False, None):
         out.append(("text", m.text_encoder.name, m.text_encoder.pretrained))
     image = m.image_encoder
-    if "image" in m.modalities and image.name != "small-cnn" and image.pretrained not in (False, None):
+    if "image" in m.modalities and image.name not in ("small-cnn", "tags") and image.pretrained not in (False, None):
         out.append(("image", image.name, image.pretrained))
     clip = getattr(m, "clip", None)
     both = {"text", "image"} <= set(m.modalities)

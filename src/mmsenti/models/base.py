@@ -102,17 +102,18 @@ class MultimodalModel(nn.Module):
 
     def cache_spec(self) -> dict[str, str]:
         """Batch keys the cache can supply: ``"tokens"`` (one row per real text token) or ``"fixed"`` (per sample)."""
-        from mmsenti.models.encoders import IMAGE_MAP_KEY, text_state_key
+        from mmsenti.models.encoders import text_state_key
 
         te, ie = self._cacheable_encoders()
         spec = {text_state_key(i): "tokens" for i in te.cached_state_indices()} if te is not None else {}
         if ie is not None:
-            spec[IMAGE_MAP_KEY] = "fixed"
+            spec.update(ie.cache_keys())
         return spec
 
     def cache_replaces(self) -> set[str]:
         """Raw batch inputs that are not needed when the cache supplies the features (images are then not read)."""
-        return {"pixel_values"} if self._cacheable_encoders()[1] is not None else set()
+        ie = self._cacheable_encoders()[1]
+        return ie.cache_replaces() if ie is not None else set()
 
     def cache_modules(self) -> dict[str, nn.Module]:
         """The frozen modules whose weights determine the cached features (hashed into the cache key)."""
@@ -130,7 +131,7 @@ class MultimodalModel(nn.Module):
         te, ie = self._cacheable_encoders()
         out = te.compute_cached(batch["input_ids"], batch["attention_mask"]) if te is not None else {}
         if ie is not None:
-            out.update(ie.compute_cached(batch["pixel_values"]))
+            out.update(ie.compute_cached_batch(batch))
         return out
 
     # ---------------------------------------------------------------------------------------------- explain

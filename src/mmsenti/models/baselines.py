@@ -50,7 +50,8 @@ class LateFusion(MultimodalModel):
             self.text_encoder.needed_states = {-1}
             width += self.text_encoder.width
         if "image" in cfg.modalities:
-            self.image_encoder = build_image_encoder(cfg.image_encoder, load_weights)
+            self.image_encoder = build_image_encoder(cfg.image_encoder, load_weights, text=cfg.text_encoder,
+                                                     processor=processor)
             width += self.image_encoder.width
         self.head = nn.Sequential(
             nn.LayerNorm(width), nn.Linear(width, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),

@@ -61,6 +61,7 @@ def text_state_key(index: int) -> str:
 
 
 IMAGE_MAP_KEY = "cached_image_map"  # batch key of a cached CNN feature map
+TAG_STATES_KEY = "cached_tag_states"  # batch key of cached frozen tag embeddings
 
 
 class TextEncoder(nn.Module):
@@ -184,6 +185,7 @@ class ImageEncoder(nn.Module):
     width: int  # channels of the last stage's tokens
     num_layers: int
     frozen: bool = False
+    regions: bool = True  # tokens are a grid of image regions (a feature map); False: a set of tags, with a mask
 
     def freeze(self) -> ImageEncoder:
         self.frozen = True
@@ -200,6 +202,18 @@ class ImageEncoder(nn.Module):
     @torch.no_grad()
     def compute_cached(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         return {IMAGE_MAP_KEY: self(pixel_values).feature_map}
+
+    # What the frozen-feature cache stores for this encoder (per sample), the batch keys it then makes unnecessary,
+    # and how it computes them from a batch: a CNN's last feature map from the pixels.
+    def cache_keys(self) -> dict[str, str]:
+        return {IMAGE_MAP_KEY: "fixed"}
+
+    def cache_replaces(self) -> set[str]:
+        return {"pixel_values"}
+
+    @torch.no_grad()
+    def compute_cached_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.compute_cached(batch["pixel_values"])
 
     def from_feature_map(self, fmap: torch.Tensor) -> EncoderOutput:
         """The output for a cached last feature map (only the last stage's tokens exist then)."""
@@ -279,6 +293,82 @@ class TimmImageEncoder(ImageEncoder):
         return self.from_feature_map(fmap.contiguous())
 
 
+class TagEncoder(ImageEncoder):
+    """The image as its tags (the ``tags`` input's ``tag_ids`` / ``tag_mask``): one token per tag, a mask for padding.
+
+    ``learned``: a table of hash buckets trained with the model (any tags: ids or words). ``vocab``: each tag's word
+    pieces through a frozen copy of the text backbone's input embeddings, averaged. ``encoder``: a frozen pass of
+    the text backbone over each tag ([CLS] pieces [SEP]), its last layer averaged over the pieces (as sentence
+    encoders pool). The frozen kinds are cached per post like a frozen CNN's map. No position embedding: tags are a
+    set. ``hidden_states`` has one layer, (B, max_tags, width), ``attention_mask`` (B, max_tags).
+    """
+
+    regions = False
+
+    def __init__(self, embedding: str, *, table: nn.Embedding | None = None, backbone: nn.Module | None = None):
+        super().__init__()
+        self.embedding = embedding
+        self.table, self.backbone = table, backbone
+        if embedding == "encoder":
+            self.width = int(backbone.config.hidden_size)
+        else:
+            self.width = table.embedding_dim
+        self.num_layers = 1
+        if embedding != "learned":
+            self.freeze()
+
+    def embed(self, tag_ids: torch.Tensor, tag_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, P) pieces → (B, T, width) tag embeddings (padding tags are zero)."""
+        b, t, p = tag_ids.shape
+        m = tag_mask.unsqueeze(-1).to(torch.float32)
+        if self.embedding == "encoder":
+            flat_ids, flat_mask = tag_ids.reshape(b * t, p), tag_mask.reshape(b * t, p)
+            out = self.backbone(input_ids=flat_ids, attention_mask=flat_mask, return_dict=True).last_hidden_state
+            pieces = out.view(b, t, p, -1)
+        else:
+            pieces = self.table(tag_ids)
+        return (pieces * m).sum(2) / m.sum(2).clamp_min(1.0)
+
+    def forward(self, tag_ids: torch.Tensor, tag_mask: torch.Tensor,
+                tag_states: torch.Tensor | None = None) -> EncoderOutput:
+        h = self.embed(tag_ids, tag_mask) if tag_states is None else tag_states.to(torch.float32)
+        return EncoderOutput(hidden_states=(h,), attention_mask=tag_mask.amax(-1))
+
+    @property
+    def cacheable(self) -> bool:
+        return self.frozen
+
+    def cache_keys(self) -> dict[str, str]:
+        return {TAG_STATES_KEY: "fixed"}
+
+    def cache_replaces(self) -> set[str]:
+        return {"tag_ids"}
+
+    @torch.no_grad()
+    def compute_cached_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {TAG_STATES_KEY: self.embed(batch["tag_ids"], batch["tag_mask"])}
+
+    def encode_batch(self, batch: dict) -> EncoderOutput:
+        if self.cacheable and TAG_STATES_KEY in batch:
+            return self(None, batch["tag_mask"], batch[TAG_STATES_KEY])
+        return self(batch["tag_ids"], batch["tag_mask"])
+
+
+def build_tag_encoder(cfg: ImageEncoderConfig, text: TextEncoderConfig | None, tokenizer,
+                      load_weights: bool = True) -> TagEncoder:
+    """The ``tags`` image encoder; ``vocab`` / ``encoder`` take a frozen copy of the text backbone (``text``: the
+    model's text encoder config, ``tokenizer``: the tags input's)."""
+    if cfg.tag_embedding == "learned":
+        return TagEncoder("learned", table=nn.Embedding(cfg.tag_buckets, cfg.tag_dim, padding_idx=0))
+    if text is None or tokenizer is None:
+        raise ValueError("model.image_encoder.tag_embedding: vocab/encoder embed tags through the text backbone")
+    backbone = build_text_encoder(text, tokenizer, load_weights).backbone
+    if cfg.tag_embedding == "vocab":
+        emb = backbone.get_input_embeddings()
+        return TagEncoder("vocab", table=nn.Embedding.from_pretrained(emb.weight.detach().clone(), freeze=True))
+    return TagEncoder("encoder", backbone=backbone)
+
+
 # ------------------------------------------------------------------------------------------------- building
 def build_text_encoder(cfg: TextEncoderConfig, tokenizer, load_weights: bool = True) -> TextEncoder:
     """Build the configured text encoder.
@@ -309,7 +399,12 @@ def build_text_encoder(cfg: TextEncoderConfig, tokenizer, load_weights: bool = T
     return TextEncoder(model, cfg.trainable_layers)
 
 
-def build_image_encoder(cfg: ImageEncoderConfig, load_weights: bool = True) -> ImageEncoder:
+def build_image_encoder(cfg: ImageEncoderConfig, load_weights: bool = True, *, text: TextEncoderConfig | None = None,
+                        processor=None) -> ImageEncoder:
+    """The configured image encoder (``text`` and ``processor``: what a ``tags`` encoder embeds its tags with)."""
+    if cfg.name == "tags":
+        tags = processor.builder("tags") if processor is not None else None
+        return build_tag_encoder(cfg, text, tags.tokenizer if tags is not None else None, load_weights)
     if cfg.name == "small-cnn":
         enc: ImageEncoder = SmallCNN(width=cfg.width, num_stages=cfg.num_stages)
     else:
@@ -340,14 +435,16 @@ class ImageTransformerEncoder(ImageEncoder):
     regions in row-major order; ``grid_size`` = (H, W).
     """
 
-    def __init__(self, backbone: ImageEncoder, width: int, num_layers: int, num_heads: int, image_size: int,
+    def __init__(self, backbone: ImageEncoder, width: int, num_layers: int, num_heads: int, image_size: int | None,
                  dropout: float = 0.1, attention: str = "sdpa"):
         super().__init__()
         from mmsenti.models.layers import TransformerBlock
 
         self.backbone = backbone
-        self.grid_size: tuple[int, int] = self._region_grid(backbone, image_size)  # (rows, cols) of the regions
-        num_tokens = self.grid_size[0] * self.grid_size[1]
+        self.regions = backbone.regions
+        # (rows, cols) of the regions; tags have no grid and no positions (only [CLS] has a position embedding)
+        self.grid_size: tuple[int, int] | None = self._region_grid(backbone, image_size) if self.regions else None
+        num_tokens = self.grid_size[0] * self.grid_size[1] if self.regions else 0
         self.proj = nn.Linear(backbone.width, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_tokens, width))
@@ -376,7 +473,19 @@ class ImageTransformerEncoder(ImageEncoder):
     def compute_cached(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.backbone.compute_cached(pixel_values)
 
+    def cache_keys(self) -> dict[str, str]:
+        return self.backbone.cache_keys()
+
+    def cache_replaces(self) -> set[str]:
+        return self.backbone.cache_replaces()
+
+    @torch.no_grad()
+    def compute_cached_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.backbone.compute_cached_batch(batch)
+
     def encode_batch(self, batch: dict) -> EncoderOutput:
+        if not self.regions:
+            return self.from_tokens(self.backbone.encode_batch(batch))
         if self.cacheable and IMAGE_MAP_KEY in batch:
             return self(feature_map=batch[IMAGE_MAP_KEY])
         return self(batch["pixel_values"])
@@ -395,6 +504,20 @@ class ImageTransformerEncoder(ImageEncoder):
             states.append(self.norm(x) if i == len(self.blocks) - 1 else x)
         return EncoderOutput(hidden_states=tuple(states), feature_map=fmap,
                              grid_size=(fmap.shape[-2], fmap.shape[-1]))
+
+    def from_tokens(self, tokens: EncoderOutput) -> EncoderOutput:
+        """The layers over a set of tokens with a mask (tags): [CLS] + projected tokens, padding masked in every
+        layer; ``attention_mask`` (B, 1 + T) with [CLS] real."""
+        x = self.proj(tokens.last_hidden_state)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        mask = torch.cat([torch.ones_like(tokens.attention_mask[:, :1]), tokens.attention_mask], dim=1)
+        pad = mask == 0
+        states = [x]
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x, key_padding_mask=pad)
+            states.append(self.norm(x) if i == len(self.blocks) - 1 else x)
+        return EncoderOutput(hidden_states=tuple(states), attention_mask=mask)
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}

@@ -100,7 +100,7 @@ class RahpConfig(ModelConfig):
         specs = [InputSpec("features", m, options={"dim": self.feature_dims.get(m)}) for m in self.feature_modalities]
         if "text" in self.modalities and self.text_input == "tokens":
             specs.append(InputSpec("tokens", "text"))
-        return specs + ([InputSpec("pixels", "image")] if "image" in self.modalities else [])
+        return specs + ([self.image_input()] if "image" in self.modalities else [])
 
     def batch_dependence(self) -> tuple[str, str] | None:
         if self.retrieval != "in-batch":
@@ -141,17 +141,18 @@ class SequenceEncoder(nn.Module):
     """Input projection → [EMPTY] token + learned positions → transformer blocks.
 
     The learned first token is always a valid key, so a sample with a zero-length sequence (mask all zeros)
-    still gets finite attention and pooling.
+    still gets finite attention and pooling. ``ordered=False`` (a set of tags): no positions after the first token,
+    so the encoding does not depend on the order of the inputs.
     """
 
     def __init__(self, in_dim: int, d: int, heads: int, layers: int, max_positions: int, dropout: float,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", ordered: bool = True):
         super().__init__()
-        self.max_positions = max_positions
+        self.max_positions, self.ordered = max_positions, ordered
         # LayerNorm first: MMSA features have arbitrary scales (COVAREP, OpenFace).
         self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, d))
         self.empty = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.pos = nn.Parameter(torch.randn(1, max_positions + 1, d) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, (max_positions if ordered else 0) + 1, d) * 0.02)
         self.blocks = nn.ModuleList(TransformerBlock(d, heads, dropout=dropout, attention=attention)
                                     for _ in range(layers))
         self.norm = nn.LayerNorm(d)
@@ -163,7 +164,8 @@ class SequenceEncoder(nn.Module):
         h = self.proj(x)
         w = valid.to(h.dtype).unsqueeze(-1)
         shallow = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
-        h = torch.cat([self.empty.expand(h.shape[0], -1, -1).to(h.dtype), h], 1) + self.pos[:, : h.shape[1] + 1]
+        h = torch.cat([self.empty.expand(h.shape[0], -1, -1).to(h.dtype), h], 1)
+        h = h + self.pos[:, : h.shape[1]] if self.ordered else torch.cat([h[:, :1] + self.pos, h[:, 1:]], 1)
         valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], 1)
         for blk in self.blocks:
             h, _ = blk(h, key_padding_mask=~valid)
@@ -232,10 +234,13 @@ class Rahp(MultimodalModel):
             self.text_encoder.needed_states = {self.text_encoder.num_layers}  # only the last layer is read
             in_dims["text"] = self.text_encoder.width
         if "image" in mods:
-            self.image_encoder = build_image_encoder(cfg.image_encoder, load_weights)
+            self.image_encoder = build_image_encoder(cfg.image_encoder, load_weights, text=cfg.text_encoder,
+                                                     processor=processor)
             in_dims["image"] = self.image_encoder.width
+        unordered = {"image"} if self.image_encoder is not None and not self.image_encoder.regions else set()
         self.encoders = nn.ModuleDict({m: SequenceEncoder(in_dims[m], d, cfg.heads, cfg.encoder_layers,
-                                                          cfg.max_positions, cfg.dropout, cfg.attention) for m in mods})
+                                                          cfg.max_positions, cfg.dropout, cfg.attention,
+                                                          ordered=m not in unordered) for m in mods})
         self.pools = nn.ModuleDict({m: AttentionPool(d) for m in mods})
         self.ret_heads = nn.ModuleDict({m: nn.Linear(d, d) for m in mods})
         self.type_embed = nn.Parameter(torch.randn(len(mods), d) * 0.02)  # modality of a pooled / source token
@@ -302,7 +307,10 @@ class Rahp(MultimodalModel):
             out = self.text_encoder.encode_batch(batch)
             return out.hidden_states[-1], out.attention_mask.bool()
         if m == "image":
-            h = self.image_encoder.encode_batch(batch).hidden_states[-1]
+            out = self.image_encoder.encode_batch(batch)
+            h = out.hidden_states[-1]
+            if out.attention_mask is not None:  # tags: padding
+                return h, out.attention_mask.bool()
             return h, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         return batch[f"{m}_features"], batch[f"{m}_mask"].bool()
 

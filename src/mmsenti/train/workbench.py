@@ -44,7 +44,11 @@ def build_dataset(cfg: Config) -> DatasetBundle:
         from mmsenti.data.splits import fold_bundle
 
         bundle = fold_bundle(bundle, cfg.run.cv_folds, cfg.run.cv_fold, cfg.run.cv_seed)
-    missing = [m for m in cfg.model.modalities if m not in bundle.modalities]
+    missing = [m for m in cfg.model.data_modalities() if m not in bundle.modalities]
+    if "tags" in missing:
+        raise DataError(f"dataset '{bundle.name}' has no tags (it has: {', '.join(bundle.modalities)}); the tags image "
+                        "encoder reads them (hfm: data.use_attributes=true; tumemo: data.tags=[places,objects]; "
+                        "your own files: a 'tags' field)")
     if missing:
         raise DataError(
             f"dataset '{bundle.name}' has no {', '.join(missing)} (it has: {', '.join(bundle.modalities)}); "

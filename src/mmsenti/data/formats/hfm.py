@@ -10,8 +10,8 @@ Two layouts are read:
   19,816 posts of ``train.json``. Valid and test are used unfiltered.
 
 Images are ``<id>.jpg`` in ``dataset_image/`` (the release's name) or ``images/``. ``image_attributes.txt``
-(five words per image, predicted from the image by Cai et al.) goes into ``extra["attributes"]`` with
-``use_attributes: true``.
+(five words per image, predicted from the image by Cai et al.) become the posts' tags (``Sample.tags``, read by
+the ``tags`` image encoder) with ``use_attributes: true``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class HFMConfig(DataConfig):
     normalize_text: bool = False  # HFM text is already normalised (<user>, <url>, # tag); true names dingbats
     image_dir: str | None = None  # relative to root; None = dataset_image/, images/ or image/ when present
     filter_train: bool = True  # raw layout: the standard filter of giveaway words (see FILTER_WORDS)
-    use_attributes: bool = False  # image attribute words into extra["attributes"]
+    use_attributes: bool = False  # the image attribute words as the posts' tags (Sample.tags; the tags encoder)
     attributes_file: str | None = None  # default: image_attributes.txt in the root or raw/
     use_translation: bool = False  # translation.json (CLMLF's back-translations) into extra["translation"]
 
@@ -152,9 +152,10 @@ def build_hfm(cfg: HFMConfig, *, lenient: bool = False) -> DatasetBundle:
             for s in samples:
                 words = attributes.get(s.id)
                 lacking += words is None
-                s.extra["attributes"] = words or []
+                s.tags = list(words or [])
         if lacking:
             log.warning("%s: %d post(s) have no image attribute words (given an empty list)", cfg.name, lacking)
     modalities = attach_images(splits, root, cfg.image_dir, IMAGE_DIRS, cfg, lenient=lenient)
+    modalities += ("tags",) if cfg.use_attributes else ()
     return finish(cfg.name, splits, "classification", list(LABELS), modalities, sources,
                   normalize_tweet if cfg.normalize_text else None, lenient=lenient)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ from mmsenti.data.formats.bundle import finish, require_root
 from mmsenti.data.formats.images import ImageFolder, apply_image_policy, attach_images
 from mmsenti.data.formats.labels import label_index
 from mmsenti.data.formats.readers import read_jsonl, read_text_file, text_lines
-from mmsenti.data.splits import random_splits, split_by_id_lists
+from mmsenti.data.splits import carve_split, random_splits, split_by_id_lists
 from mmsenti.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,14 @@ class TumEmoConfig(DataConfig):
     name: str = "tumemo"
     format: Literal["auto", "mgnns", "raw"] = "auto"  # auto: raw when all_data_id_and_label.txt exists
     image_dir: str | None = None  # default: the json "image" paths (mgnns) or data/ (raw)
-    seed: int = 0  # raw layout without MGNNS files: seed of the stratified 8:1:1 split
+    seed: int = 0  # raw layout without MGNNS files: seed of the stratified 8:1:1 split; also of the carve below
+    # A copy with val and test but no train file (the release here): train and dev are carved from val, stratified
+    # by label, this fraction of it becoming dev (seeded by `seed`); 0 leaves the splits as they are.
+    carve_dev: float = 0.15
+    # Detected image content as the posts' tags (Sample.tags, read by the tags image encoder): any of "places"
+    # (scene class ids, as place<id>) and "objects" (object class ids, as object<id>, repeats dropped). The release
+    # has no id -> name maps, so they are opaque ids.
+    tags: list[str] = field(default_factory=list)
 
 
 def read_label_order(root: Path) -> list[str]:
@@ -130,7 +137,32 @@ def build_tumemo(cfg: TumEmoConfig, *, lenient: bool = False) -> DatasetBundle:
     else:
         splits, sources = _load_mgnns(root, labels, cfg.encoding)
         modalities = _attach_listed_images(splits, root, cfg, lenient)
+    if cfg.tags:
+        modalities += (_attach_tags(splits, cfg.tags),)
+    if "train" not in splits and "dev" in splits and cfg.carve_dev > 0:
+        splits["train"], splits["dev"] = carve_split(splits["dev"], cfg.carve_dev, cfg.seed)
+        log.info("tumemo: no train split; train and dev carved from val (%d/%d, stratified, seed %d)",
+                 len(splits["train"]), len(splits["dev"]), cfg.seed)
     return finish(cfg.name, splits, "classification", labels, modalities, sources, lenient=lenient)
+
+
+TAG_KINDS = {"places": "place", "objects": "object"}
+
+
+def _attach_tags(splits: dict[str, list[Sample]], kinds: list[str]) -> str:
+    unknown = [k for k in kinds if k not in TAG_KINDS]
+    if unknown:
+        raise DataError(f"data.tags: unknown {', '.join(unknown)} (tumemo has: {', '.join(TAG_KINDS)})")
+    for samples in splits.values():
+        for s in samples:
+            tags: list[str] = []
+            for kind in kinds:
+                ids = s.extra.get(kind) or []
+                if not isinstance(ids, list):
+                    raise DataError(f"tumemo post {s.id}: '{kind}' must be a list of ids, got {type(ids).__name__}")
+                tags += [f"{TAG_KINDS[kind]}{i}" for i in dict.fromkeys(ids)]  # repeats dropped, order kept
+            s.tags = tags
+    return "tags"
 
 
 def _attach_listed_images(splits: dict[str, list[Sample]], root: Path, cfg: TumEmoConfig,

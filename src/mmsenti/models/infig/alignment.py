@@ -123,8 +123,8 @@ def _check_tokens(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, top_
         raise ValueError(f"top_j must be >= 1, got {top_j}")
 
 
-def _fine_grained_block(img: Tensor, txt: Tensor, mask: Tensor, top_j: int, p2q: bool, q2p: bool
-                        ) -> tuple[Tensor | None, Tensor | None]:
+def _fine_grained_block(img: Tensor, txt: Tensor, mask: Tensor, top_j: int, p2q: bool, q2p: bool,
+                        img_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """S_p2q / S_q2p for one block of already normalised images × texts; see :func:`fine_grained_similarity`."""
     bi, ni, d = img.shape
     bt, nt, _ = txt.shape
@@ -133,6 +133,11 @@ def _fine_grained_block(img: Tensor, txt: Tensor, mask: Tensor, top_j: int, p2q:
     # Padding at -inf is never among a visual token's top-k while a real token is left. In place: the GEMM's
     # backward does not need its output, and topk saves only indices, so no copy of the big tensor is needed.
     sim.masked_fill_(~mask, float("-inf"))
+    if img_mask is not None:  # tags: padding rows too
+        sim.masked_fill_(~img_mask[:, :, None, None], float("-inf"))
+        n_i = img_mask.sum(-1)  # real visual tokens per image, (bi,)
+    else:
+        n_i = torch.full((bi,), ni, device=sim.device)
     n_t = mask.sum(-1)  # real tokens per text, (bt,)
     s_p2q = s_q2p = None
     if p2q:
@@ -141,13 +146,18 @@ def _fine_grained_block(img: Tensor, txt: Tensor, mask: Tensor, top_j: int, p2q:
         # A text with fewer than k real tokens has padding at ranks >= n_t: dropped here.
         j_eff = n_t.clamp(max=top_j)  # (bt,)
         keep = torch.arange(k, device=sim.device) < j_eff[:, None]  # (bt, k)
+        if img_mask is not None:
+            keep = keep & img_mask[:, :, None, None]  # (bi, ni, bt, k)
         total = torch.where(keep, top, 0.0).sum(dim=(1, 3))  # (bi, bt)
-        s_p2q = total / (j_eff.clamp(min=1) * ni)
+        s_p2q = total / (j_eff.clamp(min=1) * n_i[:, None].clamp(min=1))
     if q2p:
-        k = min(top_j, ni)  # every visual token is real
-        top = sim.topk(k, dim=1).values.sum(dim=1)  # (bi, bt, nt): per text token, its top-k over visual tokens
+        k = min(top_j, ni)
+        top = sim.topk(k, dim=1).values  # (bi, k, bt, nt): per text token, its top-k over visual tokens
+        k_eff = n_i.clamp(max=top_j)  # (bi,): an image with fewer real visual tokens sums fewer
+        keep = torch.arange(k, device=sim.device) < k_eff[:, None]  # (bi, k)
+        top = torch.where(keep[:, :, None, None], top, 0.0).sum(dim=1)  # (bi, bt, nt)
         total = torch.where(mask, top, 0.0).sum(dim=-1)  # padding columns (all -inf) are not counted
-        s_q2p = total / (k * n_t.clamp(min=1))
+        s_q2p = total / (k_eff[:, None].clamp(min=1) * n_t.clamp(min=1))
     return s_p2q, s_q2p
 
 
@@ -157,7 +167,8 @@ def _normalised_tokens(img_tokens: Tensor, txt_tokens: Tensor, mask: Tensor) -> 
     return F.normalize(img_tokens, dim=-1), F.normalize(torch.where(mask[..., None], txt_tokens, 0.0), dim=-1)
 
 
-def token_similarity(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor) -> Tensor:
+def token_similarity(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, img_mask: Tensor | None = None
+                     ) -> Tensor:
     """cos(w_l, v_k) of every text token with every visual token **of the same pair**: (B, N_t, N_i).
 
     The matrix whose per-row / per-column top-j eqs. 3-4 average (for pair b, :func:`fine_grained_similarity`'s
@@ -172,16 +183,24 @@ def token_similarity(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor) -
     if img_tokens.shape[0] != txt_tokens.shape[0]:
         raise ValueError(f"expected matched pairs, got {img_tokens.shape[0]} images and {txt_tokens.shape[0]} texts")
     img, txt = _normalised_tokens(img_tokens, txt_tokens, txt_mask.bool())
+    if img_mask is not None:  # padding columns (tags) are 0 too
+        img = torch.where(img_mask.bool()[..., None], img, 0.0)
     return txt @ img.transpose(1, 2)
 
 
 def _fine_grained(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, top_j: int, chunk_size: int | None,
-                  p2q: bool = True, q2p: bool = True) -> tuple[Tensor | None, Tensor | None]:
+                  p2q: bool = True, q2p: bool = True, img_mask: Tensor | None = None
+                  ) -> tuple[Tensor | None, Tensor | None]:
     _check_tokens(img_tokens, txt_tokens, txt_mask, top_j)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     mask = txt_mask.bool()
     img, txt = _normalised_tokens(img_tokens, txt_tokens, mask)
+    if img_mask is not None:
+        if img_mask.shape != img_tokens.shape[:2]:
+            raise ValueError(f"img_mask shape {tuple(img_mask.shape)} != image tokens' {tuple(img_tokens.shape[:2])}")
+        img_mask = img_mask.bool()
+        img = torch.where(img_mask[..., None], img, 0.0)
 
     bi, bt = img.shape[0], txt.shape[0]
     step_i = bi if chunk_size is None else chunk_size
@@ -190,7 +209,8 @@ def _fine_grained(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, top_
     for i0 in range(0, bi, step_i):  # loops over chunks, not samples: a single pass when chunk_size is None
         cols_p, cols_q = [], []
         for t0 in range(0, bt, step_t):
-            p, q = _fine_grained_block(img[i0:i0 + step_i], txt[t0:t0 + step_t], mask[t0:t0 + step_t], top_j, p2q, q2p)
+            p, q = _fine_grained_block(img[i0:i0 + step_i], txt[t0:t0 + step_t], mask[t0:t0 + step_t], top_j, p2q, q2p,
+                                       None if img_mask is None else img_mask[i0:i0 + step_i])
             cols_p.append(p)
             cols_q.append(q)
         rows_p.append(torch.cat(cols_p, dim=1) if p2q else None)
@@ -199,11 +219,11 @@ def _fine_grained(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, top_
 
 
 def fine_grained_similarity(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor, top_j: int,
-                            chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                            chunk_size: int | None = None, img_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Token-wise image↔text similarities of every image with every text (INFIG eqs. 3-4).
 
     Args:
-        img_tokens: (B_i, N_i, D) visual tokens, [CLS] already removed; all are real.
+        img_tokens: (B_i, N_i, D) visual tokens, [CLS] already removed; all real unless ``img_mask`` says.
         txt_tokens: (B_t, N_t, D) text tokens, [CLS] already removed.
         txt_mask: (B_t, N_t) bool or 0/1, true for real tokens. [SEP] counts as real unless the caller masks it.
             Padding positions are never selected, never counted and their values do not matter.
@@ -211,6 +231,8 @@ def fine_grained_similarity(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Te
             (or the image fewer than j visual tokens), j_eff = min(j, n_valid) matches are summed and the sum is
             divided by j_eff instead of j, so the score stays an average cosine in [-1, 1] and short texts are not
             penalised. A text with no real token scores 0.
+        img_mask: (B_i, N_i), true for real visual tokens (a tags encoder pads its tags); None = all real. Padding
+            visual tokens are treated as text padding is.
         chunk_size: compute at most ``chunk_size`` images × ``chunk_size`` texts at a time, bounding the
             (B_i, N_i, B_t, N_t) similarity tensor; the result is the same as without chunking.
 
@@ -219,7 +241,7 @@ def fine_grained_similarity(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Te
         text, averaged over visual tokens) and S_q2p (each real text token's top-j over the image, averaged over
         real text tokens).
     """
-    s_p2q, s_q2p = _fine_grained(img_tokens, txt_tokens, txt_mask, top_j, chunk_size)
+    s_p2q, s_q2p = _fine_grained(img_tokens, txt_tokens, txt_mask, top_j, chunk_size, img_mask=img_mask)
     return s_p2q, s_q2p  # type: ignore[return-value]
 
 
@@ -244,13 +266,14 @@ class FineGrainedAlignmentLoss(nn.Module):
         self.gather = gather
 
     def forward(self, img_layers: Sequence[Tensor], txt_layers: Sequence[Tensor], txt_mask: Tensor,
-                temperature: Tensor | float) -> dict[str, Tensor]:
+                temperature: Tensor | float, img_mask: Tensor | None = None) -> dict[str, Tensor]:
         """
         Args:
             img_layers: per layer, (B, N_i, D) visual tokens without [CLS].
             txt_layers: per layer, (B, N_t, D) text tokens without [CLS]; same layers, same order.
             txt_mask: (B, N_t), true for real text tokens.
             temperature: τ, e.g. ``LearnableTemperature()()``.
+            img_mask: (B, N_i), true for real visual tokens (tags); None = all real.
 
         Returns:
             ``{"loss_f": L_f, "f_layer{i}": detached loss of the i-th given layer, ...}``.
@@ -265,6 +288,7 @@ class FineGrainedAlignmentLoss(nn.Module):
         offset = 0
         if self.gather is not None:
             mask_all, offset = self.gather(txt_mask)
+            img_mask_all = self.gather(img_mask)[0] if img_mask is not None else None
             # Every layer in one gather per modality: (B, M, N, D), fewer collectives per step.
             img_all = self.gather(torch.stack(list(img_layers), 1))[0].unbind(1)
             txt_all = self.gather(torch.stack(list(txt_layers), 1))[0].unbind(1)
@@ -273,12 +297,14 @@ class FineGrainedAlignmentLoss(nn.Module):
         losses = []
         for m, (img, txt) in enumerate(zip(img_layers, txt_layers, strict=True)):
             if self.gather is None:
-                s_p2q, s_q2p = _fine_grained(img, txt, txt_mask, self.top_j, self.chunk_size)
+                s_p2q, s_q2p = _fine_grained(img, txt, txt_mask, self.top_j, self.chunk_size, img_mask=img_mask)
                 logits_i2t, logits_t2i = s_p2q, s_q2p.T
             else:
                 # Local images against every process's texts, and local texts against every process's images.
-                logits_i2t, _ = _fine_grained(img, txt_all[m], mask_all, self.top_j, self.chunk_size, q2p=False)
-                _, s_q2p = _fine_grained(img_all[m], txt, txt_mask, self.top_j, self.chunk_size, p2q=False)
+                logits_i2t, _ = _fine_grained(img, txt_all[m], mask_all, self.top_j, self.chunk_size, q2p=False,
+                                              img_mask=img_mask)
+                _, s_q2p = _fine_grained(img_all[m], txt, txt_mask, self.top_j, self.chunk_size, p2q=False,
+                                         img_mask=img_mask_all)
                 logits_t2i = s_q2p.T
             losses.append(0.5 * (F.cross_entropy(logits_i2t / tau, targets) + F.cross_entropy(logits_t2i / tau, targets)))
 

@@ -94,7 +94,8 @@ class InfigConfig(ModelConfig):
     @property
     def clip_active(self) -> bool:
         """CLIP is only read by GAM (in training); the processor prepares CLIP inputs only then."""
-        return self.use_clip and self.use_gam and set(self.modalities) == {"image", "text"}
+        return (self.use_clip and self.use_gam and set(self.modalities) == {"image", "text"}
+                and self.image_encoder.name != "tags")
 
     def inputs(self) -> list[InputSpec]:
         # GAM's CLIP prior reads its own tokenization and image preprocessing, in training only.
@@ -178,13 +179,16 @@ class Infig(MultimodalModel):
             self.text_encoder.needed_states = set(range(n + 1 - need, n + 1))
             self.text_proj = nn.Linear(self.text_encoder.width, d) if self.text_encoder.width != d else nn.Identity()
         if self.has_image:
-            cnn = build_image_encoder(cfg.image_encoder, load_weights)
-            self.image_encoder = ImageTransformerEncoder(cnn, d, cfg.image_layers, cfg.image_heads,
-                                                         processor.image_transform.size, cfg.dropout, cfg.attention)
+            cnn = build_image_encoder(cfg.image_encoder, load_weights, text=cfg.text_encoder, processor=processor)
+            size = processor.image_transform.size if cnn.regions else None
+            self.image_encoder = ImageTransformerEncoder(cnn, d, cfg.image_layers, cfg.image_heads, size,
+                                                         cfg.dropout, cfg.attention)
         for name, enc in (("text_encoder", self.text_encoder), ("image_layers", self.image_encoder)):
             if enc is not None and enc.num_layers < need:
                 raise ConfigError(f"model: {name} has {enc.num_layers} layers, but hfam_layers/gam_layer need {need}")
 
+        if cfg.use_clip and cfg.image_encoder.name == "tags" and both:
+            log.info("use_clip with a tags image encoder: CLIP reads the image itself, so it is not built (w/o CLIP)")
         if cfg.use_clip and not cfg.use_gam:
             log.info("use_clip without use_gam: CLIP only feeds GAM, so it is not built")
         if self.use_gam and not inference:
@@ -256,9 +260,11 @@ class Infig(MultimodalModel):
         return {"type_embed", "image_encoder.cls_token", "image_encoder.pos_embed"}
 
     # -------------------------------------------------------------------------------------------- encoders
-    def _encode(self, batch: dict, suffix: str = "") -> tuple[list | None, list | None, torch.Tensor | None]:
-        """Image and (projected) text hidden states, every layer; suffix '_m' uses the momentum encoders."""
-        img_states = txt_states = mask = None
+    def _encode(self, batch: dict, suffix: str = "") -> tuple[list | None, list | None, torch.Tensor | None,
+                                                               torch.Tensor | None]:
+        """Image and (projected) text hidden states, every layer, the text mask and the image tokens' mask (tags:
+        padding; None when every image token is real); suffix '_m' uses the momentum encoders."""
+        img_states = txt_states = mask = img_mask = None
         if self.has_text:
             text_enc, text_proj = getattr(self, "text_encoder" + suffix), getattr(self, "text_proj" + suffix)
             txt = text_enc.encode_batch(batch)
@@ -266,8 +272,9 @@ class Infig(MultimodalModel):
             need = len(text_enc.needed_states)  # only states some module reads are projected
             txt_states = [None] * (len(txt.hidden_states) - need) + [text_proj(h) for h in txt.hidden_states[-need:]]
         if self.has_image:
-            img_states = list(getattr(self, "image_encoder" + suffix).encode_batch(batch).hidden_states)
-        return img_states, txt_states, mask
+            img = getattr(self, "image_encoder" + suffix).encode_batch(batch)
+            img_states, img_mask = list(img.hidden_states), img.attention_mask
+        return img_states, txt_states, mask, img_mask
 
     def _global_features(self, img_states, txt_states, clip_feats, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         k = self.config.gam_layer
@@ -321,12 +328,13 @@ class Infig(MultimodalModel):
             return_tokens: also return HFAM's token states (``hfam_tokens``: image layers, text layers, text mask,
                 [CLS] removed, the last ``hfam_layers`` layers, as the fine-grained loss reads them), in any mode.
         """
-        img_states, txt_states, mask = self._encode(batch)
+        img_states, txt_states, mask, img_mask = self._encode(batch)
         parts, pads = [], []
         if img_states is not None:
             img_tok = img_states[-1]
             parts.append(img_tok + self.type_embed[0])
-            pads.append(torch.zeros(img_tok.shape[:2], dtype=torch.bool, device=img_tok.device))
+            pads.append(torch.zeros(img_tok.shape[:2], dtype=torch.bool, device=img_tok.device)
+                        if img_mask is None else img_mask == 0)
         if txt_states is not None:
             parts.append(txt_states[-1] + self.type_embed[1])
             pads.append(mask == 0)
@@ -351,7 +359,7 @@ class Infig(MultimodalModel):
                        num_image_tokens=img_states[-1].shape[1] if img_states is not None else 0,
                        image_grid=self.image_encoder.grid_size if self.has_image else None)
         if return_tokens and self.use_hfam:
-            out["hfam_tokens"] = self._hfam_tokens(img_states, txt_states, mask)
+            out["hfam_tokens"] = self._hfam_tokens(img_states, txt_states, mask, img_mask)
 
         if self.training and (self.use_gam or self.use_hfam):
             self._check_trainable()
@@ -359,11 +367,11 @@ class Infig(MultimodalModel):
             clip_feats = self._clip_features(batch) if self.use_clip else None
             out["global"] = self._global_features(img_states, txt_states, clip_feats)
             with torch.no_grad():  # the momentum encoders move once per optimiser step (on_optimizer_step)
-                img_m, txt_m, _ = self._encode(batch, "_m")
+                img_m, txt_m, _, _ = self._encode(batch, "_m")
                 out["global_m"] = self._global_features(img_m, txt_m, clip_feats, "_m")
             out["sample_index"] = stable_sample_index(batch["ids"]).to(x.device)
         if self.training and self.use_hfam:
-            out["fine"] = self._hfam_tokens(img_states, txt_states, mask)
+            out["fine"] = self._hfam_tokens(img_states, txt_states, mask, img_mask)
         return out
 
     @torch.no_grad()
@@ -377,23 +385,25 @@ class Infig(MultimodalModel):
         maps = WordRegions(tuple(out["image_grid"]), int(out["num_image_tokens"]),
                            [a[0] for a in out["attentions"]], out["pool_weights"][0])
         if "hfam_tokens" in out:
-            img_layers, txt_layers, mask = out["hfam_tokens"]
+            img_layers, txt_layers, mask, img_mask = out["hfam_tokens"]
             k = options.hfam_layer
             if k > len(img_layers):
                 raise ValueError(f"hfam_layer {k}: this model aligns its last {len(img_layers)} layers "
                                  "(model.hfam_layers)")
-            maps.similarity = token_similarity(img_layers[-k], txt_layers[-k], mask)[0]
+            maps.similarity = token_similarity(img_layers[-k], txt_layers[-k], mask, img_mask)[0]
             maps.similarity_title = (f"HFAM token similarity (cosine), "
                                      f"{'last layer' if k == 1 else f'layer {k} from the end'}")
         else:
             maps.notes.append("this INFIG was built without HFAM (use_hfam: false): no similarity map")
         return Explained(out, word_regions=maps)
 
-    def _hfam_tokens(self, img_states, txt_states, mask) -> tuple[list, list, torch.Tensor]:
+    def _hfam_tokens(self, img_states, txt_states, mask, img_mask) -> tuple[list, list, torch.Tensor,
+                                                                            torch.Tensor | None]:
         """What HFAM aligns: the last ``hfam_layers`` layers' tokens. [CLS] (position 0) excluded on both sides;
         text padding excluded by the mask."""
         m = self.config.hfam_layers
-        return [h[:, 1:] for h in img_states[-m:]], [h[:, 1:] for h in txt_states[-m:]], mask[:, 1:]
+        img_mask = None if img_mask is None else img_mask[:, 1:]
+        return [h[:, 1:] for h in img_states[-m:]], [h[:, 1:] for h in txt_states[-m:]], mask[:, 1:], img_mask
 
     @torch.no_grad()
     def update_momentum_encoders(self) -> None:
@@ -419,7 +429,8 @@ class Infig(MultimodalModel):
             terms["loss_g"] = self.config.lambda_g * g["loss_g"]
             terms["tau_g"] = g["tau"]
         if "fine" in outputs:
-            f = self.hfam_loss(*outputs["fine"], self.hfam_temperature())
+            img, txt, mask, img_mask = outputs["fine"]
+            f = self.hfam_loss(img, txt, mask, self.hfam_temperature(), img_mask=img_mask)
             terms["loss_f"] = self.config.lambda_f * f["loss_f"]
         return terms
 
