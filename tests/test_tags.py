@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny
 
 from mmsenti.config import InputSpec, load_config
 from mmsenti.data.base import Sample
 from mmsenti.data.inputs import BuildContext, TagsInput, normalize_tag, tag_bucket
 from mmsenti.data.scenes import KINDS, ScenesConfig, build_scenes
 from mmsenti.errors import DataError
-
-from conftest import build_tiny
 
 
 def _samples(*tag_lists):
