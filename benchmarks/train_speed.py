@@ -411,12 +411,12 @@ def alignment_times(v: Variant, reps: int = 5) -> dict[str, float]:
         return statistics.median(times)
 
     if "fine" in out:
-        img, txt, mask = out["fine"]
+        img, txt, mask, img_mask = out["fine"]
         img = [x.detach().requires_grad_() for x in img]
         txt = [x.detach().requires_grad_() for x in txt]
 
         def hfam():
-            model.hfam_loss(img, txt, mask, model.hfam_temperature())["loss_f"].backward()
+            model.hfam_loss(img, txt, mask, model.hfam_temperature(), img_mask=img_mask)["loss_f"].backward()
 
         res["HFAM (loss forward + backward)"] = median(hfam)
     if "global" in out:
@@ -426,7 +426,7 @@ def alignment_times(v: Variant, reps: int = 5) -> dict[str, float]:
         def momentum():
             model.update_momentum_encoders()
             with torch.no_grad():
-                img_m, txt_m, _ = model._encode(batch, "_m")
+                img_m, txt_m, _, _ = model._encode(batch, "_m")
                 model._global_features(img_m, txt_m, None, "_m")
 
         def gam():
