@@ -1,6 +1,7 @@
 """Streaming batch prediction: ``mmsenti predict RUN --input posts.jsonl --output predictions.jsonl``.
 
-The input (JSON lines or CSV with ``text``, ``image`` — a path relative to the file — and optional ``id``) is read
+The input (JSON lines or CSV with ``text``, ``image`` — a path relative to the file — and optional ``id``; for a model
+whose image encoder is ``tags``, ``tags`` instead of ``image``: a JSON list of strings, or a CSV cell ``a|b|c``) is read
 row by row and cut into batches (sorted by text length within a window of a few batches, so a batch needs little
 padding); images are decoded and transformed in DataLoader worker processes (batch ``b`` goes to worker
 ``b mod W``); the main process runs the model and appends one JSON line per input row, in input order, as it goes.
@@ -27,7 +28,7 @@ from typing import Any, TextIO
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmsenti.data.base import DataError, Sample, text_problem
+from mmsenti.data.base import DataError, Sample, parse_tags, text_problem
 from mmsenti.data.formats.readers import field_problem, iter_csv_rows
 from mmsenti.inference import Prediction, Predictor
 from mmsenti.models.base import check_per_post
@@ -122,6 +123,7 @@ class _Batches(IterableDataset):
         self.path, self.processor, self.batch_size, self.skip = path, predictor.processor, batch_size, skip
         self.window = batch_size * max(1, sort_window)
         self.modalities = predictor.modalities
+        self.fields = predictor.processor.post_fields  # the field each modality is read from (a tags model: tags)
         self.allow_missing = predictor.allow_missing_modality
 
     def __iter__(self):
@@ -165,19 +167,26 @@ class _Batches(IterableDataset):
         if problem is not None:
             raise DataError(problem)
         text, image = record.get("text"), record.get("image")
-        for field, value in (("text", text), ("image", image)):
-            if field in self.modalities and value in (None, "") and not self.allow_missing:
-                raise DataError(f"missing '{field}' (this model reads {' and '.join(self.modalities)})")
+        tags = None
+        if "tags" in self.fields.values():
+            try:
+                tags = parse_tags(record.get("tags"), cell=self.path.suffix.lower() in (".csv", ".tsv"))
+            except DataError as e:
+                raise DataError(f"'tags': {e}") from None
+        reads = [f for f in self.fields.values() if f in ("text", "image", "tags")]
+        for field, value in (("text", text), ("image", image), ("tags", tags)):
+            if field in reads and value in (None, "", []) and not self.allow_missing:
+                raise DataError(f"missing '{field}' (this model reads {' and '.join(reads)})")
         if text is not None and not isinstance(text, str):
             raise DataError(f"'text' must be a string, got {type(text).__name__}")
         if "text" not in self.modalities or text == "":
             text = None
         pixels = None
-        if "image" in self.modalities and image not in (None, ""):
+        if "image" in reads and image not in (None, ""):
             if not isinstance(image, str):
                 raise DataError(f"'image' must be a path, got {type(image).__name__}")
             pixels = self.processor.image_tensor(self.path.parent / image, row.id)
-        return Sample(id=row.id, label=None, text=text, image=pixels)
+        return Sample(id=row.id, label=None, text=text, image=pixels, tags=tags)
 
 
 def _worker_init(_: int) -> None:

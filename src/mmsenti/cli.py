@@ -108,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mmsenti.data.base import Sample, text_problem
+    from mmsenti.data.base import DataError, Sample, parse_tags, text_problem
     from mmsenti.inference import load_model
     from mmsenti.models.base import check_per_post
     from mmsenti.utils import show_progress
@@ -122,15 +122,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              resume=args.resume, strict=args.strict, progress=show_progress(args.quiet))
         print(stats.summary(args.output), file=sys.stderr)
         return 0
-    if args.text is None and args.image is None:
-        raise UsageError("give --text and/or --image, or --input FILE")
-    if "image" in predictor.modalities and args.image is None:
+    if args.text is None and args.image is None and args.tags is None:
+        raise UsageError("give --text, --image and/or --tags, or --input FILE")
+    try:
+        tags = parse_tags(args.tags, cell=True)
+    except DataError as e:
+        raise UsageError(f"--tags: {e}") from None
+    fields = predictor.processor.post_fields
+    if fields.get("image") == "image" and args.image is None:
         raise UsageError("this model reads images: give --image PATH")
-    if "text" in predictor.modalities and args.text is None:
+    if fields.get("image") == "tags" and not tags:
+        raise UsageError("this model reads its image as tags (model.image_encoder.name=tags): give --tags 'a|b|c'")
+    if "text" in fields and args.text is None:
         raise UsageError("this model reads text: give --text T")
     if args.text is not None and (problem := text_problem(args.text)) is not None:  # argv bytes that are not UTF-8
         raise UsageError(f"--text {problem}: is the shell's encoding UTF-8?")
-    prediction = predictor.predict_samples([Sample(id="cli", label=None, text=args.text, image=args.image)])[0]
+    prediction = predictor.predict_samples([Sample(id="cli", label=None, text=args.text, image=args.image,
+                                                   tags=tags)])[0]
     print(json.dumps(prediction.to_dict(), ensure_ascii=False, indent=2))
     return 0
 
@@ -265,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run_dir")
     pr.add_argument("--text")
     pr.add_argument("--image")
-    pr.add_argument("--input", help="a .jsonl or .csv file with text/image columns (image paths relative to it)")
+    pr.add_argument("--tags", help="the post's tags, separated by | (a model whose image encoder is tags)")
+    pr.add_argument("--input", help="a .jsonl or .csv file with text/image (or tags) columns (image paths relative "
+                                    "to it)")
     pr.add_argument("--output", help="predictions as JSON lines, written as they come (default: stdout)")
     pr.add_argument("--batch-size", type=int, default=32, help="posts per model call (default 32)")
     pr.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0: this one)")

@@ -140,8 +140,15 @@ class ModelConfig:
         return False
 
     def card(self) -> dict[str, Any]:
-        """The model's own fields of its card (``GET /v1/model``): the backbones of the modalities it reads."""
-        return {"backbones": {m: getattr(self, f"{m}_encoder").name for m in ("text", "image") if m in self.modalities}}
+        """The model's own fields of its card (``GET /v1/model``): the backbones of the modalities it reads; a tags
+        image encoder reads as ``tags (<tag_embedding>)``, with the number of a post's tags it reads (``max_tags``)."""
+        card: dict[str, Any] = {"backbones": {m: getattr(self, f"{m}_encoder").name for m in ("text", "image")
+                                              if m in self.modalities}}
+        image = self.image_encoder
+        if "image" in self.modalities and image.name == "tags":
+            card["backbones"]["image"] = f"tags ({image.tag_embedding})"
+            card["max_tags"] = image.max_tags
+        return card
 
 
 @dataclass

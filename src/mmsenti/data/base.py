@@ -27,6 +27,43 @@ def text_problem(text: str) -> str | None:
     return None
 
 
+# A post's tags (read by the ``tags`` image encoder): a tag is a word or a short phrase. Longer ones are refused
+# wherever tags enter (files, prediction rows, the service), not cut: a 500-character "tag" is a mistake in the data.
+MAX_TAG_CHARS = 64
+TAG_SEPARATOR = "|"  # between the tags of one CSV/TSV cell, a form field or ``mmsenti predict --tags``
+
+
+def parse_tags(value: Any, *, cell: bool = False, max_count: int | None = None) -> list[str] | None:
+    """A post's tags as given: a list of strings (JSON), or with ``cell`` one string of ``|``-separated tags (a CSV
+    cell, a form field, a command-line value). None when absent (null, or an empty cell). Every edge reads tags here.
+
+    Raises:
+        DataError: why the value is not a post's tags (not a list of strings, an element that is not a string, an
+            empty tag, a tag over :data:`MAX_TAG_CHARS` characters, over ``max_count`` tags), without the field's
+            name: the caller says where (``file:line: tags: ...``, or the service's ``posts[i].tags``).
+    """
+    if value is None or (cell and isinstance(value, str) and not value.strip()):
+        return None
+    if cell and isinstance(value, str):
+        value = [t.strip() for t in value.split(TAG_SEPARATOR)]
+    if not isinstance(value, list):
+        raise DataError(f"must be a list of strings{' (tags separated by |)' if cell else ''}, "
+                        f"got {type(value).__name__}")
+    if max_count is not None and len(value) > max_count:
+        raise DataError(f"{len(value)} tags, at most {max_count}")
+    for i, tag in enumerate(value):
+        if not isinstance(tag, str):
+            raise DataError(f"item {i} is {type(tag).__name__}, not a string")
+        if not tag.strip():
+            raise DataError(f"item {i} is an empty tag")
+        if len(tag) > MAX_TAG_CHARS:
+            raise DataError(f"item {i} has {len(tag)} characters, at most {MAX_TAG_CHARS} (a tag is a word or a "
+                            "short phrase)")
+        if (problem := text_problem(tag)) is not None:
+            raise DataError(f"item {i} {problem}")
+    return value
+
+
 @dataclass
 class Sample:
     """One post or clip.

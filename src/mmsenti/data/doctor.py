@@ -2,9 +2,9 @@
 
 :func:`check` loads a dataset leniently (duplicate ids, missing images and suspect labels are kept, not raised) and
 reports counts per split and label, missing / unreadable / truncated / too large images (``decode_images``:
-every pixel decoded, with a progress bar), labels read off the data that look like typos, empty texts,
-unlabelled samples, duplicate ids within a split and ids shared between splits. :func:`stats` describes text lengths, label
-balance and feature sequence lengths. :func:`format_report` renders either as plain text.
+every pixel decoded, with a progress bar), labels read off the data that look like typos, empty texts, posts without
+tags (in data that has tags), unlabelled samples, duplicate ids within a split and ids shared between splits.
+:func:`stats` describes text lengths, tags per post, label balance and feature sequence lengths. :func:`format_report` renders either as plain text.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class SplitCheck:
     unlabelled: list[str] = field(default_factory=list)
     images: dict[str, list[str]] = field(default_factory=dict)  # problem → ids
     blank_images: int = 0  # samples already given a blank image (missing_images: blank)
+    no_tags: list[str] = field(default_factory=list)  # ids of posts without tags, in data that has tags
 
 
 @dataclass
@@ -97,6 +98,9 @@ class Report:
                 out.append(f"{split}: {len(c.empty_texts)} empty text(s) (first: {', '.join(c.empty_texts[:_SHOW])})")
             if c.blank_images:
                 out.append(f"{split}: {c.blank_images} sample(s) use a blank image (missing_images: blank)")
+            if c.no_tags:
+                out.append(f"{split}: {len(c.no_tags)} post(s) without tags (a tags model reads none for them; "
+                           f"first: {', '.join(c.no_tags[:_SHOW])})")
         for pair, ids in self.shared_ids.items():
             if not ("train" in pair and "test" in pair):
                 out.append(f"{pair}: {len(ids)} id(s) in both (first: {', '.join(ids[:_SHOW])})")
@@ -137,7 +141,8 @@ def check(data: DatasetBundle | DataConfig, *, images: bool = True, decode_image
         labels = _label_counts(bundle, samples) if bundle.task == "classification" else {}
         c = SplitCheck(size=len(samples), labels=labels,
                        empty_texts=[s.id for s in samples if s.text is not None and not s.text.strip()],
-                       unlabelled=[s.id for s in samples if s.label is None])
+                       unlabelled=[s.id for s in samples if s.label is None],
+                       no_tags=[s.id for s in samples if not s.tags] if "tags" in bundle.modalities else [])
         if images and "image" in bundle.modalities:
             c.images, n, c.blank_images = _image_problems(samples, decode_images, workers,
                                                           f"{split}: {'decoding' if decode_images else 'checking'}")
@@ -178,6 +183,7 @@ class SplitStats:
     text_words: dict[str, float]  # describe() of whitespace-token counts
     text_chars: dict[str, float]
     sequences: dict[str, dict[str, float]]  # modality → describe() of sequence lengths, plus "dim"
+    tags: dict[str, float] = field(default_factory=dict)  # describe() of tags per post (data with tags)
 
 
 @dataclass
@@ -212,7 +218,9 @@ def stats(data: DatasetBundle | DataConfig) -> Stats:
             seq[mod] = describe([a.shape[0] for a in arrs]) | {"dim": float(arrs[0].shape[-1])}
         out[split] = SplitStats(size=len(samples), labels=labels, majority=majority, scores=scores,
                                 text_words=describe([len(t.split()) for t in texts]),
-                                text_chars=describe([len(t) for t in texts]), sequences=seq)
+                                text_chars=describe([len(t) for t in texts]), sequences=seq,
+                                tags=describe([len(s.tags or ()) for s in samples])
+                                if "tags" in bundle.modalities else {})
     return Stats(dataset=bundle.name, task=bundle.task, label_names=bundle.label_names,
                  modalities=bundle.modalities, splits=out)
 
@@ -251,6 +259,8 @@ def format_report(report: Report | Stats) -> str:
                              f"non-negative {s.scores['non_negative']:.3f}")
             lines.append(f"  text words {_fmt_desc(s.text_words)}")
             lines.append(f"  text chars {_fmt_desc(s.text_chars)}")
+            if s.tags:
+                lines.append(f"  tags/post  {_fmt_desc(s.tags)}")
             for mod, d in s.sequences.items():
                 lines.append(f"  {mod} frames {_fmt_desc(d)}  dim {d['dim']:g}")
         return "\n".join(lines)

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmsenti.backbones.transforms import ImageTransform
 from mmsenti.config import InputSpec
-from mmsenti.data.base import Sample
+from mmsenti.data.base import MAX_TAG_CHARS, Sample
 from mmsenti.errors import DataError, ExportError, ModelFileError
 from mmsenti.registry import INPUTS
 
@@ -438,7 +438,6 @@ class ClipInput(InputBuilder):
 
 
 # ------------------------------------------------------------------------------------------------------ tags
-MAX_TAG_CHARS = 64  # a tag is a word or a short phrase; longer ones are refused by the service, cut elsewhere
 
 
 def normalize_tag(tag: Any) -> str:

@@ -92,6 +92,16 @@ class Processor:
         return self._first(cls)
 
     @property
+    def post_fields(self) -> dict[str, str]:
+        """Modality → the field of a post that carries it (a prediction row, a served post): the modality's own name,
+        or what its builder reads instead (``tags`` for the image of a model whose image encoder is ``tags``)."""
+        out = {m: m for m in self.modalities}
+        for b in self.active(training=False):
+            if b.reads is not None and b.modality in out:
+                out[b.modality] = b.reads
+        return out
+
+    @property
     def tokenizer(self):
         """The text tokenizer (of the ``tokens`` input), or None."""
         tokens = self._first(TokensInput)

@@ -75,8 +75,8 @@ def _document_post_schemas(app: FastAPI) -> None:
         service = getattr(app.state, "service", None)
         settings = app.state.settings
         schema.setdefault("components", {}).setdefault("schemas", {}).update(post_schemas(
-            service.modalities if service is not None else None, settings.allow_missing_modality,
-            settings.max_text_chars, settings.max_posts))
+            service.post_fields if service is not None else None, settings.allow_missing_modality,
+            settings.max_text_chars, settings.max_posts, settings.max_post_tags))
         if service is not None:
             app.openapi_schema = schema
         return schema

@@ -19,23 +19,25 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from mmsenti.data.base import image_shape_problem, text_problem
+from mmsenti.data.base import DataError, image_shape_problem, parse_tags, text_problem
 from mmsenti.serve.errors import ServeError, field_path, validation_message
 from mmsenti.serve.schemas import Post, PostBatch
 from mmsenti.serve.settings import ServeSettings
 
-MULTIPART_FIELDS = ("id", "text", "image")
+MULTIPART_FIELDS = ("id", "text", "image", "tags")
 
 
 @dataclass
 class PreparedPost:
-    """A validated post: text, the transformed image (``pixel_values`` of one sample) and what it holds."""
+    """A validated post: text, the transformed image (``pixel_values`` of one sample), its tags (what a tags model
+    reads of its image) and the modalities it holds."""
 
     id: str
     text: str | None
     pixels: torch.Tensor | None
     image: Image.Image | None  # the decoded image (for routes that draw on it)
     modalities: list[str]
+    tags: list[str] | None = None
 
 
 async def read_posts(request: Request, settings: ServeSettings, modalities: list[str], processor) -> list[PreparedPost]:
@@ -94,7 +96,7 @@ async def _multipart_post(request: Request, ctype: str) -> tuple[Post, bytes | N
         name = unknown[0] if len(unknown[0]) <= 64 else unknown[0][:61] + "..."
         raise ServeError(422, name, f"unknown field (expected {', '.join(MULTIPART_FIELDS)})")
     values = {}
-    for key in ("id", "text"):
+    for key in ("id", "text", "tags"):
         v = form.get(key)
         if isinstance(v, UploadFile):
             raise ServeError(422, key, "expected a form field, got a file")
@@ -106,7 +108,11 @@ async def _multipart_post(request: Request, ctype: str) -> tuple[Post, bytes | N
             raise ServeError(422, "image", "expected a file upload (multipart file field)")
         data = await image.read()
     try:
-        return Post(id=values["id"], text=values["text"]), data
+        tags = parse_tags(values["tags"], cell=True)  # one form field: tags separated by |
+    except DataError as e:
+        raise ServeError(422, "tags", str(e)) from None
+    try:
+        return Post(id=values["id"], text=values["text"], tags=tags), data
     except ValidationError as e:  # e.g. an id over its length limit
         err = e.errors()[0]
         raise ServeError(422, field_path(err["loc"]), validation_message(err)) from None
@@ -114,6 +120,8 @@ async def _multipart_post(request: Request, ctype: str) -> tuple[Post, bytes | N
 
 def _prepare(posts: list[Post], images, prefix, settings: ServeSettings, modalities: list[str],
              processor) -> list[PreparedPost]:
+    fields = processor.post_fields  # modality -> the post's field that carries it (a tags model's image: tags)
+    reads = [fields[m] for m in modalities]
     out = []
     for i, (post, (encoded, image_field, is_bytes)) in enumerate(zip(posts, images, strict=True)):
         text_field = _join(prefix(i), "text")
@@ -125,22 +133,29 @@ def _prepare(posts: list[Post], images, prefix, settings: ServeSettings, modalit
             if problem:
                 raise ServeError(422, _join(prefix(i), name), f"the {name} {problem}")
         text = post.text if "text" in modalities and post.text not in (None, "") else None
-        image = pixels = None
-        if "image" in modalities and encoded not in (None, b"", ""):
+        image = pixels = tags = None
+        if "image" in reads and encoded not in (None, b"", ""):
             data = encoded if is_bytes else _base64(encoded, image_field)
             image = decode_image(data, image_field, settings)
             pixels = processor.image_transform(image)
-        used = [m for m, v in (("text", text), ("image", pixels)) if m in modalities and v is not None]
+        if "tags" in reads:
+            try:
+                tags = parse_tags(post.tags, max_count=settings.max_post_tags)
+            except DataError as e:
+                raise ServeError(422, _join(prefix(i), "tags"), str(e)) from None
+        given = {"text": text, "image": pixels, "tags": tags or None}  # no tags ([]) is a post without its image
+        used = [m for m in modalities if given.get(fields[m]) is not None]
         missing = [m for m in modalities if m not in used]
         if not used:
             field = prefix(i) or "body"
-            raise ServeError(422, field, f"the post has no {' or '.join(modalities)} (this model reads "
-                                         f"{' and '.join(modalities)})")
+            raise ServeError(422, field, f"the post has no {' or '.join(reads)} (this model reads "
+                                         f"{' and '.join(reads)})")
         if missing and not settings.allow_missing_modality:
-            field = text_field if missing[0] == "text" else image_field
-            raise ServeError(422, field, f"missing {missing[0]}: this model reads {' and '.join(modalities)} "
-                                         "(a server started with --allow-missing-modality accepts posts without one)")
-        out.append(PreparedPost(post.id if post.id is not None else str(i), text, pixels, image, used))
+            name = fields[missing[0]]
+            raise ServeError(422, _join(prefix(i), name), f"missing {name}: this model reads {' and '.join(reads)} "
+                                                          "(a server started with --allow-missing-modality accepts "
+                                                          "posts without one)")
+        out.append(PreparedPost(post.id if post.id is not None else str(i), text, pixels, image, used, tags))
     return out
 
 

@@ -9,16 +9,26 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from mmsenti import inference
+from mmsenti.data.base import MAX_TAG_CHARS
+
+# A post's tags as the schema shows them (the server checks them with mmsenti.data.base.parse_tags; the count limit
+# is the setting max_post_tags, added by post_schemas).
+TAGS_SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_TAG_CHARS}}
 
 
 class Post(BaseModel):
-    """One post. ``image`` is the encoded image file (JPEG, PNG, ...) in base64 (a ``data:`` URL is accepted)."""
+    """One post. ``image`` is the encoded image file (JPEG, PNG, ...) in base64 (a ``data:`` URL is accepted);
+    ``tags`` are words or ids describing the image, for a model whose image encoder is ``tags``."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, max_length=256, description="returned with its prediction (default: its position)")
     text: str | None = Field(None, description="the post's text")
     image: str | None = Field(None, description="base64 of the image file")
+    # Any here: parse_tags checks the value (the same check and message as a file's), the schema says what it takes.
+    tags: Any = Field(None, description="the image's tags (a model whose image encoder is tags reads its first "
+                                        "max_tags, GET /v1/model); a form field: one string, tags separated by |",
+                      json_schema_extra={"anyOf": [TAGS_SCHEMA, {"type": "null"}]})
 
 
 class PostBatch(BaseModel):
@@ -29,23 +39,28 @@ class PostBatch(BaseModel):
     posts: list[Post] = Field(..., min_length=1)
 
 
-def post_schemas(modalities: list[str] | None, allow_missing: bool, max_text_chars: int, max_posts: int) -> dict:
+def post_schemas(fields: list[str] | None, allow_missing: bool, max_text_chars: int, max_posts: int,
+                 max_post_tags: int) -> dict:
     """JSON schemas of ``Post``, ``PostBatch`` and ``PostForm`` (a multipart post) that say what the server checks:
-    the modalities the model reads are required non-empty strings, or (``allow_missing``, or the model not known yet)
-    at least one of them is. Pydantic's schema of :class:`Post` alone would allow ``{}`` and all-null posts."""
-    modalities = modalities or ["text", "image"]
+    the fields the model reads (``fields``: ``text``, ``image``, or ``tags`` for a tags model's image) are required
+    and non-empty, or (``allow_missing``, or the model not known yet) at least one of them is. Pydantic's schema of
+    :class:`Post` alone would allow ``{}`` and all-null posts."""
+    fields = fields or ["text", "image"]
     post = Post.model_json_schema(ref_template="#/components/schemas/{model}")
     batch = PostBatch.model_json_schema(ref_template="#/components/schemas/{model}")
     batch.pop("$defs", None)
     batch["properties"]["posts"]["maxItems"] = max_posts
     form = {"type": "object", "additionalProperties": False, "description": "one post as multipart/form-data",
             "properties": {"id": {"type": "string", "maxLength": 256}, "text": {"type": "string"},
-                           "image": {"type": "string", "format": "binary", "description": "the image file"}}}
-    given = {"text": {"type": "string", "minLength": 1, "maxLength": max_text_chars}, "image": {"type": "string",
-                                                                                               "minLength": 1}}
+                           "image": {"type": "string", "format": "binary", "description": "the image file"},
+                           "tags": {"type": "string", "description": "the image's tags, separated by |"}}}
+    tags = {**TAGS_SCHEMA, "minItems": 1, "maxItems": max_post_tags}
+    given = {"text": {"type": "string", "minLength": 1, "maxLength": max_text_chars},
+             "image": {"type": "string", "minLength": 1}, "tags": tags}
     post["properties"]["text"]["anyOf"][0]["maxLength"] = max_text_chars
+    post["properties"]["tags"]["anyOf"] = [{**TAGS_SCHEMA, "maxItems": max_post_tags}, {"type": "null"}]  # a copy
     form["properties"]["text"]["maxLength"] = max_text_chars
-    reads = [m for m in ("text", "image") if m in modalities]
+    reads = [m for m in ("text", "image", "tags") if m in fields]
     if allow_missing and len(reads) > 1:
         for schema in (post, form):
             schema["anyOf"] = [{"required": [m], "properties": {m: given[m]}} for m in reads]
@@ -115,7 +130,8 @@ class ModelInfo(BaseModel):
     labels: list[str] | None
     modalities: list[str]
     model: str = Field(..., description="the registered model (mmsenti list models)")
-    backbones: dict[str, str]
+    backbones: dict[str, str] = Field(..., description="per modality; a tags image encoder: tags (its embedding)")
+    max_tags: int | None = Field(None, description="a tags image encoder: the tags of a post it reads (the first)")
     dataset: str = Field(..., description="the training config's dataset")
     metrics: dict | None = Field(None, description="the run's metrics.json (dev-selected model), when present")
     allow_missing_modality: bool

@@ -53,6 +53,8 @@ class ServeSettings:
     min_image_side: int = setting(MIN_IMAGE_SIDE, "pixels", limit=True, minimum=1)
     max_text_chars: int = setting(5000, "characters of a post's text", limit=True, minimum=1)
     max_posts: int = setting(64, "posts per request", limit=True, minimum=1)
+    # A tags model reads a post's first max_tags tags (GET /v1/model); more are accepted up to this limit.
+    max_post_tags: int = setting(256, "tags of one post (a model whose image encoder is tags)", limit=True, minimum=1)
     image_formats: tuple[str, ...] = setting(("JPEG", "PNG", "WEBP", "GIF", "BMP"),
                                              "accepted image formats (PIL names)", limit=True)
     model_name: str | None = setting(None, "name shown in answers (default: the run directory's name)")

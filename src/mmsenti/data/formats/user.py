@@ -1,8 +1,9 @@
 """A user's own data, no code needed: JSON-lines (``jsonl``) or CSV/TSV (``csv``) files.
 
 Each record has ``text``, ``image`` (a path relative to the file holding it, or absolute), ``label``, and
-optionally ``id`` and ``split`` (train, dev/valid/val, test); the field names are configurable. ``data.root``
-is either
+optionally ``id``, ``split`` (train, dev/valid/val, test) and ``tags`` (words or ids describing the image, read by
+the ``tags`` image encoder: a list of strings in JSON lines, one ``|``-separated cell in CSV/TSV); the field names
+are configurable. ``data.root`` is either
 
 * one file, whose ``split`` field sends each record to a split (records without one go to train), or
 * a directory holding ``train``, ``dev`` (or ``valid``/``val``) and ``test`` files (``train.jsonl``, ...).
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmsenti.config import DataConfig
-from mmsenti.data.base import DataError, DatasetBundle, Sample
+from mmsenti.data.base import DataError, DatasetBundle, Sample, parse_tags
 from mmsenti.data.formats.bundle import SPLIT_ALIASES, canonical_split, finish, require_root
 from mmsenti.data.formats.images import apply_image_policy
 from mmsenti.data.formats.labels import check_inferred_labels, label_index
@@ -43,6 +44,8 @@ class UserDataConfig(DataConfig):
     label_field: str = "label"
     id_field: str = "id"  # records without an id get "<file stem>:<line>"
     split_field: str = "split"
+    # The post's tags (model.image_encoder.name=tags): JSON lines a list of strings, CSV/TSV one cell "a|b|c"
+    tags_field: str = "tags"
     dev_fraction: float = 0.0  # carve a dev split from train when the files have none (0 = don't)
     test_fraction: float = 0.0  # likewise for test
     seed: int = 0  # seed of the carving
@@ -68,6 +71,13 @@ class Record:
     @property
     def where(self) -> str:
         return f"{self.path}:{self.line}"
+
+    def tags(self, name: str) -> list[str] | None:
+        """The record's tags (None without them); a malformed value is an error naming the file, line and field."""
+        try:
+            return parse_tags(self.fields.get(name), cell=self.path.suffix.lower() in (".csv", ".tsv"))
+        except DataError as e:
+            raise DataError(f"{self.where}: {name}: {e}") from None
 
 
 def _data_files(root: Path, exts: tuple[str, ...]) -> list[tuple[Path, str | None]]:
@@ -158,8 +168,10 @@ def build_user(cfg: UserDataConfig, exts: tuple[str, ...], *, lenient: bool = Fa
     names = _label_names(cfg, records) if cfg.task == "classification" else None
     has_text = any(cfg.text_field in r.fields for r in records)
     has_image = any(r.fields.get(cfg.image_field) not in (None, "") for r in records)
-    if not (has_text or has_image):
-        raise DataError(f"{records[0].path}: records have neither {cfg.text_field!r} nor {cfg.image_field!r}")
+    has_tags = any(r.fields.get(cfg.tags_field) not in (None, "") for r in records)
+    if not (has_text or has_image or has_tags):
+        raise DataError(f"{records[0].path}: records have none of {cfg.text_field!r}, {cfg.image_field!r}, "
+                        f"{cfg.tags_field!r}")
     splits: dict[str, list[Sample]] = {}
     for r in records:
         text = r.fields.get(cfg.text_field)
@@ -175,11 +187,11 @@ def build_user(cfg: UserDataConfig, exts: tuple[str, ...], *, lenient: bool = Fa
             image = None
         sid = r.fields.get(cfg.id_field)
         sid = f"{r.path.stem}:{r.line}" if sid in (None, "") else str(sid)
-        extra = {k: v for k, v in r.fields.items()
-                 if k not in (cfg.text_field, cfg.image_field, cfg.label_field, cfg.id_field, cfg.split_field)}
+        extra = {k: v for k, v in r.fields.items() if k not in (cfg.text_field, cfg.image_field, cfg.label_field,
+                                                                cfg.id_field, cfg.split_field, cfg.tags_field)}
         splits.setdefault(r.split, []).append(Sample(id=sid, label=_label(cfg, r, names),
                                                      text=(text or "") if has_text else None, image=image,
-                                                     extra=extra))
+                                                     tags=r.tags(cfg.tags_field), extra=extra))
     stratify = cfg.task == "classification"
     for split, fraction in (("test", cfg.test_fraction), ("dev", cfg.dev_fraction)):
         if fraction and split not in splits and "train" in splits:
@@ -188,7 +200,7 @@ def build_user(cfg: UserDataConfig, exts: tuple[str, ...], *, lenient: bool = Fa
                      split, fraction, cfg.seed)
         elif fraction and split in splits:
             log.info("%s: the files have a %s split; %s_fraction is not used", cfg.name, split, split)
-    modalities = tuple(m for m, present in (("text", has_text), ("image", has_image)) if present)
+    modalities = tuple(m for m, present in (("text", has_text), ("image", has_image), ("tags", has_tags)) if present)
     if has_image:
         splits = apply_image_policy(splits, cfg, root, lenient=lenient)
     bundle = finish(cfg.name, splits, cfg.task, names, modalities, sorted({r.path for r in records}),
@@ -200,12 +212,12 @@ def build_user(cfg: UserDataConfig, exts: tuple[str, ...], *, lenient: bool = Fa
 
 
 @DATASETS.register("jsonl", config=UserDataConfig,
-                   description="your own JSON-lines file(s): text, image path, label, optional id/split")
+                   description="your own JSON-lines file(s): text, image path, label, optional id/split/tags")
 def build_jsonl(cfg: UserDataConfig, *, lenient: bool = False) -> DatasetBundle:
     return build_user(cfg, (".jsonl",), lenient=lenient)
 
 
 @DATASETS.register("csv", config=CsvDataConfig,
-                   description="your own CSV/TSV file(s): text, image path, label, optional id/split")
+                   description="your own CSV/TSV file(s): text, image path, label, optional id/split/tags")
 def build_csv(cfg: CsvDataConfig, *, lenient: bool = False) -> DatasetBundle:
     return build_user(cfg, (".csv", ".tsv"), lenient=lenient)
