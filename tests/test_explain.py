@@ -216,7 +216,7 @@ def test_region_maps_of_a_constructed_infig_point_at_the_right_region(tmp_path):
             if w.text in target:
                 txt[:, w.tokens, d - 1] = 0.0
                 txt[:, w.tokens, target[w.text]] = 1.0
-        return [img], [txt], torch.ones(b, ids.shape[1], dtype=torch.long), None
+        return [img], [txt], torch.ones(b, ids.shape[1], dtype=torch.long), None  # every image token real
 
     model._encode = encode
     with torch.no_grad():  # queries = keys = 20·LayerNorm(x): attention follows the one-hot index

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,15 @@ CASES.update({
     "late-fusion-timm": ["model.name=late-fusion-tiny", "model.image_encoder.name=test_efficientnet",
                          "model.image_encoder.pretrained=false", "model.image_encoder.image_size=64"],
 })
-# The inference graph of these equals INFIG's (CLIP, GAM and HFAM are training-only): exported anyway, marked slow.
-SLOW_CASES = {"infig-no-clip", "infig-no-gam", "infig-no-hfam"}
+# The image as a post's tags (the graph takes tag_ids / tag_mask with static tag and piece axes): a learned table of
+# hashed tags and the text backbone's frozen vocabulary (whose features the training cache would supply; the graph
+# embeds the tags itself).
+TAGS = ["data.tags=true", "model.image_encoder.name=tags", "model.image_encoder.max_tags=5"]
+CASES.update({f"{name}-tags-{embedding}": CASES[name] + TAGS + [f"model.image_encoder.tag_embedding={embedding}"]
+              for name in ("late-fusion", "infig", "rahp") for embedding in ("learned", "vocab")})
+# The inference graph of these equals INFIG's (CLIP, GAM and HFAM are training-only): exported anyway, marked slow;
+# so is RAHP's second tags case (its export takes ~20 s).
+SLOW_CASES = {"infig-no-clip", "infig-no-gam", "infig-no-hfam", "rahp-tags-learned"}
 
 
 def save_case(directory: Path, overrides: list[str]) -> Path:
@@ -99,19 +107,26 @@ def test_every_model_exports_and_answers_as_torch_at_any_batch_size_and_length(c
     import onnx
 
     graph = onnx.load(str(folder / "model.onnx"))
+    cfg = source.config.model
     for value in graph.graph.input:
         dims = value.type.tensor_type.shape.dim
         assert dims[0].dim_param == "batch", value.name
+        assert not value.name.startswith("cached_")  # the training cache's features are never graph inputs
         if value.name in ("input_ids", "attention_mask"):
             assert dims[1].dim_param == "sequence"
+        if value.name in ("tag_ids", "tag_mask"):  # static tag and piece axes
+            pieces = 1 if cfg.image_encoder.tag_embedding == "learned" else cfg.image_encoder.tag_pieces
+            assert [d.dim_value for d in dims[1:]] == [cfg.image_encoder.max_tags, pieces]
+    if "tags" in case:
+        assert {"tag_ids", "tag_mask"} <= {v.name for v in graph.graph.input}
     if backend.supports_missing_modality:
         processor.allow_missing = True
     lengths = set()
     kept: list[bool] = []
     for posts in _check_batches(load_model(folder.parent)):
         if backend.supports_missing_modality and len(posts) > 2:  # a post without its image, one without text
-            posts = [Sample(p.id, None, p.text if i != 1 else None, p.image if i != 0 else None)
-                     for i, p in enumerate(posts)]
+            posts = [replace(p, label=None, text=p.text if i != 1 else None, image=p.image if i != 0 else None,
+                             tags=p.tags if i != 0 else None) for i, p in enumerate(posts)]
         batch = processor(posts, training=False)
         lengths.add(tuple(v.shape[1] for k, v in batch.items() if k.endswith(("input_ids", "_features"))))
         with torch.no_grad():

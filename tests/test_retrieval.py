@@ -81,19 +81,26 @@ def test_faiss_flat_equals_torch_cosine():
     torch.testing.assert_close(ts, fs, atol=1e-5, rtol=0)
 
 
-def test_torch_ties_go_to_lower_row_and_chunking_does_not_matter():
+@pytest.mark.parametrize("kind", ["torch", pytest.param("flat", marks=needs_faiss)])
+def test_exact_ties_go_to_lower_row_and_chunking_does_not_matter(kind):
+    """Duplicate bank vectors (posts with the same tags) tie exactly: both exact indexes keep the lower rows, as an
+    exported graph's TopK does (FAISS alone keeps its own choice)."""
     # Integer-valued vectors: exact float arithmetic, so duplicates score exactly equal whatever the chunk.
     g = torch.Generator().manual_seed(0)
     base = torch.randint(-3, 4, (30, 8), generator=g).float()
     bank = torch.cat([base, base, base])  # rows r, r+30, r+60 identical
     queries = torch.randint(-3, 4, (12, 8), generator=g).float()
     ref_s, ref_i = _brute_force(bank, queries, 9, "ip")
-    for chunk in (7, 30, 64, 1000):
-        index = TorchIndex(8, "ip", chunk_size=chunk)
+    for chunk in (7, 30, 64, 1000) if kind == "torch" else (None,):
+        index = TorchIndex(8, "ip", chunk_size=chunk) if kind == "torch" else build_index(kind, 8, "ip")
         index.add(bank)
         s, i = index.search(queries, 9)
         assert torch.equal(i, ref_i), chunk
         assert torch.equal(s, ref_s)
+        s, i = index.search(queries, 9, exclude=torch.zeros(12, dtype=torch.long))  # fetches one more
+        ref_s, ref_i = _brute_force(bank, queries, 9, "ip", torch.zeros(12, dtype=torch.long))
+        assert torch.equal(i, ref_i) and torch.equal(s, ref_s)
+        ref_s, ref_i = _brute_force(bank, queries, 9, "ip")
 
 
 @pytest.mark.parametrize("kind", ["torch", pytest.param("flat", marks=needs_faiss)])
@@ -109,9 +116,7 @@ def test_exclusion_drops_only_the_named_row_even_with_duplicates(kind):
     scores, rows = index.search(bank, 5, exclude=exclude)
     ref_s, ref_i = _brute_force(bank, bank, 5, "ip", exclude)
     assert not (rows == exclude[:, None]).any()
-    assert torch.equal(scores, ref_s)  # FAISS may order exact ties its own way: compare the score profile
-    if kind == "torch":
-        assert torch.equal(rows, ref_i)
+    assert torch.equal(scores, ref_s) and torch.equal(rows, ref_i)
     # The copy of an excluded query is still found, with the top score.
     copy = (torch.arange(100) + 50).remainder(100)
     excluded = exclude >= 0

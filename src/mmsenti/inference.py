@@ -177,9 +177,10 @@ class Predictor:
                                             tags=list(tags) if tags is not None else None)])[0]
 
     def explain(self, text: str | None = None, image: Any = None, options=None, neighbour_samples=None,
-                post_id: str = "0", **kwargs):
+                post_id: str = "0", tags: Sequence[str] | None = None, **kwargs):
         """Why the model predicts what it does for one post: an :class:`mmsenti.explain.Explanation` (modality
-        attribution and Integrated Gradients for every model; INFIG's word → region maps; RAHP's neighbours).
+        attribution and Integrated Gradients for every model; INFIG's word → region maps, or word → tag maps when
+        it reads the image as ``tags``; RAHP's neighbours).
 
         Args:
             options: an :class:`mmsenti.explain.ExplainOptions`, or its fields as keyword arguments.
@@ -192,7 +193,8 @@ class Predictor:
             raise ValueError("explanations need the PyTorch model; this predictor runs an ONNX export "
                              "(load the run or model folder with backend='torch')")
         options = options or ExplainOptions(**kwargs)
-        return explain(self, Sample(id=post_id, label=None, text=text, image=image), options, neighbour_samples)
+        sample = Sample(id=post_id, label=None, text=text, image=image, tags=list(tags) if tags is not None else None)
+        return explain(self, sample, options, neighbour_samples)
 
     def predict_samples(self, samples: Sequence[Sample], batch_size: int = 64) -> list[Prediction]:
         results: list[Prediction] = []

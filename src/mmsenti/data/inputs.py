@@ -506,6 +506,17 @@ class TagsInput(InputBuilder):
             self._cache[tag] = ids
         return self._cache[tag]
 
+    def read(self, tags: Sequence[Any] | None) -> list[tuple[int, Any, list[int]]]:
+        """(slot, the tag as given, its pieces) of each tag of a post that the model reads: of the first max_tags,
+        those with a piece (an empty tag leaves its slot padding, as every slot after the post's tags)."""
+        out = []
+        for j, tag in enumerate((tags or [])[: self.max_tags]):
+            norm = normalize_tag(tag)
+            pieces = self.tag_pieces(norm) if norm else []
+            if pieces:
+                out.append((j, tag, pieces))
+        return out
+
     def build(self, samples, batch, ctx) -> None:
         b, t, p = len(samples), self.max_tags, self.pieces
         ids = torch.zeros(b, t, p, dtype=torch.long)
@@ -514,8 +525,7 @@ class TagsInput(InputBuilder):
             if s.tags is None and not ctx.allow_missing:
                 raise DataError(f"sample {s.id}: no tags, but the model reads the image as tags "
                                 "(model.image_encoder.name=tags; give the post a tags list)")
-            for j, tag in enumerate(normalize_tag(x) for x in (s.tags or [])[:t]):
-                pieces = self.tag_pieces(tag) if tag else []
+            for j, _, pieces in self.read(s.tags):
                 ids[i, j, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
                 mask[i, j, : len(pieces)] = 1
         if ctx.allow_missing:

@@ -2,10 +2,10 @@
 
 * every model: **modality attribution** by replacement (the image replaced by a neutral one, the text by an empty
   one, both, and the interaction) and **Integrated Gradients** (Captum) over the text embeddings and the image
-  pixels (:mod:`mmsenti.explain.attribution`);
+  pixels, or the tag embeddings of a model that reads the image as tags (:mod:`mmsenti.explain.attribution`);
 * INFIG: **word → region maps** from HFAM's token-wise similarity (what the fine-grained loss trains) and from
   the fusion transformer's attention (last layer, or rollout across layers), and token / region importance from
-  the attention pooling (:mod:`mmsenti.explain.maps`);
+  the attention pooling (:mod:`mmsenti.explain.maps`); over tags, a word × tag table;
 * RAHP: the **retrieved neighbours** each target modality's sample-level context was built from
   (:mod:`mmsenti.explain.neighbours`).
 

@@ -1,5 +1,5 @@
 """Attributions for every model: modality replacement, and Integrated Gradients (Captum) over the text's word
-embeddings and the image's pixels.
+embeddings and the image's pixels (or, for a model that reads the image as tags, the tags' embeddings).
 
 The explained output is p(target) for classification (the predicted label unless told otherwise) and the score for
 regression. Every forward pass here runs the model in eval mode on one post, so nothing depends on batch
@@ -8,8 +8,10 @@ neighbours, and a modality a model does not read leaves its input, hence its out
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from mmsenti.data.base import Sample
 from mmsenti.explain.options import ExplainOptions
-from mmsenti.explain.results import ImageAttribution, ModalityAttribution, TextAttribution, Word
+from mmsenti.explain.results import ImageAttribution, ModalityAttribution, TagAttribution, TextAttribution, Word
 from mmsenti.explain.text import pool_words
 from mmsenti.utils import move
 
@@ -91,23 +93,27 @@ def modality_attribution(model: torch.nn.Module, processor, sample: Sample, moda
     """Replace each modality by a neutral input and compare the outputs.
 
     ``sample.image`` is the transformed ``pixel_values`` (for a model that reads images). Text → the empty text
-    ([CLS] [SEP]); image → :func:`neutral_image`; a feature sequence (audio, vision, text features) → an empty
+    ([CLS] [SEP]); image → :func:`neutral_image`, or for a model that reads the image as tags no tags (every tag
+    slot padding, masked as the models mask padding); a feature sequence (audio, vision, text features) → an empty
     sequence. ``modalities``: those to replace (the post's; one the model does not read gets exactly 0).
     """
     features = set(processor.feature_modalities)  # read as (T, D) sequences (e.g. MMSA audio, text features)
+    tags = processor.builder("tags") is not None  # the image is read as the post's tags
+    image_by = NO_TAGS if tags else describe_image_baseline(options)
     replaced_by = {m: "an empty sequence" if m in features else
-                   {"text": "the empty text", "image": describe_image_baseline(options)}[m] for m in modalities}
+                   {"text": "the empty text", "image": image_by}[m] for m in modalities}
 
     def without(s: Sample, m: str) -> Sample:
         if m in features:
             feats = dict(s.features or {})
             feats[m] = np.zeros((0, np.asarray(feats[m]).shape[1]), dtype=np.float32)
-            return Sample(s.id, None, s.text, s.image, feats)
+            return replace(s, features=feats)
         if m == "text":
-            return Sample(s.id, None, "", s.image, s.features)
+            return replace(s, text="")
+        if m == "image" and tags:
+            return replace(s, tags=[])
         if m == "image":  # pixel values, or (a model that reads no image) the image it ignores
-            neutral = neutral_image(s.image, options) if isinstance(s.image, torch.Tensor) else None
-            return Sample(s.id, None, s.text, neutral, s.features)
+            return replace(s, image=neutral_image(s.image, options) if isinstance(s.image, torch.Tensor) else None)
         raise ValueError(f"cannot replace modality {m!r}")
 
     variants = {"full": sample}
@@ -184,6 +190,54 @@ def image_integrated_gradients(model: torch.nn.Module, batch: dict, grid: tuple[
         method="Integrated Gradients (Captum IntegratedGradients over the input pixels)",
         baseline=describe_image_baseline(options), steps=options.ig_steps, pixel_map=pixel_map,
         region_map=sum_over_cells(pixel_map, grid or (1, 1)), delta=float(delta.reshape(-1)[0]))
+
+
+NO_TAGS = "no tags: every tag slot padding, masked as the model masks padding"
+
+
+@contextlib.contextmanager
+def _layer_output(layer: torch.nn.Module, value: torch.Tensor | None = None) -> Iterator[list[torch.Tensor]]:
+    """Within: ``layer``'s output replaced by ``value`` (when given); yields the outputs it gave."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        seen.append(output)
+        return value
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def tag_integrated_gradients(model: torch.nn.Module, batch: dict, slots: Sequence[int], tags: Sequence[str],
+                             target: int | None, options: ExplainOptions) -> TagAttribution:
+    """Captum ``IntegratedGradients`` over the post's tag embeddings (the output of ``model.tag_states_layer()``,
+    (max_tags, width), before anything mixes the tags), from all-zero embeddings (what a padding slot embeds to)
+    with the tag mask kept; summed over the width: one attribution per tag (``slots``: the post's tags' slots)."""
+    from captum.attr import IntegratedGradients
+
+    layer = model.tag_states_layer()
+    with _layer_output(layer) as seen:
+        run(model, batch)
+    states = seen[0].detach()
+    keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+
+    def forward(x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        b = {"ids": [BATCH_ID] * x.shape[0], **dict(zip(keys, others, strict=True))}
+        with _layer_output(layer, x):
+            return output_of(model(b)["logits"], target)
+
+    with torch.enable_grad():
+        attr, delta = IntegratedGradients(forward).attribute(
+            states, baselines=torch.zeros_like(states), additional_forward_args=tuple(batch[k] for k in keys),
+            n_steps=options.ig_steps, internal_batch_size=options.ig_batch, return_convergence_delta=True)
+    per_slot = attr[0].sum(-1).detach().float().cpu().numpy()
+    return TagAttribution(
+        method="Integrated Gradients (Captum IntegratedGradients over the tags' embeddings, summed per tag)",
+        baseline="every tag's embedding zero (as a padding slot's), the tag mask kept",
+        steps=options.ig_steps, tags=list(tags), tag_scores=per_slot[list(slots)], delta=float(delta.reshape(-1)[0]))
 
 
 def sum_over_cells(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -22,11 +22,14 @@ def add_explain_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser(
         "explain", help="explain one prediction: heat maps, attributions, neighbours",
         description="Explain a trained model's prediction for one post: modality attribution and Integrated Gradients "
-                    "(every model), word → region heat maps and attention-pooling importance (infig), retrieved "
-                    "neighbours (rahp). Writes OUT/explanation.json and PNG figures; see docs/explain.md.")
+                    "(every model), word → region heat maps and attention-pooling importance (infig; word → tag "
+                    "maps when the image is read as tags), retrieved neighbours (rahp). Writes OUT/explanation.json "
+                    "and PNG figures; see docs/explain.md.")
     s.add_argument("run_dir")
     s.add_argument("--text")
     s.add_argument("--image", help="image file")
+    s.add_argument("--tags", help="the post's tags, comma-separated (a model that reads the image as tags: "
+                                  "model.image_encoder.name=tags)")
     s.add_argument("--sample", metavar="SPLIT:INDEX",
                    help="explain a post of the model's own dataset instead, e.g. test:3 (built-in data needs no files)")
     s.add_argument("--root", help="dataset directory (for --sample, --neighbour-texts), if it moved since training")
@@ -63,10 +66,11 @@ def run(args: argparse.Namespace, load_model: Callable[..., Any]) -> int:
                                  image_baseline=args.image_baseline)
     except ValueError as e:
         raise DataError(str(e)) from None
-    if args.sample and (args.text is not None or args.image is not None):
-        raise DataError("give --sample SPLIT:INDEX or --text/--image, not both")
-    if not args.sample and args.text is None and args.image is None:
-        raise DataError("give --text and/or --image (or --sample SPLIT:INDEX)")
+    given = [x for x in (args.text, args.image, args.tags) if x is not None]
+    if args.sample and given:
+        raise DataError("give --sample SPLIT:INDEX or --text/--image/--tags, not both")
+    if not args.sample and not given:
+        raise DataError("give --text and/or --image or --tags (or --sample SPLIT:INDEX)")
     predictor = load_model(args.run_dir, args.device)
     check_per_post(predictor.config.model, "explained")  # before reading any post
     bundle = None
@@ -74,11 +78,15 @@ def run(args: argparse.Namespace, load_model: Callable[..., Any]) -> int:
         bundle = _dataset(predictor, args.root)
         sample = _pick(bundle, args.sample)
     else:
-        sample = Sample(id="cli", label=None, text=args.text, image=args.image)
-    for m, value, flag in (("image", sample.image, "--image PATH"), ("text", sample.text, "--text T")):
-        if m in predictor.modalities and value is None and not predictor.allow_missing_modality:
-            raise DataError(f"this model reads {m}: give {flag}")
-    if sample.image is not None and "image" in predictor.modalities:
+        tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags is not None else None
+        sample = Sample(id="cli", label=None, text=args.text, image=args.image, tags=tags)
+    # What the model reads of a post: its text, its image, or the image's tags (model.image_encoder.name=tags).
+    reads = predictor.config.model.data_modalities()
+    for m, value, flag in (("image", sample.image, "--image PATH"), ("tags", sample.tags, "--tags A,B,C"),
+                           ("text", sample.text, "--text T")):
+        if m in reads and value is None and not predictor.allow_missing_modality:
+            raise DataError(f"this model reads {'the image as tags' if m == 'tags' else m}: give {flag}")
+    if sample.image is not None and "image" in reads:
         sample = _checked_image(sample)
     neighbours = None
     if args.neighbour_texts and getattr(predictor.model, "lists_neighbours", False):
@@ -131,6 +139,10 @@ def summary(ex) -> str:
         s = ex.text_attribution.word_scores
         top = sorted(range(len(words)), key=lambda i: -abs(s[i]))[:6]
         lines.append("Integrated Gradients, top words: " + ", ".join(f"{words[i]} {s[i]:+.4f}" for i in top))
+    if ex.tag_attribution is not None:
+        ta = ex.tag_attribution
+        lines.append("Integrated Gradients, tags: " + ", ".join(f"{t} {v:+.4f}" for t, v in zip(ta.tags, ta.tag_scores,
+                                                                                               strict=True)))
     if ex.neighbours:
         lines += ["retrieved neighbours:", ex.neighbours_table()]
     lines += [f"note: {n}" for n in ex.notes]

@@ -26,10 +26,12 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
     """Explain the prediction of ``predictor`` (a :class:`~mmsenti.inference.Predictor`) for one post.
 
     Every model gets modality attribution and Integrated Gradients; what a model adds (word → region maps,
-    retrieved neighbours, notes) comes from its explanation hook (``model.explain_forward``).
+    retrieved neighbours, notes) comes from its explanation hook (``model.explain_forward``). A model that reads the
+    image as the post's tags (the ``tags`` input) is explained over those tags: word → tag maps, IG per tag.
 
     Args:
-        sample: the post; ``image`` a path or PIL image (the original: maps are drawn over it).
+        sample: the post; ``image`` a path or PIL image (the original: maps are drawn over it); ``tags`` what a
+            tags model reads instead.
         options: what to compute (default :class:`ExplainOptions`).
         neighbour_samples: for a model that retrieves training samples: those samples by id, for the neighbours'
             texts (and labels when the bank stores none).
@@ -45,12 +47,14 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
     options = options or ExplainOptions()
     model, processor, device = predictor.model.eval(), predictor.processor, predictor.device
     reads = predictor.modalities
-    image = open_image(sample.image, sample.id) if sample.image is not None and "image" in reads else None
+    tags_input = processor.builder("tags")  # the model reads the image as the post's tags (no pixels)
+    pixels_read = "image" in reads and tags_input is None
+    image = open_image(sample.image, sample.id) if sample.image is not None and pixels_read else None
     pixels = processor.image_transform(image) if image is not None else None
     # A modality the model does not read passes through untouched (the processor ignores it): replacing it then
     # changes nothing, and its attribution is exactly 0.
-    post = Sample(id=sample.id, label=None, text=sample.text, image=pixels if "image" in reads else sample.image,
-                  features=sample.features)
+    post = Sample(id=sample.id, label=None, text=sample.text, image=pixels if pixels_read else sample.image,
+                  features=sample.features, tags=sample.tags)
     batch = attribution.batch_of(processor, post, device)
     batch["ids"] = [attribution.BATCH_ID]
     explained = model.explain_forward(batch, options)
@@ -67,15 +71,27 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
     if image is not None:
         t = processor.image_transform
         ex.image_size, ex.image_box, ex.input_size, ex.grid = image.size, t.source_box(*image.size), t.size, grid
+    slots: list[int] = []  # tags: the input slots of the post's tags (the others are padding)
+    if tags_input is not None and "image" in reads:
+        read = tags_input.read(sample.tags)
+        slots, ex.tags = [j for j, _, _ in read], [str(tag) for _, tag, _ in read]
+        dropped = len(sample.tags or []) - len(read)
+        if dropped:
+            ex.notes.append(f"{dropped} of the post's {len(sample.tags)} tags were not read (the model reads the "
+                            f"first {tags_input.max_tags}, and none that is empty)")
+    given = {"text": sample.text, "image": sample.tags if tags_input is not None else sample.image}
     for m in reads:
-        if m in ("text", "image") and (sample.text if m == "text" else sample.image) is None:
-            ex.notes.append(f"the post has no {m}: the model hid it (missing modality), so it is not explained")
+        if m in given and given[m] is None:
+            what = "tags" if m == "image" and tags_input is not None else m
+            ex.notes.append(f"the post has no {what}: the model hid it (missing modality), so it is not explained")
 
-    if explained.word_regions is not None and image is not None and ex.words:
-        _word_region_maps(ex, explained.word_regions, options)
+    if explained.word_regions is not None and (image is not None or ex.tags) and ex.words:
+        _word_region_maps(ex, explained.word_regions, options, slots)
 
     features = processor.feature_modalities  # read from Sample.features (e.g. MMSA audio/vision)
     present = [m for m in ("text", "image") if getattr(post, m) is not None and m not in features]
+    if tags_input is not None:  # the image is its tags: present when the post has some
+        present = [m for m in present if m != "image"] + (["image"] if post.tags else [])
     present += [m for m in features if (post.features or {}).get(m) is not None]
     ex.modality = attribution.modality_attribution(model, processor, post, present, target, predictor.label_names,
                                                    device, options)
@@ -86,7 +102,9 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
                                                                         options)
         if "pixel_values" in batch and image is not None:
             ex.image_attribution = attribution.image_integrated_gradients(model, batch, grid, target, options)
-    for what, a in (("text", ex.text_attribution), ("image", ex.image_attribution)):
+        if ex.tags and model.tag_states_layer() is not None:
+            ex.tag_attribution = attribution.tag_integrated_gradients(model, batch, slots, ex.tags, target, options)
+    for what, a in (("text", ex.text_attribution), ("image", ex.image_attribution), ("tags", ex.tag_attribution)):
         if a is not None and abs(a.delta) > IG_TOLERANCE:
             ex.notes.append(f"Integrated Gradients on the {what} is not converged: its attributions miss the output "
                             f"change by {a.delta:+.3f} (raise ig_steps, now {options.ig_steps})")
@@ -98,9 +116,9 @@ def explain(predictor, sample: Sample, options: ExplainOptions | None = None,
     return ex
 
 
-def _word_region_maps(ex: Explanation, wr: WordRegions, options: ExplainOptions) -> None:
+def _word_region_maps(ex: Explanation, wr: WordRegions, options: ExplainOptions, slots: list[int]) -> None:
     """Word → region maps (HFAM-like token similarity, fusion attention and its rollout) and the attention-pooling
-    importance of words and regions."""
+    importance of words and regions; for tags (no grid), word → tag maps over the tags in ``slots``."""
     grid, n_img = wr.grid, wr.num_image_tokens
     attns = [a.float().cpu().numpy() for a in wr.attentions]
     last, n_layers = maps.head_mean(attns[-1]), len(attns)
@@ -116,10 +134,15 @@ def _word_region_maps(ex: Explanation, wr: WordRegions, options: ExplainOptions)
     roll = maps.attention_rollout(attns, options.rollout_residual)
     m, share = maps.word_region_attention(roll, ex.words, n_img, grid)
     found["rollout"] = RegionMaps("rollout", f"attention rollout over {n_layers} fusion layers", m, share)
-    ex.region_maps = found
     pool = wr.pool_weights.float().cpu().numpy()
-    ex.word_importance, ex.region_importance, ex.image_cls_importance = maps.pooling_importance(
-        pool, ex.words, n_img, grid)
+    ex.word_importance, per_token, ex.image_cls_importance = maps.pooling_importance(pool, ex.words, n_img, grid)
+    if grid is None:  # tags: the post's tags only (padding slots get no attention, and are not shown)
+        for r in found.values():
+            r.maps = r.maps[:, slots]
+        ex.tag_importance = per_token[slots]
+    else:
+        ex.region_importance = per_token
+    ex.region_maps = found
 
 
 def _select_words(ex: Explanation, options: ExplainOptions) -> None:

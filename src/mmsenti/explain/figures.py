@@ -4,6 +4,9 @@ The drawing functions take arrays and return a ``Figure``; :func:`figures_for` d
 :class:`~mmsenti.explain.results.Explanation`. Every panel is an axes labelled ``"panel"`` (colour bars are not),
 and :func:`save_png` records the panel count in the PNG's text chunk ``mmsenti:panels``.
 
+For a model that reads the image as a post's tags there is no image to draw on: its word → tag maps are tables
+(words as rows, the post's tags as columns) and its per-tag values bars.
+
 Heat maps over the region grid are drawn over the image *as it was given*, at its own aspect ratio: the grid covers
 ``box``, the part of the image the model saw (all of it for ``squash`` resizing, stretched; the centre square for
 resize-shorter-side + crop, outlined).
@@ -107,9 +110,38 @@ def word_region_figure(image: np.ndarray, box: Sequence[float], rows: Sequence[t
     return fig
 
 
-def importance_figure(words: Sequence[str], word_weights: np.ndarray, image: np.ndarray, box: Sequence[float],
-                      region_weights: np.ndarray, cls_weight: float | None = None, title: str = ""):
-    """INFIG's attention-pooling weights (eqs. 8-9): a bar per word, a map over the regions."""
+def word_tag_figure(rows: Sequence[tuple[str, np.ndarray]], words: Sequence[str], tags: Sequence[str],
+                    title: str = ""):
+    """Word → tag maps of a model that reads the image as tags: one heat map per source, words as rows and the
+    post's tags as columns (the word → region maps' counterpart).
+
+    Args:
+        rows: (source label, maps (n_words, n_tags)); each panel has its own colour scale.
+    """
+    words = list(words)[:MAX_WORDS]
+    if any(m.shape[1] != len(tags) for _, m in rows):
+        raise ValueError("every map needs one column per tag")
+    panel_w = max(3.0, 0.45 * len(tags) + 1.8)  # room for the word labels and the colour bar
+    width = max(7.0 if title else 0.0, (panel_w + 0.6) * len(rows))  # and for the title
+    fig = new_figure(width, 0.28 * len(words) + 1.8 + (0.5 if title else 0.0))
+    grid = fig.add_gridspec(1, len(rows))
+    for i, (label, maps) in enumerate(rows):
+        ax = _panel(fig, grid, i)
+        im = ax.imshow(maps[: len(words)], cmap=HEAT_CMAP, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(tags)), [_wrap(t, 14) for t in tags], fontsize=7, rotation=45, ha="right")
+        ax.set_yticks(range(len(words)), words, fontsize=7)
+        ax.set_title(_wrap(label, 40), fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def importance_figure(words: Sequence[str], word_weights: np.ndarray, image: np.ndarray | None,
+                      box: Sequence[float] | None, region_weights: np.ndarray, cls_weight: float | None = None,
+                      title: str = "", tags: Sequence[str] | None = None):
+    """INFIG's attention-pooling weights (eqs. 8-9): a bar per word, a map over the regions (or, with ``tags``, a
+    bar per tag: ``region_weights`` is then (n_tags,) and no image is drawn)."""
     fig = new_figure(9.0, 3.2)
     grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 1])
     ax = _panel(fig, grid, 0)
@@ -117,8 +149,12 @@ def importance_figure(words: Sequence[str], word_weights: np.ndarray, image: np.
     ax.set_title("attention pooling weight per word", fontsize=9)
     ax = _panel(fig, grid, 1)
     extra = f" (image [CLS] {cls_weight:.3f})" if cls_weight is not None else ""
-    im = draw_overlay(ax, image, box, region_weights, "per region" + extra, smooth=False)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    if tags is not None:
+        _word_bars(ax, tags, region_weights, signed=False)
+        ax.set_title("per tag" + extra, fontsize=9)
+    else:
+        im = draw_overlay(ax, image, box, region_weights, "per region" + extra, smooth=False)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -126,11 +162,13 @@ def importance_figure(words: Sequence[str], word_weights: np.ndarray, image: np.
 
 def attribution_figure(effects: Mapping[str, float], target: str | None, words: Sequence[str] | None = None,
                        word_scores: np.ndarray | None = None, image: np.ndarray | None = None,
-                       box: Sequence[float] | None = None, pixel_map: np.ndarray | None = None, title: str = ""):
-    """Modality attribution (bars), Integrated Gradients per word (bars) and over the image's pixels (a signed map:
-    red raises the explained output, blue lowers it). Panels for the parts given."""
-    parts = ["modality"] + (["text"] if word_scores is not None else []) + (["image"] if pixel_map is not None else [])
-    widths = {"modality": 1.0, "text": 1.6, "image": 1.0}
+                       box: Sequence[float] | None = None, pixel_map: np.ndarray | None = None, title: str = "",
+                       tags: Sequence[str] | None = None, tag_scores: np.ndarray | None = None):
+    """Modality attribution (bars), Integrated Gradients per word (bars), over the image's pixels (a signed map:
+    red raises the explained output, blue lowers it) or per tag (bars). Panels for the parts given."""
+    parts = (["modality"] + (["text"] if word_scores is not None else []) + (["image"] if pixel_map is not None else [])
+             + (["tags"] if tag_scores is not None else []))
+    widths = {"modality": 1.0, "text": 1.6, "image": 1.0, "tags": 1.2}
     fig = new_figure(3.3 * sum(widths[p] for p in parts), 3.4)
     grid = fig.add_gridspec(1, len(parts), width_ratios=[widths[p] for p in parts])
     what = f"p({target})" if target is not None else "score"
@@ -146,6 +184,9 @@ def attribution_figure(effects: Mapping[str, float], target: str | None, words: 
         elif part == "text":
             _word_bars(ax, words, word_scores, signed=True)
             ax.set_title(f"Integrated Gradients on {what}, per word", fontsize=9)
+        elif part == "tags":
+            _word_bars(ax, tags, tag_scores, signed=True)
+            ax.set_title(f"Integrated Gradients on {what}, per tag", fontsize=9)
         else:
             m = float(np.abs(pixel_map).max()) or 1.0
             im = draw_overlay(ax, image, box, pixel_map, f"Integrated Gradients on {what}, pixels", cmap=SIGNED_CMAP,
@@ -190,8 +231,8 @@ def _title(ex: Explanation, max_text: int = 110) -> str:
 
 
 def figures_for(ex: Explanation, image=None, sources: Sequence[str] = ("similarity", "rollout")) -> dict:
-    """The figures an explanation has: ``word_regions`` and ``importance`` (INFIG, with an image), ``attribution``
-    (every model).
+    """The figures an explanation has: ``word_regions`` and ``importance`` (INFIG, with an image), ``word_tags`` and
+    ``importance`` (INFIG reading the image as tags), ``attribution`` (every model).
 
     Args:
         image: the post's image (path, PIL image or array), needed for the image panels.
@@ -200,21 +241,28 @@ def figures_for(ex: Explanation, image=None, sources: Sequence[str] = ("similari
     arr, box = _drawable(_as_array(image), ex.image_box) if image is not None else (None, ex.image_box)
     figs = {}
     words = ex.word_texts
-    if arr is not None and ex.region_maps and ex.selected_words:
+    if arr is not None and ex.region_maps and ex.selected_words and ex.tags is None:
         sel = ex.selected_words
         sources = [s for s in sources if s in ex.region_maps]
         rows = [(ex.region_maps[s].label, ex.region_maps[s].maps[sel]) for s in sources]
         if rows:
             figs["word_regions"] = word_region_figure(arr, box, rows, [words[i] for i in sel], _title(ex))
-    if arr is not None and ex.word_importance is not None:
-        figs["importance"] = importance_figure(words, ex.word_importance, arr, box, ex.region_importance,
-                                               ex.image_cls_importance, _title(ex))
+    if ex.tags and ex.region_maps and words:  # tags: every word against every tag the model read
+        rows = [(ex.region_maps[s].label, ex.region_maps[s].maps) for s in sources if s in ex.region_maps]
+        if rows:
+            figs["word_tags"] = word_tag_figure(rows, words, ex.tags, _title(ex))
+    if ex.word_importance is not None and (arr is not None or ex.tag_importance is not None):
+        tagged = ex.tag_importance is not None
+        figs["importance"] = importance_figure(words, ex.word_importance, arr, box,
+                                               ex.tag_importance if tagged else ex.region_importance,
+                                               ex.image_cls_importance, _title(ex), ex.tags if tagged else None)
     if ex.modality is not None:
-        ta, ia = ex.text_attribution, ex.image_attribution
+        ta, ia, ga = ex.text_attribution, ex.image_attribution, ex.tag_attribution
         figs["attribution"] = attribution_figure(
             ex.modality.effects, ex.modality.target, words if ta is not None else None,
             ta.word_scores if ta is not None else None, arr if ia is not None else None, box,
-            ia.pixel_map if ia is not None and arr is not None else None, _title(ex))
+            ia.pixel_map if ia is not None and arr is not None else None, _title(ex),
+            ga.tags if ga is not None else None, ga.tag_scores if ga is not None else None)
     return figs
 
 

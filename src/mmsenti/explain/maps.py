@@ -2,7 +2,8 @@
 
 The fusion sequence is ``[image [CLS], regions (row-major over the grid) ; text [CLS], pieces, [SEP], padding]``;
 HFAM's token states have no [CLS] on either side. Word maps average a word's pieces (each piece's map is a
-distribution or a cosine profile over the regions); importances add them up.
+distribution or a cosine profile over the regions); importances add them up. When the image is a post's tags there
+is no grid (``grid`` None): the image tokens are tag slots, and the maps stay flat, one value per slot.
 """
 
 from __future__ import annotations
@@ -40,44 +41,48 @@ def attention_rollout(attentions: Sequence[np.ndarray], residual: float = 0.5) -
     return out
 
 
+def _on_grid(values: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
+    """(..., N) per image token → (..., rows, cols) over the region grid; unchanged without a grid (tags)."""
+    if grid is None:
+        return values
+    rows, cols = grid
+    if values.shape[-1] != rows * cols:
+        raise ValueError(f"{values.shape[-1]} visual tokens do not fit a {rows}x{cols} grid")
+    return values.reshape(*values.shape[:-1], rows, cols)
+
+
 def word_region_attention(attention: np.ndarray, words: Sequence[Word], num_image_tokens: int,
-                          grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                          grid: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     """From an (L, L) attention (one layer, or rollout), each word's attention on the image regions.
 
     Args:
         attention: rows = queries, columns = keys, in fusion-sequence order.
         words: their ``tokens`` are positions in the text input ids; in the fusion sequence text position t sits at
             ``num_image_tokens + t``.
-        num_image_tokens: image [CLS] + regions.
-        grid: (rows, cols) of the regions.
+        num_image_tokens: image [CLS] + regions (or tag slots).
+        grid: (rows, cols) of the regions; None for tags.
 
     Returns:
-        maps (n_words, rows, cols), and each word's total attention on the regions (n_words,).
+        maps (n_words, rows, cols) (tags: (n_words, slots)), and each word's total attention on the image tokens
+        (n_words,).
     """
-    rows, cols = grid
-    if num_image_tokens != 1 + rows * cols:
-        raise ValueError(f"{num_image_tokens} image tokens do not fit [CLS] + a {rows}x{cols} grid")
     to_regions = attention[num_image_tokens:, 1:num_image_tokens]  # text queries → region keys
     maps = pool_words(to_regions, words, "mean")
-    return maps.reshape(len(words), rows, cols), maps.sum(-1)
+    return _on_grid(maps, grid), maps.sum(-1)
 
 
-def word_region_similarity(similarity: np.ndarray, words: Sequence[Word], grid: tuple[int, int]) -> np.ndarray:
+def word_region_similarity(similarity: np.ndarray, words: Sequence[Word], grid: tuple[int, int] | None) -> np.ndarray:
     """From HFAM's (N_t, N_i) token-wise cosine (text tokens without [CLS], so text position t is row t − 1), each
-    word's cosine with every region: (n_words, rows, cols)."""
-    rows, cols = grid
-    if similarity.shape[1] != rows * cols:
-        raise ValueError(f"{similarity.shape[1]} visual tokens do not fit a {rows}x{cols} grid")
-    return pool_words(similarity, words, "mean", offset=1).reshape(len(words), rows, cols)
+    word's cosine with every region: (n_words, rows, cols) (tags: (n_words, slots))."""
+    return _on_grid(pool_words(similarity, words, "mean", offset=1), grid)
 
 
 def pooling_importance(pool_weights: np.ndarray, words: Sequence[Word], num_image_tokens: int,
-                       grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, float]:
+                       grid: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, float]:
     """INFIG's attention-pooling weights a_i (eqs. 8-9) over the fusion sequence → per word (sum of its pieces),
-    per region (rows, cols), and the image [CLS]'s weight."""
-    rows, cols = grid
+    per region (rows, cols) (tags: per slot), and the image [CLS]'s weight."""
     text = pool_weights[num_image_tokens:]
-    return (pool_words(text, words, "sum"), pool_weights[1:num_image_tokens].reshape(rows, cols),
+    return (pool_words(text, words, "sum"), _on_grid(pool_weights[1:num_image_tokens], grid),
             float(pool_weights[0]))
 
 

@@ -28,15 +28,17 @@ class Word:
 
 @dataclass
 class RegionMaps:
-    """One heat map over the image's region grid per word, from one source.
+    """One heat map over the image's region grid per word, from one source; for a model that reads the image as its
+    tags, one row over the post's tags per word (a word × tag table).
 
     Attributes:
         source: ``similarity`` (HFAM token-wise cosine), ``attention`` (last fusion layer, mean over heads) or
             ``rollout`` (attention rollout across the fusion layers).
         label: what the values are, for figure titles and readers.
-        maps: (n_words, rows, cols), rows/cols as the encoder's region grid.
-        image_share: attention sources: per word, the share of its attention on the image's regions (the rest goes
-            to text tokens and the image [CLS]); None for the similarity.
+        maps: (n_words, rows, cols), rows/cols as the encoder's region grid; tags: (n_words, n_tags), the columns
+            those of :attr:`Explanation.tags` (the post's tags the model read; padding slots never appear).
+        image_share: attention sources: per word, the share of its attention on the image's regions or tags (the
+            rest goes to text tokens and the image [CLS]); None for the similarity.
     """
 
     source: str
@@ -105,6 +107,24 @@ class ImageAttribution:
 
 
 @dataclass
+class TagAttribution:
+    """Integrated Gradients of the explained output w.r.t. the post's tags (a model that reads the image as tags).
+
+    Attributes:
+        tags: the tags the model read, as the post gives them (padding slots never appear).
+        tag_scores: (n_tags,) per tag, the sum of its embedding's attributions (signed: positive = raises the output).
+        delta: Captum's convergence delta (see :class:`TextAttribution`).
+    """
+
+    method: str
+    baseline: str
+    steps: int
+    tags: list[str]
+    tag_scores: np.ndarray
+    delta: float
+
+
+@dataclass
 class Neighbour:
     """A training sample RAHP retrieved and put into a target modality's sample-level context.
 
@@ -140,14 +160,17 @@ class Explanation:
     image_box: tuple[float, float, float, float] | None = None  # the part the model sees: (left, top, right, bottom)
     input_size: int | None = None  # side of the model's square input image
     grid: tuple[int, int] | None = None  # (rows, cols) of the region grid
+    tags: list[str] | None = None  # a model that reads the image as tags: those of the post it read (maps' columns)
     region_maps: dict[str, RegionMaps] = field(default_factory=dict)  # INFIG, by source
     word_importance: np.ndarray | None = None  # INFIG: attention-pooling weight per word (eq. 9)
     region_importance: np.ndarray | None = None  # INFIG: attention-pooling weight per region, (rows, cols)
+    tag_importance: np.ndarray | None = None  # INFIG on tags: attention-pooling weight per tag, (n_tags,)
     image_cls_importance: float | None = None  # INFIG: the pooling weight of the image [CLS]
     selected_words: list[int] = field(default_factory=list)  # indexes of the words the figure draws
     modality: ModalityAttribution | None = None
     text_attribution: TextAttribution | None = None
     image_attribution: ImageAttribution | None = None
+    tag_attribution: TagAttribution | None = None
     neighbours: list[Neighbour] | None = None  # RAHP
     notes: list[str] = field(default_factory=list)  # what was skipped and why, caveats
 
@@ -156,7 +179,11 @@ class Explanation:
         return [w.text for w in self.words]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: arrays as nested lists (floats rounded), the pixel-level IG map left out."""
+        """JSON-ready: arrays as nested lists (floats rounded), the pixel-level IG map left out. A model that reads
+        the image as tags has ``tags`` and its word → tag maps under ``word_tags`` (``word_regions`` is empty)."""
+        maps = {s: {"label": m.label, "maps": _round(m.maps), "image_share": _round(m.image_share)}
+                for s, m in self.region_maps.items()}
+        ta = self.tag_attribution
         out: dict[str, Any] = {
             "id": self.id, "model": self.model, "modalities": self.modalities, "prediction": self.prediction,
             "text": self.text,
@@ -164,10 +191,12 @@ class Explanation:
             "image": None if self.image_size is None else {
                 "size": list(self.image_size), "box": _round(self.image_box), "input_size": self.input_size,
                 "grid": list(self.grid) if self.grid else None},
-            "word_regions": {s: {"label": m.label, "maps": _round(m.maps),
-                                 "image_share": _round(m.image_share)} for s, m in self.region_maps.items()},
+            "tags": self.tags,
+            "word_regions": maps if self.tags is None else {},
+            "word_tags": maps if self.tags is not None else {},
             "word_importance": _round(self.word_importance),
             "region_importance": _round(self.region_importance),
+            "tag_importance": _round(self.tag_importance),
             "image_cls_importance": _round(self.image_cls_importance),
             "selected_words": self.selected_words,
             "modality": None if self.modality is None else {
@@ -183,6 +212,9 @@ class Explanation:
                 "method": self.image_attribution.method, "baseline": self.image_attribution.baseline,
                 "steps": self.image_attribution.steps, "region_map": _round(self.image_attribution.region_map),
                 "delta": _round(self.image_attribution.delta)},
+            "tag_attribution": None if ta is None else {
+                "method": ta.method, "baseline": ta.baseline, "steps": ta.steps, "tags": ta.tags,
+                "tag_scores": _round(ta.tag_scores), "delta": _round(ta.delta)},
             "neighbours": None if self.neighbours is None else [
                 {**n.__dict__, "similarity": _round(n.similarity), "label": _round(n.label)} for n in self.neighbours],
             "notes": self.notes,

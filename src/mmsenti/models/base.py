@@ -142,6 +142,12 @@ class MultimodalModel(nn.Module):
         word → region maps, retrieved neighbours, notes. ``options``: the :class:`~mmsenti.explain.ExplainOptions`."""
         return Explained(self(batch))
 
+    def tag_states_layer(self) -> nn.Module | None:
+        """The layer whose output is the per-tag embeddings (B, max_tags, width) of a model that reads the image as
+        its tags (Integrated Gradients attribute to it, one attribution per tag); None when it reads no tags."""
+        enc = getattr(self, "image_encoder", None)
+        return enc.tag_states_layer() if enc is not None else None
+
     @property
     def lists_neighbours(self) -> bool:
         """Whether explanations list retrieved training samples (whose texts the explain command can load)."""

@@ -226,6 +226,11 @@ class ImageEncoder(nn.Module):
             return self.from_feature_map(batch[IMAGE_MAP_KEY])
         return self(batch["pixel_values"])
 
+    def tag_states_layer(self) -> nn.Module | None:
+        """A tags encoder's layer whose output is the per-tag embeddings (B, max_tags, width), before anything mixes
+        the tags (what explanations attribute to); None for an encoder of pixels."""
+        return None
+
 
 class SmallCNN(ImageEncoder):
     """A small from-scratch CNN: ``num_stages`` conv-BN-ReLU-maxpool stages, each halving the resolution.
@@ -314,6 +319,7 @@ class TagEncoder(ImageEncoder):
         else:
             self.width = table.embedding_dim
         self.num_layers = 1
+        self.states = nn.Identity()  # the per-tag embeddings pass through it (tag_states_layer); no weights
         if embedding != "learned":
             self.freeze()
 
@@ -332,7 +338,10 @@ class TagEncoder(ImageEncoder):
     def forward(self, tag_ids: torch.Tensor, tag_mask: torch.Tensor,
                 tag_states: torch.Tensor | None = None) -> EncoderOutput:
         h = self.embed(tag_ids, tag_mask) if tag_states is None else tag_states.to(torch.float32)
-        return EncoderOutput(hidden_states=(h,), attention_mask=tag_mask.amax(-1))
+        return EncoderOutput(hidden_states=(self.states(h),), attention_mask=tag_mask.amax(-1))
+
+    def tag_states_layer(self) -> nn.Module:
+        return self.states
 
     @property
     def cacheable(self) -> bool:
@@ -482,6 +491,9 @@ class ImageTransformerEncoder(ImageEncoder):
     @torch.no_grad()
     def compute_cached_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.backbone.compute_cached_batch(batch)
+
+    def tag_states_layer(self) -> nn.Module | None:
+        return self.backbone.tag_states_layer()
 
     def encode_batch(self, batch: dict) -> EncoderOutput:
         if not self.regions:

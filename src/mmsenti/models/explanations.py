@@ -18,6 +18,9 @@ class WordRegions:
     pieces, [SEP], padding]`` (regions row-major over ``grid``), for one post.
 
     Attributes:
+        grid: (rows, cols) of the regions; None when the image tokens are a post's tags (a set, one token per slot
+            of the ``tags`` input, padding slots included: the explanation keeps the post's real tags).
+        num_image_tokens: image [CLS] + regions (or tag slots).
         attentions: every fusion layer's attention, lowest first, each (heads, L, L).
         pool_weights: the attention-pooling weight of each fusion token, (L,).
         similarity: cos(text token, region) of one aligned layer, (text tokens without [CLS], regions), or None.
@@ -25,7 +28,7 @@ class WordRegions:
         notes: said with the maps (e.g. why there is no similarity map).
     """
 
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
     num_image_tokens: int
     attentions: list[torch.Tensor]
     pool_weights: torch.Tensor

@@ -349,13 +349,30 @@ class FaissIndex(_SavedIndex):
                 self.index.nprobe = min(self.nprobe, self.index.nlist)
             elif self.kind == "hnsw":
                 self.index.hnsw.efSearch = max(self.ef_search, fetch)
-            d, i = self.index.search(self._prepare(q), fetch)
+            d, i = (self._search_flat if self.kind == "flat" else self.index.search)(self._prepare(q), fetch)
             scores, indices = torch.from_numpy(d), torch.from_numpy(i).long()
             scores = scores.masked_fill(indices < 0, -math.inf)
             scores, indices = _rank(scores, indices.masked_fill(indices < 0, np.iinfo(np.int64).max), fetch)
             indices = indices.masked_fill(indices == np.iinfo(np.int64).max, -1)  # padding sorts last
         scores, indices = _drop_excluded(scores, indices, exclude, k)
         return scores.to(out_device), indices.to(out_device)
+
+    def _search_flat(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact search, ties at the cut-off to the lower rows. FAISS keeps its own choice among equal scores;
+        the torch index and an exported graph (ONNX TopK) keep the lower rows, and duplicate bank vectors (posts
+        with the same tags) make such ties common. So one more is fetched, and a query whose last kept score equals
+        the next one is searched again exactly (torch), ties to the lower row."""
+        n = len(self)
+        if fetch >= n:  # every row is returned (the rest padding): nothing is cut off
+            return self.index.search(queries, fetch)
+        d, i = self.index.search(queries, fetch + 1)
+        tied = np.nonzero(d[:, fetch - 1] == d[:, fetch])[0]
+        d, i = d[:, :fetch].copy(), i[:, :fetch].copy()
+        if len(tied):
+            vectors = torch.from_numpy(self.index.reconstruct_n(0, n))
+            s, rows = _topk_lowest_index(torch.from_numpy(queries[tied]) @ vectors.T, fetch)
+            d[tied], i[tied] = s.numpy(), rows.numpy()
+        return d, i
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         meta = {"kind": self.kind, "dim": self.dim, "metric": self.metric, "nlist": self.nlist,

@@ -382,7 +382,8 @@ class Infig(MultimodalModel):
         present = all(bool(batch[k][0]) for k in ("image_present", "text_present") if k in batch)
         if not (self.has_text and self.has_image and present):
             return Explained(out)
-        maps = WordRegions(tuple(out["image_grid"]), int(out["num_image_tokens"]),
+        grid = tuple(out["image_grid"]) if out["image_grid"] is not None else None  # None: tags, no grid
+        maps = WordRegions(grid, int(out["num_image_tokens"]),
                            [a[0] for a in out["attentions"]], out["pool_weights"][0])
         if "hfam_tokens" in out:
             img_layers, txt_layers, mask, img_mask = out["hfam_tokens"]

@@ -26,7 +26,7 @@ from mmsenti.serve.service import Service
 
 router = APIRouter(tags=["explain"])
 
-FIGURES = ("word_regions", "importance", "attribution")
+FIGURES = ("word_regions", "word_tags", "importance", "attribution")
 MAX_IG_STEPS = 256
 _D = ExplainOptions()  # the defaults
 
@@ -34,8 +34,9 @@ _D = ExplainOptions()  # the defaults
 class ExplainResponse(BaseModel):
     model: ModelRef
     explanation: dict = Field(..., description="the explanation of the post's prediction (docs/explain.md): "
-                                               "prediction, words, word_regions, modality, text_attribution, "
-                                               "image_attribution, neighbours, notes")
+                                               "prediction, words, word_regions (tags models: tags, word_tags), "
+                                               "modality, text_attribution, image_attribution (tags models: "
+                                               "tag_attribution), neighbours, notes")
     figures: dict[str, str] | None = Field(None, description="requested figures as data:image/png;base64 URLs")
 
 
@@ -46,7 +47,8 @@ async def explain(
     request: Request, service: ServiceDep,
     format: Annotated[Literal["json", "png"], Query(description="json: the explanation; png: one figure")] = "json",
     figure: Annotated[Literal[FIGURES] | None, Query(
-        description="format=png: which figure (default: word_regions when the model has it, else attribution)")] = None,
+        description="format=png: which figure (default: word_regions, or word_tags, when the model has it, else "
+                    "attribution)")] = None,
     figures: Annotated[str | None, Query(description="format=json: comma-separated figures to include as PNG")] = None,
     words: Annotated[int, Query(ge=0, le=20, description="words drawn in the word → region figure")] = _D.words,
     word: Annotated[list[str] | None, Query(description="draw these words instead")] = None,
@@ -93,7 +95,7 @@ def _explain(service: Service, post, options: ExplainOptions):
     from mmsenti.data.base import Sample
     from mmsenti.explain.core import explain
 
-    sample = Sample(id=post.id, label=None, text=post.text, image=post.image)
+    sample = Sample(id=post.id, label=None, text=post.text, image=post.image, tags=post.tags)
     try:
         return explain(service.predictor, sample, options)
     except ValueError as e:  # an option this model cannot honour (e.g. an HFAM layer it does not have)
@@ -108,5 +110,5 @@ def _figures(ex, post, options: ExplainOptions, wanted: list[str], default_figur
         return {}
     figs = figures_for(ex, post.image, options.sources)
     if default_figure:
-        wanted = ["word_regions" if "word_regions" in figs else "attribution"]
+        wanted = [next((f for f in ("word_regions", "word_tags") if f in figs), "attribution")]
     return {name: save_png(figs[name]) for name in wanted if name in figs}

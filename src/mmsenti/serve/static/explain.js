@@ -1,5 +1,6 @@
 // The explanation panel: when "Explain" is ticked, the same post goes to /v1/explain and the panel shows the
-// word → region heat map (INFIG) or the attribution figure, what each modality adds, and the top words.
+// word → region heat map (INFIG; the word × tag one over tags) and the attribution figure, what each modality adds,
+// and the top words.
 "use strict";
 
 function explainPanel(container, prediction, context) {
@@ -8,7 +9,7 @@ function explainPanel(container, prediction, context) {
   const status = el("p", { class: "muted", id: "explain-status" }, "explaining…");
   panel.append(el("h2", {}, "Why"), status);
   container.append(panel);
-  const figures = "word_regions,attribution";
+  const figures = "word_regions,word_tags,attribution";  // those the model has come back
   mmsenti.api(`/v1/explain?figures=${figures}`, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(context.post),
   }).then((answer) => {
