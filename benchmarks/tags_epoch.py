@@ -9,7 +9,7 @@ posts in the same batches, from the same text weights. Rows take turns a few ste
 a change in the machine's load slows them alike and the ratios stay fair. An epoch is the same number of steps in
 every row, so the ratio of step times is the ratio of epoch times (evaluation aside). Printed: ms per step and the
 ratio to text only per row, and for the full INFIG row where its time goes (phases; GAM and HFAM replayed alone).
-Falls back to the generated scenes data (with tags) when ../shared/data is absent.
+Needs HFM in ../shared/data (or --data-root): its attribute words are what is measured.
 """
 
 from __future__ import annotations
@@ -22,23 +22,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_speed as ts  # noqa: E402  (the step timing, workload and variant machinery)
 
-SCENES = ["data.name=scenes", "data.root=null", "data.tags=true"]
-ts.WORKLOADS.update({
-    "hfm-text": {"config": "configs/lite/hfm-text.yaml", "data": "hfm", "fallback": SCENES,
-                 "label": "text only (fine-tuned MiniLM + INFIG fusion head)"},
-    "hfm-tags": {"config": "configs/tags/hfm-infig.yaml", "data": "hfm", "fallback": SCENES,
-                 "label": "INFIG-lite text + tags"},
-    "hfm-late-fusion": {"config": "configs/tags/hfm-late-fusion.yaml", "data": "hfm", "fallback": SCENES,
-                        "label": "late fusion text + tags"},
-})
-ROWS = [  # (label, workload, overrides)
-    ("text only", "hfm-text", []),
-    ("INFIG-lite text + tags (GAM + HFAM)", "hfm-tags", []),
-    ("  w/o GAM", "hfm-tags", ["model.use_gam=false"]),
-    ("  w/o HFAM", "hfm-tags", ["model.use_hfam=false"]),
-    ("  w/o GAM and HFAM", "hfm-tags", ["model.use_gam=false", "model.use_hfam=false"]),
-    ("late fusion text + tags", "hfm-late-fusion", []),
+ROWS = [  # (workload name, config, label): each its own config, so its own initial weights (the text's are MiniLM's)
+    ("hfm-text", "configs/lite/hfm-text.yaml", "text only"),
+    ("hfm-tags", "configs/tags/hfm-infig.yaml", "INFIG-lite text + tags (GAM + HFAM)"),
+    ("hfm-tags-no-gam", "configs/tags/hfm-infig-no-gam.yaml", "  w/o GAM"),
+    ("hfm-tags-no-hfam", "configs/tags/hfm-infig-no-hfam.yaml", "  w/o HFAM"),
+    ("hfm-tags-no-gam-hfam", "configs/tags/hfm-infig-no-gam-hfam.yaml", "  w/o GAM and HFAM"),
+    ("hfm-late-fusion", "configs/tags/hfm-late-fusion.yaml", "late fusion text + tags"),
 ]
+ts.WORKLOADS.update({name: {"config": config, "data": "hfm", "fallback": [], "label": label}
+                     for name, config, label in ROWS})
 
 
 def main() -> None:
@@ -52,6 +45,8 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None, help="feature-cache directory (default: the trainer's)")
     args = p.parse_args()
     args.set, args.compile_warmup = [], 0
+    if not (Path(args.data_root) / "hfm").is_dir():
+        sys.exit(f"tags_epoch.py: no HFM data in {args.data_root} (give --data-root DIR holding hfm/)")
 
     import logging
 
@@ -67,12 +62,11 @@ def main() -> None:
     print(ts.describe_cpu())
     workloads: dict[str, ts.Workload] = {}
     variants = []
-    for label, name, overrides in ROWS:
-        if name not in workloads:
-            ts.progress(f"loading {name}")
-            workloads[name] = ts.Workload(name, args)
+    for name, _, label in ROWS:
+        ts.progress(f"loading {name}")
+        workloads[name] = ts.Workload(name, args)
         ts.progress(f"building and warming up '{label}'")
-        variants.append(ts.Variant(workloads[name], label, overrides))
+        variants.append(ts.Variant(workloads[name], label, []))
         variants[-1].warm()
     per_round = -(-args.steps // args.rounds)
     for r in range(args.rounds):
