@@ -131,3 +131,25 @@ def test_training_without_tags_in_the_data_says_how_to_get_them(tmp_path):
     argv = ["train", "--config", "configs/quickstart.yaml", "--out", str(tmp_path / "r"), "--quiet",
             "--set", "model.image_encoder.name=tags", "--set", "model.name=late-fusion-tiny"]
     assert main(argv) == 2
+
+
+@pytest.mark.parametrize("embedding", ["vocab", "encoder"])
+@pytest.mark.parametrize("name", ["infig", "late-fusion", "rahp"])
+def test_frozen_tags_come_from_the_feature_cache_with_the_same_answers(name, embedding, tmp_path):
+    """The frozen tag embeddings are cached per post like a frozen CNN map: every model with a frozen tags encoder
+    keys, builds and reads the cache (no tag ids in its batches then), and answers as without it."""
+    from mmsenti.train.cache import CachedCollator, open_or_build
+
+    bundle = build_scenes(ScenesConfig(num_train=12, num_dev=4, num_test=4, tags=True))
+    _, model, proc = build_tiny(name, bundle, "model.image_encoder.name=tags",
+                                f"model.image_encoder.tag_embedding={embedding}")
+    posts = bundle.split("train")
+    if name == "rahp":
+        model.refresh_bank([proc(posts, training=False)])
+    model.eval()
+    assert "cached_tag_states" in model.cache_spec() and "tag_ids" in model.cache_replaces()
+    store = open_or_build(tmp_path, model, proc, posts)
+    batch = CachedCollator(proc, store, model.cache_replaces())(posts[:5])
+    assert "tag_ids" not in batch and "cached_tag_states" in batch
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)["logits"], model(proc(posts[:5]))["logits"], rtol=0, atol=1e-5)

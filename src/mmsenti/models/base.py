@@ -122,7 +122,8 @@ class MultimodalModel(nn.Module):
         if te is not None:
             out["text"] = te.backbone
         if ie is not None:
-            out["image"] = ie.backbone if hasattr(ie, "backbone") else ie
+            backbone = getattr(ie, "backbone", None)  # None: a tags encoder of the vocabulary (its table is frozen)
+            out["image"] = backbone if backbone is not None else ie
         return out
 
     @torch.no_grad()
