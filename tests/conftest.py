@@ -54,15 +54,20 @@ def build_tiny(name: str, bundle, *overrides: str, seed: int = 0):
     return cfg, model, processor
 
 
+def train_scenes(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    """Train ``configs/quickstart.yaml`` with ``overrides`` through the CLI; the run directory."""
+    from mmsenti.cli import main
+
+    run = tmp_path_factory.mktemp(name) / "run"
+    argv = ["train", "--config", str(ROOT / "configs/quickstart.yaml"), "--out", str(run), "--quiet"]
+    assert main(argv + [x for o in overrides for x in ("--set", o)]) == 0
+    return run
+
+
 @pytest.fixture(scope="session")
 def scenes_late_fusion(tmp_path_factory) -> Path:
     """The run directory of late fusion trained on scenes with ``SCENES_TRAINED`` (read it; copy it to change it)."""
-    from mmsenti.cli import main
-
-    run = tmp_path_factory.mktemp("scenes-late-fusion") / "run"
-    argv = ["train", "--config", str(ROOT / "configs/quickstart.yaml"), "--out", str(run), "--quiet"]
-    assert main(argv + [x for o in SCENES_TRAINED for x in ("--set", o)]) == 0
-    return run
+    return train_scenes(tmp_path_factory, "scenes-late-fusion", SCENES_TRAINED)
 
 
 @pytest.fixture
@@ -87,9 +92,4 @@ SCENES_TAGS = [*SCENES_TRAINED, "data.tags=true", "model.image_encoder.name=tags
 @pytest.fixture(scope="session")
 def scenes_tags(tmp_path_factory) -> Path:
     """The run directory of late fusion over text + tags trained on scenes with ``SCENES_TAGS`` (read it only)."""
-    from mmsenti.cli import main
-
-    run = tmp_path_factory.mktemp("scenes-tags") / "run"
-    argv = ["train", "--config", str(ROOT / "configs/quickstart.yaml"), "--out", str(run), "--quiet"]
-    assert main(argv + [x for o in SCENES_TAGS for x in ("--set", o)]) == 0
-    return run
+    return train_scenes(tmp_path_factory, "scenes-tags", SCENES_TAGS)
