@@ -440,6 +440,9 @@ class ClipInput(InputBuilder):
 # ------------------------------------------------------------------------------------------------------ tags
 
 
+TAG_CACHE_SIZE = 65536  # distinct tags whose pieces a builder keeps (a long-running service sees unbounded ones)
+
+
 def normalize_tag(tag: Any) -> str:
     """A tag as the encoders read it: a string, lower-cased, inner whitespace collapsed."""
     return " ".join(str(tag).lower().split())[:MAX_TAG_CHARS]
@@ -471,7 +474,8 @@ class TagsInput(InputBuilder):
     def __init__(self, spec: InputSpec, max_tags: int, pieces: int, buckets: int, tokenizer=None):
         super().__init__(spec)
         self.max_tags, self.pieces, self.buckets, self.tokenizer = max_tags, pieces, buckets, tokenizer
-        self._cache: dict[str, list[int]] = {}  # tag -> its pieces (a dataset has a few thousand distinct tags)
+        # tag -> its pieces: a dataset has a few thousand distinct tags; a served model meets any, so it is bounded
+        self._cache: dict[str, list[int]] = {}
 
     @property
     def embedding(self) -> str:
@@ -503,6 +507,8 @@ class TagsInput(InputBuilder):
                 special = self.embedding == "encoder"
                 ids = self.tokenizer(tag, add_special_tokens=special)["input_ids"]
                 ids = ids[: self.pieces - 1] + ids[-1:] if special and len(ids) > self.pieces else ids[: self.pieces]
+            if len(self._cache) >= TAG_CACHE_SIZE:
+                self._cache.clear()
             self._cache[tag] = ids
         return self._cache[tag]
 
