@@ -11,7 +11,7 @@ PIPC   := $(PIP) install -q -c constraints.txt
 # Two test workers (pytest-xdist), a file each at a time so module fixtures are built once; conftest gives each
 # worker one thread. Override with e.g. `make test TEST_WORKERS=4` on a bigger machine, or 0 for one process.
 TEST_WORKERS ?= 2
-TEST_EXTRAS := dev,vision,clip,faiss,offline-weights,serve,plots,explain,onnx
+TEST_EXTRAS := dev,vision,clip,faiss,offline-weights,serve,plots,explain,onnx,video
 DEMO_DIR ?= runs/quickstart
 
 .PHONY: demo test install install-test lint clean
@@ -42,7 +42,7 @@ demo: $(VENV)/.core
 	$(BIN)/python -m mmsenti.demo $(DEMO_DIR)
 
 test: $(VENV)/.test
-	-@sh scripts/install_browser.sh
+	-@sh scripts/install_test_packages.sh
 	$(BIN)/python -m pytest -q --timeout=900 --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # ruff, then the layers of src/mmsenti (pyproject.toml's [tool.importlinter]; docs/architecture.md).

@@ -47,9 +47,14 @@ def _stand_ins(cfg) -> list[str]:
     return [*out, *SHRINK_INFIG] if out and cfg.model.name == "infig" else out
 
 
+# A `features` dataset gives the model its feature widths at training (adopt_data): these are the default extraction's.
+EXTRACTED_DIMS = ["model.feature_dims={audio: 25, vision: 1291}"]
+
+
 def _build(path, overrides: list[str]):
     cfg = load_config(path, overrides)
-    cfg = load_config(path, [*overrides, *_stand_ins(cfg)])
+    extracted = EXTRACTED_DIMS if cfg.data.name == "features" and not getattr(cfg.model, "feature_dims", None) else []
+    cfg = load_config(path, [*overrides, *_stand_ins(cfg), *extracted])
     task = task_of(cfg)
     info = TaskInfo(task, ["negative", "neutral", "positive"] if task == "classification" else None)
     processor = build_processor(cfg.model, ["what a lovely day", "this is awful", "meh"], task)

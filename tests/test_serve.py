@@ -649,10 +649,11 @@ def test_every_setting_is_a_serve_flag_with_its_default(monkeypatch):
         "serve", "RUN", "--api-key", "k", "--allow-missing-modality", "--max-batch-size", "4", "--max-wait-ms", "0",
         "--max-body-mb", "0.5", "--max-image-mb", "2", "--max-image-pixels", "100", "--max-image-aspect", "3",
         "--min-image-side", "9", "--max-text-chars", "10", "--max-posts", "2", "--max-post-tags", "3",
-        "--image-formats", "png, jpeg", "--model-name", "m"]))
+        "--max-video-mb", "4", "--max-video-seconds", "30", "--image-formats", "png, jpeg", "--model-name", "m"]))
     assert given == ServeSettings(api_key="k", allow_missing_modality=True, max_batch_size=4, max_wait_ms=0,
                                   max_body_bytes=2**19, max_image_bytes=2 * 2**20, max_image_pixels=100,
                                   max_image_aspect=3, min_image_side=9, max_text_chars=10, max_posts=2,
-                                  max_post_tags=3, image_formats=("PNG", "JPEG"), model_name="m")
+                                  max_post_tags=3, max_video_bytes=4 * 2**20, max_video_seconds=30,
+                                  image_formats=("PNG", "JPEG"), model_name="m")
     assert all(getattr(given, f.name) != getattr(ServeSettings(), f.name) for f in fields(ServeSettings))
     assert list(given.limits()) == [f.name for f in fields(ServeSettings) if f.metadata["limit"]]

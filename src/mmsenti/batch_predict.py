@@ -1,7 +1,8 @@
 """Streaming batch prediction: ``mmsenti predict RUN --input posts.jsonl --output predictions.jsonl``.
 
 The input (JSON lines or CSV with ``text``, ``image`` — a path relative to the file — and optional ``id``; for a model
-whose image encoder is ``tags``, ``tags`` instead of ``image``: a JSON list of strings, or a CSV cell ``a|b|c``) is read
+whose image encoder is ``tags``, ``tags`` instead of ``image``: a JSON list of strings, or a CSV cell ``a|b|c``; for a
+model trained on extracted clip features, ``video``: a clip's path, extracted with the model's own settings) is read
 row by row and cut into batches (sorted by text length within a window of a few batches, so a batch needs little
 padding); images are decoded and transformed in DataLoader worker processes (batch ``b`` goes to worker
 ``b mod W``); the main process runs the model and appends one JSON line per input row, in input order, as it goes.
@@ -173,8 +174,9 @@ class _Batches(IterableDataset):
                 tags = parse_tags(record.get("tags"), cell=self.path.suffix.lower() in (".csv", ".tsv"))
             except DataError as e:
                 raise DataError(f"'tags': {e}") from None
-        reads = [f for f in self.fields.values() if f in ("text", "image", "tags")]
-        for field, value in (("text", text), ("image", image), ("tags", tags)):
+        video = record.get("video")
+        reads = [f for f in self.fields.values() if f in ("text", "image", "tags", "video")]
+        for field, value in (("text", text), ("image", image), ("tags", tags), ("video", video)):
             if field in reads and value in (None, "", []) and not self.allow_missing:
                 raise DataError(f"missing '{field}' (this model reads {' and '.join(reads)})")
         if text is not None and not isinstance(text, str):
@@ -186,7 +188,13 @@ class _Batches(IterableDataset):
             if not isinstance(image, str):
                 raise DataError(f"'image' must be a path, got {type(image).__name__}")
             pixels = self.processor.image_tensor(self.path.parent / image, row.id)
-        return Sample(id=row.id, label=None, text=text, image=pixels, tags=tags)
+        clip = None
+        if "video" in reads and video not in (None, ""):
+            if not isinstance(video, str):
+                raise DataError(f"'video' must be a path, got {type(video).__name__}")
+            clip = self.path.parent / Path(video).expanduser()
+        # A clip model's features are extracted here, per row: a bad clip is this row's error, not its batch's.
+        return self.processor.prepare(Sample(id=row.id, label=None, text=text, image=pixels, tags=tags, video=clip))
 
 
 def _worker_init(_: int) -> None:

@@ -1,4 +1,5 @@
-"""``mmsenti`` command line: train, evaluate, predict, explain, serve, export, list, data, cache, experiment.
+"""``mmsenti`` command line: train, evaluate, predict, explain, serve, export, list, data, features, cache,
+experiment.
 
 User errors (:class:`~mmsenti.errors.UserError`: bad config, missing file, bad data) print one line
 ``mmsenti: error: ...`` and exit with the error's code (2; 1 where the command ran and found a failure).
@@ -122,8 +123,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              resume=args.resume, strict=args.strict, progress=show_progress(args.quiet))
         print(stats.summary(args.output), file=sys.stderr)
         return 0
-    if args.text is None and args.image is None and args.tags is None:
-        raise UsageError("give --text, --image and/or --tags, or --input FILE")
+    if args.text is None and args.image is None and args.tags is None and args.video is None:
+        raise UsageError("give --text, --image, --tags and/or --video, or --input FILE")
     try:
         tags = parse_tags(args.tags, cell=True)
     except DataError as e:
@@ -133,12 +134,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("this model reads images: give --image PATH")
     if fields.get("image") == "tags" and not tags:
         raise UsageError("this model reads its image as tags (model.image_encoder.name=tags): give --tags 'a|b|c'")
+    if "video" in fields.values() and args.video is None:
+        raise UsageError("this model reads clips (features it extracts itself): give --video PATH")
+    if args.video is not None and not Path(args.video).is_file():
+        raise UsageError(f"--video {args.video}: no such file")
     if "text" in fields and args.text is None:
         raise UsageError("this model reads text: give --text T")
     if args.text is not None and (problem := text_problem(args.text)) is not None:  # argv bytes that are not UTF-8
         raise UsageError(f"--text {problem}: is the shell's encoding UTF-8?")
     prediction = predictor.predict_samples([Sample(id="cli", label=None, text=args.text, image=args.image,
-                                                   tags=tags)])[0]
+                                                   tags=tags, video=args.video)])[0]
     print(json.dumps(prediction.to_dict(), ensure_ascii=False, indent=2))
     return 0
 
@@ -184,6 +189,31 @@ def cmd_data(args: argparse.Namespace) -> int:
     report = doctor.check(cfg.data, decode_images=args.decode) if args.action == "check" else doctor.stats(cfg.data)
     print(doctor.format_report(report))
     return 1 if args.action == "check" and getattr(report, "has_errors", False) else 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mmsenti.config import ConfigError, merge, parse_override
+    from mmsenti.data.video.extraction import ExtractionConfig
+    from mmsenti.data.video.job import extract_features
+    from mmsenti.utils import show_progress
+
+    data: dict = {}
+    if args.config:
+        try:
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{args.config}: cannot read the extraction settings ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of extraction settings")
+    for item in args.set or []:
+        data = merge(data, parse_override(item))
+    config = ExtractionConfig.from_mapping(data)
+    summary = extract_features(args.input, args.out, config, workers=args.workers, strict=args.strict,
+                               progress=show_progress(args.quiet))
+    print(summary.line(Path(args.out)), file=sys.stderr)
+    return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -274,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text")
     pr.add_argument("--image")
     pr.add_argument("--tags", help="the post's tags, separated by | (a model whose image encoder is tags)")
+    pr.add_argument("--video", help="a clip (a model trained on `mmsenti features extract` output extracts it with "
+                                    "its own settings)")
     pr.add_argument("--input", help="a .jsonl or .csv file with text/image (or tags) columns (image paths relative "
                                     "to it)")
     pr.add_argument("--output", help="predictions as JSON lines, written as they come (default: stdout)")
@@ -314,6 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="data option, e.g. --set data.format=raw")
     d.add_argument("--decode", action="store_true", help="check: decode every image fully (slower, thorough)")
     d.set_defaults(func=cmd_data)
+
+    f = sub.add_parser("features", help="extract audio/vision features from your own clips (a features dataset)")
+    fsub = f.add_subparsers(dest="action", required=True)
+    fx = fsub.add_parser("extract", help="clips → features.npz + manifest (resumes; bad clips listed, not fatal)")
+    fx.add_argument("input", help="a folder in the MMSA raw layout (label.csv + Raw/<video>/<clip>.mp4), or a "
+                                  ".jsonl/.csv with video, text, label (and split) per clip")
+    fx.add_argument("--out", required=True, help="output folder (then: data.name=features, data.root=OUT)")
+    fx.add_argument("--config", help="extraction settings (YAML: audio, vision, max_seconds, min_seconds)")
+    fx.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting, e.g. --set vision.fps=10")
+    fx.add_argument("--workers", type=int, default=2, help="processes extracting clips (default 2)")
+    fx.add_argument("--strict", action="store_true", help="stop at the first bad clip (default: list it and go on)")
+    fx.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_features)
 
     c = sub.add_parser("cache", help="build, inspect or clear the frozen-feature cache")
     c.add_argument("action", choices=["build", "info", "clear"])

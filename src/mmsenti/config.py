@@ -128,6 +128,11 @@ class ModelConfig:
         return [key for spec in self.inputs() if training or not spec.training_only
                 for key in INPUTS.get(spec.kind).builder.keys_of(spec)]
 
+    def adopt_data(self, bundle: Any) -> None:
+        """Fill what the config left to the data (a ``DatasetBundle``) and refuse data made otherwise. Called before
+        the model is built and when a trained model meets data: a model on extracted features takes their widths and
+        extraction settings here. Most models take nothing."""
+
     def batch_dependence(self) -> tuple[str, str] | None:
         """``(what, why)`` when the model's answer for a post depends on the other posts of its batch: ``what``
         names the model and setting, ``why`` says why and how to train it otherwise. None (most models) when not."""
@@ -444,8 +449,8 @@ RESUME_OVERRIDES = ("data.root", "data.missing_images", "data.num_workers", "run
                     "run.log_every", "run.checkpoint_every", "run.cache_dir", "run.out")
 
 
-def config_differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
-    """``{"section.key": (value in a, value in b)}`` for every setting that differs (nested keys dotted)."""
+def dict_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (value in a, value in b)}`` for every value that differs (nested keys dotted)."""
     out: dict[str, tuple[Any, Any]] = {}
 
     def walk(x: Any, y: Any, key: str) -> None:
@@ -455,8 +460,13 @@ def config_differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
         elif x != y:
             out[key] = (x, y)
 
-    walk(a.to_dict(), b.to_dict(), "")
+    walk(a, b, "")
     return out
+
+
+def config_differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (value in a, value in b)}`` for every setting that differs (nested keys dotted)."""
+    return dict_differences(a.to_dict(), b.to_dict())
 
 
 def resume_config(saved: Config, requested: Config | None = None,

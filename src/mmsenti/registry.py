@@ -183,3 +183,5 @@ MODELS = Registry("model", "mmsenti.models", entry_points=ENTRY_POINT_GROUP)
 DATASETS = Registry("dataset", "mmsenti.data")
 # Input builders: the built-in kinds (mmsenti.data.inputs), and those model plugins bring with them.
 INPUTS = Registry("input", "mmsenti.data.inputs", entry_points=ENTRY_POINT_GROUP)
+# Feature extractors of raw clips (audio, vision): `mmsenti features extract` and models trained on what they made.
+EXTRACTORS = Registry("extractor", "mmsenti.data.video.extractors", entry_points=ENTRY_POINT_GROUP)

@@ -76,6 +76,8 @@ class Sample:
         features: per-modality feature sequences of shape (T, D) (e.g. MMSA audio/vision), keyed by modality.
         tags: words or ids describing the image (HFM's attribute words, TumEmo's detected scenes and objects), read
             by the ``tags`` image encoder; None when the post has none.
+        video: a clip's path, for a model that extracts its own features (``model.extraction``) when ``features``
+            lacks them (prediction of a new clip).
         extra: dataset-specific side information (e.g. HFM image attribute words).
     """
 
@@ -85,6 +87,7 @@ class Sample:
     image: Any = None
     features: dict[str, np.ndarray] | None = None
     tags: list[str] | None = None
+    video: str | Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,6 +102,8 @@ class DatasetBundle:
     modalities: tuple[str, ...]  # what the data actually holds: "text", "image", "tags", "audio", "vision"
     sources: list[Path] = field(default_factory=list)  # files read, for cache keys and reports
     inferred_labels: bool = False  # label_names were read off the data (the doctor then checks them for typos)
+    feature_dims: dict[str, int] = field(default_factory=dict)  # width of each feature modality, where known
+    extraction: dict[str, Any] | None = None  # the settings its features were extracted with (`features` datasets)
 
     @property
     def num_labels(self) -> int:

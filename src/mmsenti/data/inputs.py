@@ -12,6 +12,7 @@ The kinds mmsenti brings: ``tokens`` (the text encoder's tokenizer), ``pixels`` 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -121,6 +122,7 @@ class BuildContext:
         self.samples, self.load_images, self.allow_missing = samples, load_images, allow_missing
         self.without = frozenset(without)
         self._images: dict[int, Image.Image] = {}
+        self._clips: dict[int, dict[str, np.ndarray]] = {}
 
     def wants(self, key: str) -> bool:
         return key not in self.without
@@ -131,6 +133,18 @@ class BuildContext:
             s = self.samples[i]
             self._images[i] = open_image(s.image, s.id)
         return self._images[i]
+
+    def clip_features(self, i: int, extraction: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Sample ``i``'s clip (``Sample.video``) through ``extraction``'s extractors, once per call whichever
+        builders read it (audio and vision come from one pass of the extractors)."""
+        if i not in self._clips:
+            from mmsenti.data.video.extraction import cached_extraction
+
+            s = self.samples[i]
+            if s.video is None:
+                raise DataError(f"sample {s.id}: no video, and no features extracted from one")
+            self._clips[i], _ = cached_extraction(extraction)(s.video)
+        return self._clips[i]
 
 
 # ---------------------------------------------------------------------------------------------- the protocol
@@ -156,6 +170,12 @@ class InputBuilder:
         return self.spec.modality
 
     @property
+    def post_field(self) -> str | None:
+        """The field of a post (a prediction row, a served post) this builder reads: :attr:`reads`, else None (the
+        modality's own name)."""
+        return self.reads
+
+    @property
     def training_only(self) -> bool:
         return self.spec.training_only
 
@@ -176,6 +196,10 @@ class InputBuilder:
     def build(self, samples: Sequence[Sample], batch: dict[str, Any], ctx: BuildContext) -> None:
         """Add this input's keys (those ``ctx`` wants) for ``samples`` to ``batch``."""
         raise NotImplementedError
+
+    def prepare(self, sample: Sample) -> Sample:
+        """``sample`` with the work done that can fail for it alone (see :meth:`Processor.prepare`)."""
+        return sample
 
     # ------------------------------------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
@@ -342,7 +366,11 @@ class PixelsInput(InputBuilder):
                                          "zero-padded")
 class FeaturesInput(InputBuilder):
     """Modality ``spec.modality``'s feature sequence (MMSA audio/vision, or text features); ``spec.options["dim"]``
-    is the width D of its vectors (needed to describe an exported graph)."""
+    is the width D of its vectors (needed to describe an exported graph).
+
+    With ``spec.options["extraction"]`` (a model trained on ``mmsenti features extract``'s output) a post is a clip:
+    a sample without the features but with a ``video`` is extracted here with the model's own settings.
+    """
 
     draw_order = 2
 
@@ -350,8 +378,29 @@ class FeaturesInput(InputBuilder):
     def keys_of(cls, spec: InputSpec) -> tuple[str, ...]:
         return (f"{spec.modality}_features", f"{spec.modality}_mask")
 
+    @property
+    def extraction(self) -> dict[str, Any] | None:
+        return self.spec.options.get("extraction") or None
+
+    @property
+    def post_field(self) -> str | None:
+        return "video" if self.extraction else None
+
+    def prepare(self, sample: Sample) -> Sample:
+        if not self.extraction or sample.video is None or (sample.features or {}).get(self.modality) is not None:
+            return sample
+        from mmsenti.data.video.extraction import cached_extraction
+
+        extracted, _ = cached_extraction(self.extraction)(sample.video)
+        return dataclasses.replace(sample, features={**(sample.features or {}), **extracted})
+
     def build(self, samples, batch, ctx) -> None:
         features, mask = self.keys()
+        if self.extraction and any((s.features or {}).get(self.modality) is None for s in samples):
+            samples = [s if (s.features or {}).get(self.modality) is not None or s.video is None else
+                       dataclasses.replace(s, features={**(s.features or {}),
+                                                        **ctx.clip_features(i, self.extraction)})
+                       for i, s in enumerate(samples)]
         batch[features], batch[mask] = collate_sequences(samples, self.modality)
 
     @property

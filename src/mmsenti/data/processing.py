@@ -97,8 +97,8 @@ class Processor:
         or what its builder reads instead (``tags`` for the image of a model whose image encoder is ``tags``)."""
         out = {m: m for m in self.modalities}
         for b in self.active(training=False):
-            if b.reads is not None and b.modality in out:
-                out[b.modality] = b.reads
+            if b.post_field is not None and b.modality in out:
+                out[b.modality] = b.post_field
         return out
 
     @property
@@ -134,6 +134,14 @@ class Processor:
     def image_tensor(self, image: Any, sample_id: str = "?") -> torch.Tensor:
         """One sample's ``pixel_values`` (3, H, W): decode (a path or PIL image) + transform."""
         return self._first(PixelsInput).image_tensor(image, sample_id)
+
+    def prepare(self, sample: Sample) -> Sample:
+        """One post made ready on its own, before it joins a batch, so that what can fail for one post fails there
+        (a served post's 422, a prediction row's error) and not in its batch: a clip model's features are extracted
+        from ``sample.video`` here. The other inputs have nothing to do."""
+        for builder in self.active(training=False):
+            sample = builder.prepare(sample)
+        return sample
 
     # ------------------------------------------------------------------------------------------------ batch
     def __call__(self, samples: Sequence[Sample], load_images: bool = True, training: bool = True,

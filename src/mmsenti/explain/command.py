@@ -28,6 +28,7 @@ def add_explain_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--text")
     s.add_argument("--image", help="image file")
+    s.add_argument("--video", help="a clip (a model trained on `mmsenti features extract` output)")
     s.add_argument("--tags", help="the post's tags, comma-separated (a model that reads the image as tags: "
                                   "model.image_encoder.name=tags)")
     s.add_argument("--sample", metavar="SPLIT:INDEX",
@@ -66,11 +67,11 @@ def run(args: argparse.Namespace, load_model: Callable[..., Any]) -> int:
                                  image_baseline=args.image_baseline)
     except ValueError as e:
         raise DataError(str(e)) from None
-    given = [x for x in (args.text, args.image, args.tags) if x is not None]
+    given = [x for x in (args.text, args.image, args.tags, args.video) if x is not None]
     if args.sample and given:
-        raise DataError("give --sample SPLIT:INDEX or --text/--image/--tags, not both")
+        raise DataError("give --sample SPLIT:INDEX or --text/--image/--tags/--video, not both")
     if not args.sample and not given:
-        raise DataError("give --text and/or --image or --tags (or --sample SPLIT:INDEX)")
+        raise DataError("give --text and/or --image, --tags or --video (or --sample SPLIT:INDEX)")
     predictor = load_model(args.run_dir, args.device)
     check_per_post(predictor.config.model, "explained")  # before reading any post
     bundle = None
@@ -79,7 +80,11 @@ def run(args: argparse.Namespace, load_model: Callable[..., Any]) -> int:
         sample = _pick(bundle, args.sample)
     else:
         tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags is not None else None
-        sample = Sample(id="cli", label=None, text=args.text, image=args.image, tags=tags)
+        sample = Sample(id="cli", label=None, text=args.text, image=args.image, tags=tags, video=args.video)
+        if "video" in predictor.processor.post_fields.values():
+            if args.video is None:
+                raise DataError("this model reads clips: give --video PATH")
+            sample = predictor.processor.prepare(sample)  # the clip's features, extracted with the model's settings
     # What the model reads of a post: its text, its image, or the image's tags (model.image_encoder.name=tags).
     reads = predictor.config.model.data_modalities()
     for m, value, flag in (("image", sample.image, "--image PATH"), ("tags", sample.tags, "--tags A,B,C"),

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmsenti.config import ConfigError, InputSpec, ModelConfig
-from mmsenti.errors import ExportError
+from mmsenti.errors import DataError, ExportError
 from mmsenti.models.base import MultimodalModel, TaskInfo
 from mmsenti.models.encoders import build_image_encoder, build_text_encoder
 from mmsenti.models.explanations import Explained, Retrieved
@@ -58,6 +58,7 @@ from mmsenti.utils import move
 log = logging.getLogger(__name__)
 
 KNOWN_MODALITIES = ("text", "image", "audio", "vision")
+EXTRACTED = ("audio", "vision")  # what `mmsenti features extract` makes from a clip
 BANK_PREFIX = "bank."  # state_dict keys of the memory bank
 
 
@@ -69,6 +70,9 @@ class RahpConfig(ModelConfig):
     text_input: Literal["tokens", "features"] = "tokens"
     # Width of each feature modality's input vectors (e.g. MOSI unaligned_50: text 768, audio 5, vision 20).
     feature_dims: dict[str, int] = field(default_factory=dict)
+    # The settings of `mmsenti features extract` its audio/vision features were made with, taken from a `features`
+    # dataset at training: the model extracts a new clip (`predict --video`, the service) exactly so.
+    extraction: dict[str, Any] = field(default_factory=dict)
     width: int = 128  # d: every modality is projected to it; also the retrieval-embedding width
     heads: int = 4
     encoder_layers: int = 1  # transformer blocks of each modality's sequence encoder
@@ -97,10 +101,42 @@ class RahpConfig(ModelConfig):
                 if m not in ("text", "image") or (m == "text" and self.text_input == "features")]
 
     def inputs(self) -> list[InputSpec]:
-        specs = [InputSpec("features", m, options={"dim": self.feature_dims.get(m)}) for m in self.feature_modalities]
+        specs = [InputSpec("features", m, options={"dim": self.feature_dims.get(m),
+                                                   **({"extraction": self.extraction}
+                                                      if self.extraction and m in EXTRACTED else {})})
+                 for m in self.feature_modalities]
         if "text" in self.modalities and self.text_input == "tokens":
             specs.append(InputSpec("tokens", "text"))
         return specs + ([self.image_input()] if "image" in self.modalities else [])
+
+    def card(self) -> dict[str, Any]:
+        card = super().card()
+        if self.extraction:  # what a served clip model does to an uploaded clip
+            card["extraction"] = self.extraction
+        return card
+
+    def adopt_data(self, bundle: Any) -> None:
+        """Feature widths the config does not give are the data's; a ``features`` dataset's extraction settings
+        become the model's, and data extracted otherwise than a trained model's is refused, naming the setting."""
+        from mmsenti.data.video.extraction import difference
+
+        dims = getattr(bundle, "feature_dims", None) or {}
+        for m in self.feature_modalities:
+            if m in dims and not self.feature_dims.get(m):
+                self.feature_dims[m] = dims[m]
+            elif m in dims and self.feature_dims[m] != dims[m]:
+                raise DataError(f"dataset '{bundle.name}': '{m}' features are {dims[m]} wide, model.feature_dims.{m} "
+                                f"is {self.feature_dims[m]}")
+        theirs = getattr(bundle, "extraction", None)
+        if not any(m in EXTRACTED for m in self.feature_modalities):
+            return
+        if theirs and not self.extraction:
+            self.extraction = dict(theirs)
+        elif self.extraction and not theirs:
+            raise DataError(f"dataset '{bundle.name}': this model reads features made by `mmsenti features extract`; "
+                            f"'{bundle.name}' has features made otherwise")
+        elif self.extraction and (diff := difference(self.extraction, theirs, other=f"'{bundle.name}'")):
+            raise DataError(f"dataset '{bundle.name}' was extracted otherwise than this model's clips: {diff}")
 
     def batch_dependence(self) -> tuple[str, str] | None:
         if self.retrieval != "in-batch":

@@ -10,9 +10,12 @@ import base64
 import binascii
 import io
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from fastapi import Request
 from PIL import Image
@@ -24,7 +27,7 @@ from mmsenti.serve.errors import ServeError, field_path, validation_message
 from mmsenti.serve.schemas import Post, PostBatch
 from mmsenti.serve.settings import ServeSettings
 
-MULTIPART_FIELDS = ("id", "text", "image", "tags")
+MULTIPART_FIELDS = ("id", "text", "image", "tags", "video")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class PreparedPost:
     image: Image.Image | None  # the decoded image (for routes that draw on it)
     modalities: list[str]
     tags: list[str] | None = None
+    features: dict[str, np.ndarray] | None = None  # a clip model's: extracted from the uploaded clip
 
 
 async def read_posts(request: Request, settings: ServeSettings, modalities: list[str], processor) -> list[PreparedPost]:
@@ -46,13 +50,14 @@ async def read_posts(request: Request, settings: ServeSettings, modalities: list
     if ctype == "application/json":
         posts, prefix = await _json_posts(request, settings)
         images = [(p.image, _join(prefix(i), "image"), False) for i, p in enumerate(posts)]
+        videos: list[bytes | None] = [None] * len(posts)
     elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):  # an HTML form
-        post, data = await _multipart_post(request, ctype)
+        post, data, video = await _multipart_post(request, ctype, settings)
         posts, prefix = [post], (lambda i: "")
-        images = [(data, "image", True)]
+        images, videos = [(data, "image", True)], [video]
     else:
         raise ServeError(415, "content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}")
-    return await run_in_threadpool(_prepare, posts, images, prefix, settings, modalities, processor)
+    return await run_in_threadpool(_prepare, posts, images, videos, prefix, settings, modalities, processor)
 
 
 async def _json_posts(request: Request, settings: ServeSettings):
@@ -77,7 +82,8 @@ async def _json_posts(request: Request, settings: ServeSettings):
     return posts, (lambda i: f"posts[{i}]") if batch else (lambda i: "")
 
 
-async def _multipart_post(request: Request, ctype: str) -> tuple[Post, bytes | None]:
+async def _multipart_post(request: Request, ctype: str, settings: ServeSettings
+                          ) -> tuple[Post, bytes | None, bytes | None]:
     from starlette.datastructures import UploadFile
 
     if ctype == "application/x-www-form-urlencoded" and (await request.body()).lstrip()[:1] in (b"{", b"["):
@@ -101,29 +107,32 @@ async def _multipart_post(request: Request, ctype: str) -> tuple[Post, bytes | N
         if isinstance(v, UploadFile):
             raise ServeError(422, key, "expected a form field, got a file")
         values[key] = v
-    image = form.get("image")
-    data = None
-    if image is not None:
-        if not isinstance(image, UploadFile):
-            raise ServeError(422, "image", "expected a file upload (multipart file field)")
-        data = await image.read()
+    files = {}
+    for key in ("image", "video"):
+        upload = form.get(key)
+        if upload is not None and not isinstance(upload, UploadFile):
+            raise ServeError(422, key, "expected a file upload (multipart file field)")
+        files[key] = await upload.read() if upload is not None else None
+    data, video = files["image"], files["video"]
+    if video is not None and len(video) > settings.max_video_bytes:
+        raise ServeError(413, "video", f"{len(video)} bytes, at most {settings.max_video_bytes} (max_video_bytes)")
     try:
         tags = parse_tags(values["tags"], cell=True)  # one form field: tags separated by |
     except DataError as e:
         raise ServeError(422, "tags", str(e)) from None
     try:
-        return Post(id=values["id"], text=values["text"], tags=tags), data
+        return Post(id=values["id"], text=values["text"], tags=tags), data, video
     except ValidationError as e:  # e.g. an id over its length limit
         err = e.errors()[0]
         raise ServeError(422, field_path(err["loc"]), validation_message(err)) from None
 
 
-def _prepare(posts: list[Post], images, prefix, settings: ServeSettings, modalities: list[str],
+def _prepare(posts: list[Post], images, videos, prefix, settings: ServeSettings, modalities: list[str],
              processor) -> list[PreparedPost]:
     fields = processor.post_fields  # modality -> the post's field that carries it (a tags model's image: tags)
-    reads = [fields[m] for m in modalities]
+    reads = list(dict.fromkeys(fields[m] for m in modalities))  # a clip model's audio and vision: one video
     out = []
-    for i, (post, (encoded, image_field, is_bytes)) in enumerate(zip(posts, images, strict=True)):
+    for i, (post, (encoded, image_field, is_bytes), video) in enumerate(zip(posts, images, videos, strict=True)):
         text_field = _join(prefix(i), "text")
         if post.text is not None and len(post.text) > settings.max_text_chars:
             raise ServeError(422, text_field, f"{len(post.text)} characters, at most {settings.max_text_chars}")
@@ -143,20 +152,47 @@ def _prepare(posts: list[Post], images, prefix, settings: ServeSettings, modalit
                 tags = parse_tags(post.tags, max_count=settings.max_post_tags)
             except DataError as e:
                 raise ServeError(422, _join(prefix(i), "tags"), str(e)) from None
-        given = {"text": text, "image": pixels, "tags": tags or None}  # no tags ([]) is a post without its image
+        features = extract_clip(video, processor, settings) if "video" in reads and video else None
+        given = {"text": text, "image": pixels, "tags": tags or None,  # no tags ([]) is a post without its image
+                 "video": features}
         used = [m for m in modalities if given.get(fields[m]) is not None]
         missing = [m for m in modalities if m not in used]
         if not used:
             field = prefix(i) or "body"
             raise ServeError(422, field, f"the post has no {' or '.join(reads)} (this model reads "
-                                         f"{' and '.join(reads)})")
+                                         f"{' and '.join(reads)}{VIDEO_HINT if 'video' in reads else ''})")
         if missing and not settings.allow_missing_modality:
             name = fields[missing[0]]
-            raise ServeError(422, _join(prefix(i), name), f"missing {name}: this model reads {' and '.join(reads)} "
+            raise ServeError(422, _join(prefix(i), name), f"missing {name}: this model reads {' and '.join(reads)}"
+                                                          f"{VIDEO_HINT if name == 'video' else ''} "
                                                           "(a server started with --allow-missing-modality accepts "
                                                           "posts without one)")
-        out.append(PreparedPost(post.id if post.id is not None else str(i), text, pixels, image, used, tags))
+        out.append(PreparedPost(post.id if post.id is not None else str(i), text, pixels, image, used, tags,
+                                features))
     return out
+
+
+VIDEO_HINT = "; a clip is sent as the file field 'video' of a multipart/form-data post"
+
+
+def extract_clip(data: bytes, processor, settings: ServeSettings) -> dict[str, np.ndarray]:
+    """An uploaded clip's features, extracted with the model's own settings (in a request thread, never on the model's
+    thread); a 413 for a clip over ``max_video_seconds``, a 422 naming ``video`` for one that cannot be used."""
+    from mmsenti.data.base import Sample
+    from mmsenti.data.video.decode import probe
+
+    with tempfile.TemporaryDirectory(prefix="mmsenti-clip-") as tmp:
+        path = Path(tmp) / "clip"
+        path.write_bytes(data)
+        try:
+            seconds = probe(path).duration
+            if seconds > settings.max_video_seconds:
+                raise ServeError(413, "video", f"a clip of {seconds:.1f} s, at most {settings.max_video_seconds:g} s "
+                                               "(max_video_seconds)")
+            sample = processor.prepare(Sample(id="upload", label=None, video=path))
+        except DataError as e:
+            raise ServeError(422, "video", str(e).replace(str(path), "the uploaded clip")) from None
+    return sample.features or {}
 
 
 def _join(prefix: str, name: str) -> str:

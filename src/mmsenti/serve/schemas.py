@@ -53,7 +53,9 @@ def post_schemas(fields: list[str] | None, allow_missing: bool, max_text_chars: 
     form = {"type": "object", "additionalProperties": False, "description": "one post as multipart/form-data",
             "properties": {"id": {"type": "string", "maxLength": 256}, "text": {"type": "string"},
                            "image": {"type": "string", "format": "binary", "description": "the image file"},
-                           "tags": {"type": "string", "description": "the image's tags, separated by |"}}}
+                           "tags": {"type": "string", "description": "the image's tags, separated by |"},
+                           "video": {"type": "string", "format": "binary",
+                                     "description": "a clip (a model trained on extracted clip features)"}}}
     tags = {**TAGS_SCHEMA, "minItems": 1, "maxItems": max_post_tags}
     given = {"text": {"type": "string", "minLength": 1, "maxLength": max_text_chars},
              "image": {"type": "string", "minLength": 1}, "tags": tags}
@@ -61,6 +63,9 @@ def post_schemas(fields: list[str] | None, allow_missing: bool, max_text_chars: 
     post["properties"]["tags"]["anyOf"] = [{**TAGS_SCHEMA, "maxItems": max_post_tags}, {"type": "null"}]  # a copy
     form["properties"]["text"]["maxLength"] = max_text_chars
     reads = [m for m in ("text", "image", "tags") if m in fields]
+    if "video" in fields:  # a clip travels only as a multipart file: JSON posts cannot carry one
+        form["required"] = [m for m in ("text", "video") if m in fields]
+        return {"Post": post, "PostBatch": batch, "PostForm": form}
     if allow_missing and len(reads) > 1:
         for schema in (post, form):
             schema["anyOf"] = [{"required": [m], "properties": {m: given[m]}} for m in reads]

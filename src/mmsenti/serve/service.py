@@ -59,12 +59,13 @@ class Service:
     def post_fields(self) -> list[str]:
         """The fields of a post the model reads (``text``, ``image``, or ``tags`` for a tags model's image)."""
         fields = self.predictor.processor.post_fields
-        return [fields[m] for m in self.modalities]
+        return list(dict.fromkeys(fields[m] for m in self.modalities))  # a clip model's audio and vision: one video
 
     def _predict_batch(self, posts: list[PreparedPost]) -> list[Prediction]:
         """One model call (in the batcher's thread)."""
         p = self.predictor
-        samples = [Sample(id=post.id, label=None, text=post.text, image=post.pixels, tags=post.tags) for post in posts]
+        samples = [Sample(id=post.id, label=None, text=post.text, image=post.pixels, tags=post.tags,
+                          features=post.features) for post in posts]
         return p.decode(p.run(p.preprocess(samples)), [post.id for post in posts])
 
     async def predict(self, posts: list[PreparedPost]) -> list[Prediction]:

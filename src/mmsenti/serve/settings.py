@@ -55,6 +55,9 @@ class ServeSettings:
     max_posts: int = setting(64, "posts per request", limit=True, minimum=1)
     # A tags model reads a post's first max_tags tags (GET /v1/model); more are accepted up to this limit.
     max_post_tags: int = setting(256, "tags of one post (a model whose image encoder is tags)", limit=True, minimum=1)
+    # A clip model (trained on `mmsenti features extract` output) reads a multipart `video` file.
+    max_video_bytes: int = setting(32 * MB, "one uploaded clip (a clip model)", limit=True, minimum=1, mb=True)
+    max_video_seconds: float = setting(120.0, "duration of one uploaded clip", limit=True, minimum=0.1)
     image_formats: tuple[str, ...] = setting(("JPEG", "PNG", "WEBP", "GIF", "BMP"),
                                              "accepted image formats (PIL names)", limit=True)
     model_name: str | None = setting(None, "name shown in answers (default: the run directory's name)")

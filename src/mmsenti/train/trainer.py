@@ -190,6 +190,7 @@ class Trainer:
         self.bench: Workbench = build_workbench(cfg, dist=dist, processor=processor)
         if processor is None and dist.is_main:
             self.bench.processor.save(proc_dir)
+            save_config(cfg, self.run_dir / "config.json")  # with what the model took from the data (adopt_data)
         self.bundle, self.processor, self.model = self.bench.bundle, self.bench.processor, self.bench.model
         if cfg.run.compile:
             from mmsenti.train.compile import compile_model

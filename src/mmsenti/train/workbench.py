@@ -182,6 +182,7 @@ def build_workbench(cfg: Config, *, dist: Distributed | None = None, processor=N
     amp_dtype = _amp_dtype(cfg, device)
     seed_everything(cfg.run.seed)
     bundle = build_dataset(cfg)
+    cfg.model.adopt_data(bundle)  # before the processor and model are built from cfg.model
     info = TaskInfo(bundle.task, bundle.label_names)
     if processor is None:
         if dist.is_main:
@@ -237,4 +238,6 @@ def load_workbench(path: str | Path, *, device: str = "auto", dist: Distributed 
     if dist.enabled:
         attach_gather(model, dist.all_gather)
     # fp32 and no feature cache: one pass over a split gains nothing from caching it first.
-    return Workbench(cfg, build_dataset(cfg), processor, model, dev, dist, None, feature_cache=False)
+    bundle = build_dataset(cfg)
+    cfg.model.adopt_data(bundle)  # refuses data made otherwise than the model's (e.g. other extraction settings)
+    return Workbench(cfg, bundle, processor, model, dev, dist, None, feature_cache=False)

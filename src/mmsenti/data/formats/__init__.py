@@ -7,7 +7,7 @@ would refuse (duplicate ids, missing images, suspect labels) for the data doctor
 (:mod:`~mmsenti.data.formats.bundle`). ``docs/datasets.md`` describes the layouts and rules.
 """
 
-from mmsenti.data.formats import hfm, memes, mmsa, mvsa, tumemo, user  # noqa: F401
+from mmsenti.data.formats import features, hfm, memes, mmsa, mvsa, tumemo, user  # noqa: F401
 from mmsenti.data.formats.images import apply_image_policy, blank_image, inspect_image
 from mmsenti.data.formats.text import normalize_tweet
 

@@ -120,7 +120,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it references {module}.{name}, which is not part of an MMSA feature file")
 
 
-def _load_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
+def load_feature_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as z:
             data: dict[str, dict[str, np.ndarray]] = {}
@@ -184,7 +184,7 @@ def convert_pickle(path: str | Path) -> Path:
 def read_mmsa_features(path: Path, text_features: bool, name: str, trust_pickle: bool = False
                        ) -> dict[str, list[Sample]]:
     """An MMSA feature file (a converted ``.npz``, or a pickle with ``trust_pickle``) → samples per split."""
-    data = _load_npz(path) if path.suffix == ".npz" else _load_pickle(path, trust_pickle)
+    data = load_feature_npz(path) if path.suffix == ".npz" else _load_pickle(path, trust_pickle)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a dict of splits, got {type(data).__name__}")
     splits: dict[str, list[Sample]] = {}

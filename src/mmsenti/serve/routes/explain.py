@@ -95,7 +95,7 @@ def _explain(service: Service, post, options: ExplainOptions):
     from mmsenti.data.base import Sample
     from mmsenti.explain.core import explain
 
-    sample = Sample(id=post.id, label=None, text=post.text, image=post.image, tags=post.tags)
+    sample = Sample(id=post.id, label=None, text=post.text, image=post.image, tags=post.tags, features=post.features)
     try:
         return explain(service.predictor, sample, options)
     except ValueError as e:  # an option this model cannot honour (e.g. an HFAM layer it does not have)
