@@ -292,3 +292,34 @@ def test_a_new_clip_is_predicted_served_and_explained_as_the_predictor_extracts_
     assert set(ex["modality"]["effects"]) == {"text", "audio", "vision"}
     ids = {n["id"] for n in ex["neighbours"]}
     assert ids and ids <= set(arrays["train.id"])  # RAHP's neighbours are training clips, by id
+
+
+def test_the_mmsa_raw_layout_extracts_into_a_regression_features_dataset(clips, tmp_path):
+    """label.csv (video_id, clip_id, text, label, mode) + Raw/<video>/<clip>.mp4, as MMSA's raw MOSI is laid out."""
+    import shutil
+
+    from mmsenti.config import load_config
+    from mmsenti.registry import DATASETS
+
+    root = tmp_path / "raw"
+    rows = [("v1", "1", "low", "-1.5", "train"), ("v1", "2", "high", "2.0", "train"), ("v2", "1", "low", "0.4", "valid"),
+            ("v2", "2", "high", "-0.2", "test")]
+    for vid, cid, which, _, _ in rows:
+        (root / "Raw" / vid).mkdir(parents=True, exist_ok=True)
+        shutil.copy(clips[which], root / "Raw" / vid / f"{cid}.mp4")
+    (root / "label.csv").write_text("video_id,clip_id,text,label,mode\n" + "".join(
+        f"{v},{c},clip {v} {c},{label},{mode}\n" for v, c, _, label, mode in rows))
+    out = tmp_path / "feats"
+    assert extract_features(root, out, NO_EMBED, workers=1).clips == 4
+    arrays = _arrays(out)
+    np.testing.assert_array_equal(arrays["train.regression_labels"], [-1.5, 2.0])
+    cfg = load_config(None, ["data.name=features", f"data.root={out}", "data.task=regression"])
+    bundle = DATASETS.get("features").builder(cfg.data)
+    assert {k: [s.id for s in v] for k, v in bundle.splits.items()} == {"train": ["v1_1", "v1_2"], "dev": ["v2_1"],
+                                                                          "test": ["v2_2"]}
+    s = bundle.splits["train"][1]
+    assert (s.label, s.text) == (2.0, "clip v1 2") and bundle.task == "regression"
+    n = int(arrays["train.vision_lengths"][1])
+    np.testing.assert_array_equal(s.features["vision"], arrays["train.vision"][1, :n])
+    assert bundle.modalities == ("text", "audio", "vision") and bundle.feature_dims == {"audio": 25, "vision": 11}
+    assert bundle.extraction == read_manifest(out)["extraction"]
