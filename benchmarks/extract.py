@@ -1,8 +1,8 @@
 """How fast `mmsenti features extract` turns clips into features (issue 27's goal: audio + vision together at least
 10x real time on 2 cores, at 5 frames a second).
 
-    python benchmarks/extract.py                       # 12 generated clips of 640x360 at 25 fps, 1 and 2 workers
-    python benchmarks/extract.py --clips 24 --size 1280x720
+    python benchmarks/extract.py                       # 40 generated clips of 640x360 at 25 fps, 1 and 2 workers
+    python benchmarks/extract.py --clips 12 --size 1280x720
 
 The clips are generated (scikit-image's astronaut photograph moving across the frame, speech by espeak-ng: no
 MOSI/MOSEI clip exists here), H.264 + AAC as a phone or YouTube clip would be. Printed, per extractor setting and
@@ -27,14 +27,16 @@ from train_speed import describe_cpu, physical_cores  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=12)
+    p.add_argument("--clips", type=int, default=40, help="clips (about 4.5 s each; enough that start-up is small)")
     p.add_argument("--size", default="640x360", help="frame size WxH of the generated clips")
     p.add_argument("--source-fps", type=int, default=25, help="frame rate of the generated clips")
     p.add_argument("--fps", type=float, default=5.0, help="frames read a second (vision.fps)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
 
+    import cv2
     import numpy as np
+    import torch
 
     import mmsenti  # noqa: F401  (compat shims first)
     from mmsenti.data.video.decode import iter_frames, read_audio
@@ -42,6 +44,8 @@ def main() -> None:
     from mmsenti.data.video.job import extract_features
     from mmsenti.data.video.synthetic import SENTENCES, espeak_available, make_clip
 
+    torch.set_num_threads(1)  # the 1-worker column runs in this process: one core, as each worker process has
+    cv2.setNumThreads(1)
     if not espeak_available():
         sys.exit("extract.py: needs espeak-ng for the generated clips (apt-get install espeak-ng)")
     w, h = (int(v) for v in args.size.split("x"))
@@ -78,12 +82,6 @@ def main() -> None:
             print(line, flush=True)
 
         # Where one worker's time goes, per second of video (one process, one thread).
-        import torch
-
-        torch.set_num_threads(1)
-        import cv2
-
-        cv2.setNumThreads(1)
         ex = Extraction(ExtractionConfig(vision=vision))
         audio, face = ex.extractors["audio"], ex.extractors["vision"]
         parts = dict.fromkeys(["decode audio", "openSMILE", "decode frames", "face cascades", "embedding"], 0.0)
