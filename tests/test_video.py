@@ -172,6 +172,21 @@ def test_bad_clips_are_listed_and_the_good_ones_kept(clip_set, tmp_path):
     assert p.returncode == 2 and f"{listing}:4" in err and "--strict" in err and "Traceback" not in err
 
 
+def test_a_csv_list_of_clips_is_read_with_paths_relative_to_it(tmp_path):
+    from mmsenti.data.video.job import read_clip_list
+
+    (tmp_path / "sub").mkdir()
+    listing = tmp_path / "sub" / "clips.csv"
+    listing.write_text('video,text,label,split\nc1.mp4,"hello, there",pos,valid\n/abs/c2.mp4,bye,neg,\n')
+    a, b = read_clip_list(listing)
+    assert (a.id, a.video, a.text, a.label, a.split) == ("clips:2", tmp_path / "sub" / "c1.mp4", "hello, there", "pos",
+                                                         "dev")
+    assert (b.video, b.split, b.where) == (Path("/abs/c2.mp4"), "train", f"{listing}:3")
+    listing.write_text("video,text,label,split\nc1.mp4,x,pos,holdout\n")
+    with pytest.raises(DataError, match=r"clips.csv:2: unknown split 'holdout'"):
+        read_clip_list(listing)
+
+
 def test_settings_are_checked_and_other_settings_are_refused(clip_set, tmp_path):
     with pytest.raises(ConfigError, match="vision.fps"):
         ExtractionConfig.from_mapping({"vision": {"fps": 0}})
