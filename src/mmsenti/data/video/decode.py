@@ -16,6 +16,10 @@ import numpy as np
 
 from mmsenti.errors import DataError
 
+# FFmpeg decodes a frame whole before it is scaled down: a crafted header of 100,000 x 100,000 pixels would ask for
+# gigabytes. Larger frames than 8K UHD are refused from the header.
+MAX_FRAME_PIXELS = 7680 * 4320
+
 
 def _av():
     try:
@@ -109,6 +113,8 @@ def iter_frames(path: str | Path, fps: float, max_side: int, max_seconds: float
         stream = c.streams.video[0]
         stream.thread_type = "AUTO"
         w, h = stream.codec_context.width, stream.codec_context.height
+        if w * h > MAX_FRAME_PIXELS:
+            raise DataError(f"{path}: frames of {w}x{h} pixels, over the limit of {MAX_FRAME_PIXELS:,} (8K UHD)")
         scale = min(1.0, max_side / max(w, h, 1))
         # Even sizes: the scaler's chroma subsampling wants them, and a 1-pixel difference is no loss.
         size = (max(2, int(w * scale) // 2 * 2), max(2, int(h * scale) // 2 * 2))
