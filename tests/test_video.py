@@ -152,18 +152,22 @@ def test_bad_clips_are_listed_and_the_good_ones_kept(clip_set, tmp_path):
     folder = clip_set.parent
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
     make_clip(folder / "silent.mp4", SENTENCES[1], 50, audio=False)
+    assert make_clip(folder / "short.mp4", "no", 50) < 1.0
     rows = [json.loads(x) for x in clip_set.read_text().splitlines()][:3]
     rows += [{"id": "broken", "video": "broken.mp4", "text": "x", "label": "low"},
              {"id": "silent", "video": "silent.mp4", "text": "x", "label": "low"},
-             {"id": "absent", "video": "absent.mp4", "text": "x", "label": "high"}]
+             {"id": "absent", "video": "absent.mp4", "text": "x", "label": "high"},
+             {"id": "short", "video": "short.mp4", "text": "x", "label": "high"}]
     listing = tmp_path / "list.jsonl"
     listing.write_text("".join(json.dumps({**r, "video": str(folder / r["video"])}) + "\n" for r in rows))
     out = tmp_path / "out"
-    summary = extract_features(listing, out, NO_EMBED, workers=1)
-    assert summary.clips == 3 and {e["id"] for e in summary.errors} == {"broken", "silent", "absent"}
+    one_second = ExtractionConfig(vision={"name": "face", "embed": "none"}, min_seconds=1.0)
+    summary = extract_features(listing, out, one_second, workers=1)
+    assert summary.clips == 3 and {e["id"] for e in summary.errors} == {"broken", "silent", "absent", "short"}
     errors = {e["id"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines()) if not e["kept"]}
     assert "not a readable video" in errors["broken"]["error"] and "no audio track" in errors["silent"]["error"]
     assert "no such file" in errors["absent"]["error"] and errors["absent"]["where"] == f"{listing}:6"
+    assert "shorter than 1 s (extraction.min_seconds)" in errors["short"]["error"]
     assert list(_arrays(out)["train.id"]) == [r["id"] for r in rows[:3] if r["split"] == "train"]
     # --strict: the first bad clip stops the run, naming its line.
     p = _cli("features", "extract", str(listing), "--out", str(tmp_path / "strict"), "--workers", "1", "--strict",
