@@ -181,6 +181,8 @@ def _extract_one(sid: str, video: str, target: str) -> tuple[str, str | None, li
         seconds = probe(video).duration
     except DataError as e:
         return sid, str(e), [], 0.0, time.perf_counter() - start
+    except Exception as e:  # noqa: BLE001 - a decoder or extractor failing on one odd clip must not end the job
+        return sid, f"{video}: {type(e).__name__}: {e}", [], 0.0, time.perf_counter() - start
     write_atomic(target, _npz_bytes(arrays))
     return sid, None, notes, seconds, time.perf_counter() - start
 
