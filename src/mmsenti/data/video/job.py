@@ -32,6 +32,7 @@ import multiprocessing
 import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,11 @@ def extract_features(source: str | Path, out: str | Path, config: ExtractionConf
                     for f in finished:
                         done(f.result())
                         bar.update()
+            except BrokenProcessPool:
+                raise DataError(f"a worker process died while extracting (the system killed it: out of memory, or "
+                                f"a clip crashed the decoder); the {len(list((out / 'clips').glob('*.npz')))} "
+                                "finished clips are kept: run the same command again to resume, with --workers 1 to "
+                                "see which clip it is") from None
             except BaseException:
                 for f in pending:
                     f.cancel()
