@@ -191,6 +191,14 @@ def test_a_csv_list_of_clips_is_read_with_paths_relative_to_it(tmp_path):
         read_clip_list(listing)
 
 
+def test_the_extractors_are_listed(capsys):
+    from mmsenti.cli import main
+
+    assert main(["list", "extractors"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "extractors:" and [line.split()[0] for line in out[1:]] == ["face", "opensmile"]
+
+
 def test_settings_are_checked_and_other_settings_are_refused(clip_set, tmp_path):
     with pytest.raises(ConfigError, match="vision.fps"):
         ExtractionConfig.from_mapping({"vision": {"fps": 0}})

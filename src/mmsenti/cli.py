@@ -149,9 +149,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mmsenti.registry import DATASETS, MODELS
+    from mmsenti.registry import DATASETS, EXTRACTORS, MODELS
 
-    kinds = {"models": MODELS, "datasets": DATASETS}
+    kinds = {"models": MODELS, "datasets": DATASETS, "extractors": EXTRACTORS}
     for kind in [args.kind] if args.kind else list(kinds):
         registry = kinds[kind]
         if args.markdown:  # the docs tables are generated from the registries with this
@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
-    li = sub.add_parser("list", help="list registered models and datasets")
-    li.add_argument("kind", nargs="?", choices=["models", "datasets"])
+    li = sub.add_parser("list", help="list registered models, datasets and clip feature extractors")
+    li.add_argument("kind", nargs="?", choices=["models", "datasets", "extractors"])
     li.add_argument("--markdown", action="store_true", help="as Markdown tables (for the docs)")
     li.set_defaults(func=cmd_list)
 
