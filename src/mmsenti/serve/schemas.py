@@ -137,6 +137,8 @@ class ModelInfo(BaseModel):
     model: str = Field(..., description="the registered model (mmsenti list models)")
     backbones: dict[str, str] = Field(..., description="per modality; a tags image encoder: tags (its embedding)")
     max_tags: int | None = Field(None, description="a tags image encoder: the tags of a post it reads (the first)")
+    extraction: dict[str, Any] | None = Field(None, description="a clip model: the feature extraction settings an "
+                                                           "uploaded clip goes through (mmsenti features extract)")
     dataset: str = Field(..., description="the training config's dataset")
     metrics: dict | None = Field(None, description="the run's metrics.json (dev-selected model), when present")
     allow_missing_modality: bool
