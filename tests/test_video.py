@@ -108,7 +108,7 @@ def test_face_frames_are_embedded_by_efficientnet_lite0(clips):
 
 @pytest.fixture(scope="module")
 def clip_set(tmp_path_factory) -> Path:
-    return make_clip_set(tmp_path_factory.mktemp("set"), 10, splits={"train": 6, "dev": 2, "test": 2})
+    return make_clip_set(tmp_path_factory.mktemp("set"), 6, splits={"train": 4, "dev": 1, "test": 1})
 
 
 def _arrays(folder: Path) -> dict[str, np.ndarray]:
@@ -125,27 +125,30 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
 def test_a_killed_extraction_resumes_to_the_arrays_of_one_run_and_two_workers_match_one(clip_set, tmp_path):
     one = tmp_path / "one"
     summary = extract_features(clip_set, one, workers=1)
-    assert summary.clips == 10 and summary.resumed == 0 and not summary.errors
+    assert summary.clips == 6 and summary.resumed == 0 and not summary.errors
     manifest = read_manifest(one)
     assert manifest["complete"] and manifest["dims"] == {"audio": 25, "vision": 1291}
-    assert manifest["splits"] == {"train": 6, "dev": 2, "test": 2} and manifest["versions"]["opensmile"]
+    assert manifest["splits"] == {"train": 4, "dev": 1, "test": 1} and manifest["versions"]["opensmile"]
 
     killed = tmp_path / "killed"
     proc = _cli("features", "extract", str(clip_set), "--out", str(killed), "--workers", "2", "--quiet")
     deadline = time.time() + 240
-    while time.time() < deadline and len(list((killed / "clips").glob("*.npz"))) < 3 and proc.poll() is None:
+    while time.time() < deadline and len(list((killed / "clips").glob("*.npz"))) < 2 and proc.poll() is None:
         time.sleep(0.05)
     proc.kill()  # SIGKILL to the main process; its workers stop when it is gone
     proc.wait(30)
     done = len(list((killed / "clips").glob("*.npz")))
-    assert 3 <= done < 10, f"the kill came at {done} of 10 clips"
+    assert 2 <= done < 6, f"the kill came at {done} of 6 clips"
     assert not (killed / "features.npz").exists() and not read_manifest(killed)["complete"]
     resumed = extract_features(clip_set, killed, workers=2)
-    assert resumed.resumed >= done and resumed.clips == 10
+    assert resumed.resumed >= done and resumed.clips == 6
     a, b = _arrays(one), _arrays(killed)
     assert a.keys() == b.keys()
-    for k in a:  # two single-threaded processes compute what one does, and a resumed run what one run does
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in a:  # a killed and resumed run of two worker processes computes what one uninterrupted process does
+        if a[k].dtype.kind == "f":  # this process may run more threads than a worker: float sums in another order
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-4, err_msg=k)
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_bad_clips_are_listed_and_the_good_ones_kept(clip_set, tmp_path):
