@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,10 +21,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mmsenti.config import load_config
 from mmsenti.data.scenes import ScenesConfig, build_scenes
 from mmsenti.losses import total_loss
+from mmsenti.metrics import Predictions
 from mmsenti.models.base import TaskInfo, build_model
 from mmsenti.models.encoders import build_processor
 from mmsenti.models.layers import MultiheadAttention, TransformerBlock, build_attention
-from mmsenti.train.sampler import EpochBatchSampler, LengthBucketBatchSampler, build_batch_sampler, sample_lengths
+from mmsenti.train.evaluate import evaluate
+from mmsenti.train.sampler import (
+    EpochBatchSampler,
+    LengthBucketBatchSampler,
+    build_batch_sampler,
+    ordered_batches,
+    sample_lengths,
+)
+from mmsenti.train.workbench import build_workbench
 
 INFIG = ["model.name=infig-tiny"]
 
@@ -222,6 +232,35 @@ def test_fused_and_foreach_adamw_make_the_same_update_as_the_loop(scenes, impl):
     for n, p in params["for-loop"].items():
         torch.testing.assert_close(params[impl][n], p, atol=1e-6, rtol=1e-5, msg=n)
     assert losses[impl] == pytest.approx(losses["for-loop"], rel=1e-5)
+
+
+def test_unshuffled_passes_go_longest_first_and_predictions_come_back_in_split_order(tmp_path):
+    """Evaluation, the feature cache and RAHP's bank read batches longest first (less padding); evaluation's
+    predictions and metrics are those of batches in file order, in the split's order."""
+    lengths = _lengths(300)
+    batches = ordered_batches(300, 32, lengths)
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths, reverse=True)
+    in_order = ordered_batches(300, 32)
+    assert in_order == [list(range(i, min(i + 32, 300))) for i in range(0, 300, 32)]
+
+    def padded(bs):
+        return sum(max(lengths[i] for i in b) * len(b) for b in bs)
+
+    assert padded(batches) < 0.6 * padded(in_order)
+
+    cfg = load_config(None, [*INFIG, "data.num_train=16", "data.num_dev=4", "data.num_test=40",
+                             "data.eval_batch_size=8", f"run.cache_dir={tmp_path / 'cache'}", "run.quiet=true"])
+    bench = build_workbench(cfg)
+    test = bench.bundle.split("test")
+    assert bench.eval_batches("test") != ordered_batches(len(test), 8)  # the texts differ in length
+    got = bench.evaluate("test", save_predictions=tmp_path / "sorted.npz")
+    plain = evaluate(bench.model, bench.data_loader("test", ordered_batches(len(test), 8), training=False),
+                     bench.device, save_predictions=tmp_path / "plain.npz")
+    a, b = Predictions.load(tmp_path / "sorted.npz"), Predictions.load(tmp_path / "plain.npz")
+    assert list(a.ids) == list(b.ids) == [s.id for s in test] and (a.labels == b.labels).all()
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=1e-4)
+    assert got["accuracy"] == plain["accuracy"] and got["loss"] == pytest.approx(plain["loss"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- compile

@@ -40,6 +40,7 @@ from torch import nn
 
 from mmsenti.data.base import Sample
 from mmsenti.errors import CacheError
+from mmsenti.train.sampler import ordered_batches, sample_lengths
 from mmsenti.utils import file_digest, move
 
 log = logging.getLogger(__name__)
@@ -323,9 +324,11 @@ def _open_or_build(directory: Path, model, processor, samples, spec, parts, meta
             problem = f"holds {len(store)} samples, expected {len(samples)}"
         log.warning("feature cache %s is unusable (%s): rebuilding it", directory, problem)
         shutil.rmtree(directory, ignore_errors=True)
-    batches = (processor(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size))
+    # Rows are found by id, so the entry may be built in any order: longest first pads least.
+    order = ordered_batches(len(samples), batch_size, sample_lengths(processor, samples))
+    batches = (processor([samples[i] for i in b]) for b in order)
     return build_store(directory, model, batches, spec, {**(meta or {}), "key_parts": parts}, dtype, device,
-                       total=-(-len(samples) // batch_size), progress=progress)
+                       total=len(order), progress=progress)
 
 
 class CachedCollator:

@@ -6,7 +6,8 @@ never touch the global RNG. A rank-sharding wrapper (multi-process training) can
 
 :class:`LengthBucketBatchSampler` groups texts of similar length, so a batch pads to a length close to its
 members' own: tweets average 24 word pieces while random batches of 32 pad to about 52, so half of every
-step's tokens would be padding.
+step's tokens would be padding. :func:`ordered_batches` does the same for passes that need no shuffling
+(evaluation, the feature cache, RAHP's memory bank): longest first.
 """
 
 from __future__ import annotations
@@ -107,3 +108,18 @@ def build_batch_sampler(n: int, batch_size: int, seed: int, epoch: int, start: i
     if len(lengths) != n:
         raise ValueError(f"got {len(lengths)} lengths for {n} samples")
     return LengthBucketBatchSampler(lengths, batch_size, seed, epoch, start, pool_batches)
+
+
+def ordered_batches(n: int, batch_size: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Batches of ``range(n)`` for a pass that needs no shuffling (evaluation, a feature cache, a memory bank).
+
+    With ``lengths``: longest first, so each batch pads to lengths like its own (on HFM's tweets the padded tokens
+    drop 2.5x against batches in file order) and an out-of-memory batch shows at once; without: in order.
+    """
+    if lengths is None:
+        order = list(range(n))
+    else:
+        if len(lengths) != n:
+            raise ValueError(f"got {len(lengths)} lengths for {n} samples")
+        order = sorted(range(n), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]

@@ -20,6 +20,7 @@ from mmsenti.config import Config
 from mmsenti.data.base import DataError, DatasetBundle, Sample
 from mmsenti.distributed import Distributed, attach_gather, round_robin
 from mmsenti.models.base import MultimodalModel, TaskInfo, build_model
+from mmsenti.train.sampler import ordered_batches, sample_lengths
 from mmsenti.utils import autocast_dtype, seed_everything, show_progress
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Workbench:
     amp_dtype: torch.dtype | None = None
     feature_cache: bool = False
     stores: dict[str, object] = field(default_factory=dict)  # split → FeatureStore
+    _eval_batches: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)
 
     @property
     def info(self) -> TaskInfo:
@@ -113,9 +115,14 @@ class Workbench:
                           generator=torch.Generator(), pin_memory=self.device.type == "cuda")
 
     def eval_batches(self, split: str) -> list[list[int]]:
-        """``split`` in order, cut into batches of ``data.eval_batch_size``: the batches one process scores."""
-        n, size = len(self.bundle.split(split)), self.cfg.data.eval_batch_size
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        """The batches of ``data.eval_batch_size`` one process scores: ``split``'s samples longest first (each
+        batch pads to lengths like its own; :func:`~mmsenti.train.sampler.ordered_batches`), or in order when
+        nothing varies in length. :meth:`evaluate` puts predictions back in the split's order."""
+        if split not in self._eval_batches:
+            samples = self.bundle.split(split)
+            self._eval_batches[split] = ordered_batches(len(samples), self.cfg.data.eval_batch_size,
+                                                        sample_lengths(self.processor, samples))
+        return self._eval_batches[split]
 
     def eval_loader(self, split: str) -> DataLoader:
         """This process's round-robin share of :meth:`eval_batches` (all of them for a single process).
@@ -161,7 +168,8 @@ class Workbench:
         from mmsenti.train.evaluate import evaluate
 
         return evaluate(model or self.model, self.eval_loader(split), self.device, self.amp_dtype,
-                        save_predictions=save_predictions, dist=self.dist)
+                        save_predictions=save_predictions, dist=self.dist,
+                        order=[i for b in self.eval_batches(split) for i in b])
 
 
 def build_workbench(cfg: Config, *, dist: Distributed | None = None, processor=None, load_weights: bool = True,
