@@ -206,7 +206,6 @@ class Trainer:
         log.info("model %s: %.2fM trainable parameters; data %s: %s", cfg.model.name, n_params / 1e6,
                  self.bundle.name, ", ".join(f"{k} {len(v)}" for k, v in self.bundle.splits.items()))
 
-        self._lengths: list[int] | None = None  # training samples' lengths, for length bucketing
         first = self._train_sampler(0)
         if first.skipped:
             log.warning("%d global batch(es) per epoch hold fewer samples than the %d processes and are skipped",
@@ -256,11 +255,8 @@ class Trainer:
         """This process's shards of the global batches of ``epoch`` (shuffled by seed + epoch, length-bucketed
         with ``data.bucket_by_length``), from ``start``."""
         train, data = self.bundle.split("train"), self.cfg.data
-        lengths = None
-        if data.bucket_by_length:  # tokenized once; every process computes the same lengths, hence batches
-            if self._lengths is None:
-                self._lengths = sample_lengths(self.processor, train)
-            lengths = self._lengths
+        # tokenized once; every process computes the same lengths, hence batches
+        lengths = self.bench.sample_lengths("train") if data.bucket_by_length else None
         global_batches = build_batch_sampler(len(train), data.batch_size, self.cfg.run.seed, epoch, 0, lengths,
                                              data.bucket_pool)
         return ShardedBatchSampler(global_batches, self.dist.rank, self.dist.world_size, start)

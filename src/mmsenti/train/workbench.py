@@ -96,6 +96,7 @@ class Workbench:
     feature_cache: bool = False
     stores: dict[str, object] = field(default_factory=dict)  # split → FeatureStore
     _eval_batches: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)
+    _lengths: dict[str, list[int] | None] = field(default_factory=dict, repr=False)
 
     @property
     def info(self) -> TaskInfo:
@@ -119,10 +120,16 @@ class Workbench:
         batch pads to lengths like its own; :func:`~mmsenti.train.sampler.ordered_batches`), or in order when
         nothing varies in length. :meth:`evaluate` puts predictions back in the split's order."""
         if split not in self._eval_batches:
-            samples = self.bundle.split(split)
-            self._eval_batches[split] = ordered_batches(len(samples), self.cfg.data.eval_batch_size,
-                                                        sample_lengths(self.processor, samples))
+            self._eval_batches[split] = ordered_batches(len(self.bundle.split(split)), self.cfg.data.eval_batch_size,
+                                                        self.sample_lengths(split))
         return self._eval_batches[split]
+
+    def sample_lengths(self, split: str) -> list[int] | None:
+        """Each of ``split``'s samples' padded length as collated (:func:`~mmsenti.train.sampler.sample_lengths`),
+        tokenized once per split: training's length buckets and the ordered passes share them."""
+        if split not in self._lengths:
+            self._lengths[split] = sample_lengths(self.processor, self.bundle.split(split))
+        return self._lengths[split]
 
     def eval_loader(self, split: str) -> DataLoader:
         """This process's round-robin share of :meth:`eval_batches` (all of them for a single process).
