@@ -95,7 +95,6 @@ class Workbench:
     amp_dtype: torch.dtype | None = None
     feature_cache: bool = False
     stores: dict[str, object] = field(default_factory=dict)  # split → FeatureStore
-    _eval_batches: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)
     _lengths: dict[str, list[int] | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -119,10 +118,7 @@ class Workbench:
         """The batches of ``data.eval_batch_size`` one process scores: ``split``'s samples longest first (each
         batch pads to lengths like its own; :func:`~mmsenti.train.sampler.ordered_batches`), or in order when
         nothing varies in length. :meth:`evaluate` puts predictions back in the split's order."""
-        if split not in self._eval_batches:
-            self._eval_batches[split] = ordered_batches(len(self.bundle.split(split)), self.cfg.data.eval_batch_size,
-                                                        self.sample_lengths(split))
-        return self._eval_batches[split]
+        return ordered_batches(len(self.bundle.split(split)), self.cfg.data.eval_batch_size, self.sample_lengths(split))
 
     def sample_lengths(self, split: str) -> list[int] | None:
         """Each of ``split``'s samples' padded length as collated (:func:`~mmsenti.train.sampler.sample_lengths`),
